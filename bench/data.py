@@ -28,12 +28,7 @@ from longctx.data.tokenizers import train_bpe_tokenizer  # noqa: E402
 
 def _config(**kw) -> DataConfig:
   cd = default_config()
-  for key, value in kw.items():
-    node = cd
-    *path, leaf = key.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = value
+  cd.update_from_flattened_dict(kw)
   return DataConfig.from_config_dict(cd)
 
 

@@ -1,8 +1,8 @@
 """`python -m longctx.launch [--config=configs/NAME.py] [--config.key=value ...]`.
 
 With no flags it runs the embedded default, configs/tiny.py. Until the training loop lands this
-job initialises the configured model and runs a forward pass over a packed batch of synthetic
-documents (contract 1), reporting the loss, tokens/s and parameter count.
+job initialises the configured model and runs a forward pass over the first packed batch of the
+data pipeline (contract 1), reporting contract 2's loss, tokens/s and parameter count.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from longctx.data import DataConfig, Shard, make_iterator, objective  # noqa: E402
 from longctx.model import Llama, ModelConfig, init_params  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -27,30 +28,12 @@ _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(_
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "ml_collections config file")
 
 
-def synthetic_packed_batch(rng: np.random.Generator, batch_size: int, seq_len: int,
-                           mean_doc_len: int, vocab_size: int) -> dict[str, np.ndarray]:
-  """Random documents packed into rows: contract 1's keys, positions restarting per document."""
-  batch = {k: np.zeros((batch_size, seq_len), np.int32) for k in ("inputs", "targets", "segment_ids",
-                                                                   "positions")}
-  batch["loss_weights"] = np.zeros((batch_size, seq_len), np.float32)
-  for row in range(batch_size):
-    start, seg = 0, 1
-    while start < seq_len:
-      length = min(int(rng.exponential(mean_doc_len)) + 2, seq_len - start)
-      doc = rng.integers(0, vocab_size, length + 1)
-      sl = slice(start, start + length)
-      batch["inputs"][row, sl], batch["targets"][row, sl] = doc[:-1], doc[1:]
-      batch["segment_ids"][row, sl], batch["positions"][row, sl] = seg, np.arange(length)
-      batch["loss_weights"][row, sl] = 1.0
-      start, seg = start + length, seg + 1
-  return batch
-
-
 def run_default(config) -> dict[str, float]:
+  """Initialises the model and scores the data pipeline's first batch (contract 2's objective)."""
   model_cfg = ModelConfig.from_dict(config.model.to_dict())
+  data_cfg = DataConfig.from_config_dict(config.data)
   params = init_params(model_cfg, jax.random.PRNGKey(config.seed))
-  batch = synthetic_packed_batch(np.random.default_rng(config.seed), config.data.batch_size,
-                                 config.data.seq_len, config.data.mean_doc_len, model_cfg.vocab_size)
+  batch = next(make_iterator(data_cfg, Shard.from_jax()))
   model = Llama(model_cfg)
 
   @jax.jit
@@ -58,15 +41,15 @@ def run_default(config) -> dict[str, float]:
     logits = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
-    return jnp.sum(nll * batch["loss_weights"]) / jnp.sum(batch["loss_weights"])
+    return objective(nll, batch, data_cfg.objective)
 
   loss_fn(params, batch).block_until_ready()  # compile
   start = time.perf_counter()
   loss = float(loss_fn(params, batch))
   elapsed = time.perf_counter() - start
-  tokens = config.data.batch_size * config.data.seq_len
-  return {"loss": loss, "tokens_per_s": tokens / elapsed, "params": model_cfg.num_params(),
-          "documents": int(batch["segment_ids"].max(axis=1).sum())}
+  return {"loss": loss, "tokens_per_s": batch["inputs"].size / elapsed,
+          "params": model_cfg.num_params(), "documents": int(batch["segment_ids"].max(axis=1).sum()),
+          "shape": batch["inputs"].shape}
 
 
 def main(argv):
@@ -75,8 +58,9 @@ def main(argv):
   print(f"longctx: {jax.device_count()} {jax.devices()[0].platform} devices; config "
         f"{config_flags.get_config_filename(flags.FLAGS['config'])}")
   summary = run_default(config)
-  print(f"model: {summary['params']:,} parameters; batch {config.data.batch_size}x"
-        f"{config.data.seq_len} tokens, {summary['documents']} packed documents")
+  rows, length = summary["shape"]
+  print(f"model: {summary['params']:,} parameters; batch {rows}x{length} tokens, "
+        f"{summary['documents']} packed documents")
   print(f"forward loss {summary['loss']:.4f} (ln vocab = {np.log(config.model.vocab_size):.4f}); "
         f"{summary['tokens_per_s']:,.0f} tokens/s")
 

@@ -16,12 +16,7 @@ def small_config(**overrides):
   cd.source.min_tokens, cd.source.max_tokens = 64, 1200
   cd.max_len, cd.batch_size, cd.window, cd.pad_multiple = 512, 2, 8, 64
   cd.over_length = "truncate_middle"
-  for key, value in overrides.items():
-    node = cd
-    *path, leaf = key.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = value
+  cd.update_from_flattened_dict(overrides)
   return DataConfig.from_config_dict(cd)
 
 

@@ -31,8 +31,8 @@ def test_main_job_runs():
   """The first command's job (with a shorter sequence to keep the suite fast)."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   result = subprocess.run(
-      [sys.executable, "-m", "longctx.launch", "--config.data.seq_len=256",
-       "--config.data.mean_doc_len=60"], capture_output=True, text=True, cwd=ROOT, env=env,
+      [sys.executable, "-m", "longctx.launch", "--config.data.max_len=512",
+       "--config.data.source.max_tokens=512", "--config.data.source.num_examples=4"], capture_output=True, text=True, cwd=ROOT, env=env,
       timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "8 cpu devices" in result.stdout and "forward loss" in result.stdout

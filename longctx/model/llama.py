@@ -48,8 +48,9 @@ class RMSNorm(nn.Module):
                          (x_BLE.shape[-1],), jnp.float32)
     x32_BLE = x_BLE.astype(jnp.float32)
     var_BL1 = jnp.mean(jnp.square(x32_BLE), axis=-1, keepdims=True)
-    normed_BLE = (x32_BLE * jax.lax.rsqrt(var_BL1 + self.config.rms_norm_eps)).astype(x_BLE.dtype)
-    return scale_E.astype(self.config.compute_dtype)[None, None, :] * normed_BLE.astype(self.config.compute_dtype)
+    dtype = self.config.compute_dtype
+    normed_BLE = (x32_BLE * jax.lax.rsqrt(var_BL1 + self.config.rms_norm_eps)).astype(dtype)
+    return scale_E.astype(dtype)[None, None, :] * normed_BLE
 
 
 class Projection(nn.Module):
