@@ -1,68 +1,90 @@
-"""`python -m longctx.launch [--config=configs/NAME.py] [--config.key=value ...]`.
+"""`python -m longctx.launch [--config=configs/NAME.py] [--workdir=DIR] [--config.key=value ...]`.
 
-With no flags it runs the embedded default, configs/tiny.py. Until the training loop lands this
-job initialises the configured model and runs a forward pass over the first packed batch of the
-data pipeline (contract 1), reporting contract 2's loss, tokens/s and parameter count.
+Trains every stage of the config (contract 5), resuming from the workdir. With no flags it runs
+the embedded default, configs/tiny.py, on this machine's CPU in a fresh temporary workdir.
+
+Multi-host: one process per host. `jax.distributed.initialize()` detects SLURM, Open MPI, TPU
+pods and Kubernetes (JobSet) by itself; --coordinator_address / --num_processes / --process_id
+name the coordinator explicitly (e.g. two processes on one machine). A single process on a
+machine with no cluster environment skips it.
 """
 from __future__ import annotations
 
 import os
 import sys
-import time
+import tempfile
 
 if "jax" not in sys.modules and os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
   # On a CPU-only machine, emulate 8 devices so the sharded code paths run (DESIGN.md, tests).
   os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
-
-from longctx.data import DataConfig, Shard, make_iterator, objective  # noqa: E402
-from longctx.model import Llama, ModelConfig, init_params  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "tiny.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "ml_collections config file")
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and metrics go; a rerun in the "
+                               "same workdir resumes. Default: a new temporary directory.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (hosts)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
+_LOCAL_DEVICES = flags.DEFINE_integer("local_device_count", None,
+                                      "CPU only: devices to emulate in this process")
+
+_CLUSTER_ENV = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "JOBSET_NAME", "TPU_WORKER_HOSTNAMES",
+                "MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS")
 
 
-def run_default(config) -> dict[str, float]:
-  """Initialises the model and scores the data pipeline's first batch (contract 2's objective)."""
-  model_cfg = ModelConfig.from_dict(config.model.to_dict())
-  data_cfg = DataConfig.from_config_dict(config.data)
-  params = init_params(model_cfg, jax.random.PRNGKey(config.seed))
-  batch = next(make_iterator(data_cfg, Shard.from_jax()))
-  model = Llama(model_cfg)
+def initialize_distributed() -> None:
+  """jax.distributed.initialize() with explicit flags, or auto-detected on a cluster."""
+  if _LOCAL_DEVICES.value:
+    jax.config.update("jax_num_cpu_devices", _LOCAL_DEVICES.value)
+  explicit = {k: v for k, v in (("coordinator_address", _COORDINATOR.value),
+                                ("num_processes", _NUM_PROCESSES.value),
+                                ("process_id", _PROCESS_ID.value)) if v is not None}
+  if explicit:
+    if len(explicit) != 3:
+      raise app.UsageError("--coordinator_address, --num_processes and --process_id go together; "
+                           f"found only {sorted(explicit)}")
+    if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**explicit)
+  elif any(k in os.environ for k in _CLUSTER_ENV) and not _is_single_host_tpu():
+    jax.distributed.initialize()
 
-  @jax.jit
-  def loss_fn(params, batch):
-    logits = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
-    return objective(nll, batch, data_cfg.objective)
 
-  loss_fn(params, batch).block_until_ready()  # compile
-  start = time.perf_counter()
-  loss = float(loss_fn(params, batch))
-  elapsed = time.perf_counter() - start
-  return {"loss": loss, "tokens_per_s": batch["inputs"].size / elapsed,
-          "params": model_cfg.num_params(), "documents": int(batch["segment_ids"].max(axis=1).sum()),
-          "shape": batch["inputs"].shape}
+def _is_single_host_tpu() -> bool:
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  return bool(hosts) and "," not in hosts
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.key=value overrides")
+  if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
+    logging.set_verbosity(logging.WARNING)
+  initialize_distributed()
+  from longctx.train.loop import run
   config = _CONFIG.value
-  print(f"longctx: {jax.device_count()} {jax.devices()[0].platform} devices; config "
-        f"{config_flags.get_config_filename(flags.FLAGS['config'])}")
-  summary = run_default(config)
-  rows, length = summary["shape"]
-  print(f"model: {summary['params']:,} parameters; batch {rows}x{length} tokens, "
-        f"{summary['documents']} packed documents")
-  print(f"forward loss {summary['loss']:.4f} (ln vocab = {np.log(config.model.vocab_size):.4f}); "
-        f"{summary['tokens_per_s']:,.0f} tokens/s")
+  workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="longctx-")
+  say = print if jax.process_index() == 0 else (lambda *a, **k: None)
+  say(f"longctx: config {config_flags.get_config_filename(flags.FLAGS['config'])}; "
+      f"workdir {workdir}")
+  summaries = run(config, workdir, log=say)
+  say("summary:")
+  for s in summaries:
+    if s.skipped:
+      say(f"  {s.name}: done earlier")
+    elif s.first_loss is None:
+      say(f"  {s.name}: nothing to do")
+    else:
+      rate = s.tokens / s.seconds if s.seconds else float("nan")
+      say(f"  {s.name}: {s.steps} steps, loss {s.first_loss:.4f} -> {s.last_loss:.4f}, "
+          f"{s.tokens:,} tokens, {rate:,.0f} tokens/s" + (" (stopped early)" if s.preempted else ""))
+  say(f"metrics: {workdir}/<stage>/metrics.jsonl and tensorboard/; final weights: "
+      f"{workdir}/<stage>/final")
 
 
 def run():

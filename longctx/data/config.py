@@ -163,7 +163,9 @@ def default_config() -> ml_collections.ConfigDict:
   cd.over_length = "truncate_middle"
   cd.bad_example = "error"
   cd.batching = "packed"
-  cd.batch_size = 1
+  cd.batch_size = 1        # rows per logical shard per step
+  cd.num_shards = 1        # logical data shards (trainer): global rows = num_shards x batch_size,
+                           # independent of the number of hosts, so runs are exact across layouts
   cd.window = 512
   cd.pad_multiple = 128
   cd.objective = "sequence"

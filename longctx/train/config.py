@@ -1,0 +1,245 @@
+"""The training sections of a config (DESIGN.md contract 4) and their typed readers.
+
+A training config holds, besides `model` and `data`:
+  seed         int
+  init         where the first stage's weights come from: kind "random" | "hf" | "checkpoint"
+  mesh         data / fsdp / seq / tensor sizes; -1 takes the remaining devices
+  attention    impl "dense" | "blockwise" | "ring"; ring layout "contiguous" | "zigzag" |
+               "striped"; tile sizes
+  lora         LongLoRA (METHODS.md §2): off unless enabled
+  train        optimizer, schedule, step budget, accumulation, logging
+  checkpoint   orbax CheckpointManager options
+  stages       named sub-configs; each overrides any of model / data / train / lora /
+               attention for one stage (a `model.rope` override replaces the whole rope dict)
+  stage_order  comma-separated stage names, run in this order
+
+Library code never reads the ConfigDict: `StageSpec.from_config` turns it into the dataclasses
+below once, at the boundary, and checks every stage before any compute.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+import ml_collections
+
+from longctx.data.config import DataConfig, parse_enum
+from longctx.model.config import ModelConfig
+
+
+class Schedule(enum.Enum):
+  COSINE = "cosine"      # linear warm-up, then cosine decay to min_lr_ratio · lr
+  CONSTANT = "constant"  # linear warm-up, then constant (LongLoRA's recipe)
+
+
+class AttentionImpl(enum.Enum):
+  DENSE = "dense"
+  BLOCKWISE = "blockwise"
+  RING = "ring"
+
+
+class InitKind(enum.Enum):
+  RANDOM = "random"
+  HF = "hf"                  # a HuggingFace directory (safetensors + config.json)
+  CHECKPOINT = "checkpoint"  # a longctx params checkpoint (longctx.checkpoint.params)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every training section with its defaults (model, data and stages are the recipe's)."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.init = ml_collections.ConfigDict(dict(kind="random", path=""))
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, seq=1, tensor=1))
+  config.attention = ml_collections.ConfigDict(dict(
+      impl="ring", layout="zigzag", block_q=512, block_k=512))
+  config.lora = ml_collections.ConfigDict(dict(
+      enabled=False, rank=8, alpha=16.0, targets="q_proj,k_proj,v_proj,o_proj",
+      trainable="embed_tokens,norm", s2_group_fraction=0.25))
+  config.train = ml_collections.ConfigDict(dict(
+      steps=100, micro_batches=1, learning_rate=3e-4, schedule="cosine", warmup_steps=10,
+      min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
+      log_every=10, peak_tflops_per_device=0.0))
+  config.checkpoint = ml_collections.ConfigDict(dict(
+      every_steps=100, max_to_keep=2, async_save=True))
+  return config
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int = -1
+  fsdp: int = 1
+  seq: int = 1
+  tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  impl: AttentionImpl = AttentionImpl.RING
+  layout: str = "zigzag"
+  block_q: int = 512
+  block_k: int = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """LongLoRA: LoRA on `targets`, `trainable` parameters fully trained, the rest frozen.
+
+  s2_group_fraction: S²-Attn group size as a fraction of the row length in training (LongLoRA
+  uses 1/4); 0 trains with full attention. Evaluation always uses full attention.
+  """
+  enabled: bool = False
+  rank: int = 8
+  alpha: float = 16.0
+  targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+  trainable: tuple[str, ...] = ("embed_tokens", "norm")
+  s2_group_fraction: float = 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 100
+  micro_batches: int = 1
+  learning_rate: float = 3e-4
+  schedule: Schedule = Schedule.COSINE
+  warmup_steps: int = 10
+  min_lr_ratio: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  clip_norm: float = 1.0          # 0: no clipping
+  log_every: int = 10
+  peak_tflops_per_device: float = 0.0  # for MFU; 0: from the device kind, if known
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every_steps: int = 100
+  max_to_keep: int = 2
+  async_save: bool = True
+
+
+def _split(text: str) -> tuple[str, ...]:
+  return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _positive(where: str, value: int) -> int:
+  if value <= 0:
+    raise ValueError(f"config {where}: expected > 0, found {value}")
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+  """Everything one stage needs, typed."""
+  name: str
+  model: ModelConfig
+  data: DataConfig
+  num_shards: int
+  train: TrainConfig
+  lora: LoraConfig
+  attention: AttentionConfig
+
+  @classmethod
+  def from_config(cls, name: str, cd: ml_collections.ConfigDict) -> "StageSpec":
+    """From a merged (single-stage) ConfigDict; ValueError names the bad key."""
+    try:
+      model = ModelConfig.from_dict(cd.model.to_dict())
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"config stages.{name}.model: {e}") from None
+    t = cd.train
+    train = TrainConfig(
+        steps=_positive("train.steps", int(t.steps)),
+        micro_batches=_positive("train.micro_batches", int(t.micro_batches)),
+        learning_rate=float(t.learning_rate),
+        schedule=parse_enum(Schedule, t.schedule, "train.schedule"),
+        warmup_steps=int(t.warmup_steps), min_lr_ratio=float(t.min_lr_ratio), b1=float(t.b1),
+        b2=float(t.b2), eps=float(t.eps), weight_decay=float(t.weight_decay),
+        clip_norm=float(t.clip_norm), log_every=_positive("train.log_every", int(t.log_every)),
+        peak_tflops_per_device=float(t.peak_tflops_per_device))
+    lo = cd.lora
+    lora = LoraConfig(enabled=bool(lo.enabled), rank=int(lo.rank), alpha=float(lo.alpha),
+                      targets=_split(lo.targets), trainable=_split(lo.trainable),
+                      s2_group_fraction=float(lo.s2_group_fraction))
+    a = cd.attention
+    attention = AttentionConfig(impl=parse_enum(AttentionImpl, a.impl, "attention.impl"),
+                                layout=str(a.layout), block_q=int(a.block_q),
+                                block_k=int(a.block_k))
+    if attention.impl is AttentionImpl.RING:
+      from longctx.attention.layouts import Layout
+      parse_enum(Layout, attention.layout, "attention.layout")
+    return cls(name=name, model=model, data=DataConfig.from_config_dict(cd.data),
+               num_shards=_positive("data.num_shards", int(cd.data.num_shards)), train=train,
+               lora=lora, attention=attention)
+
+
+def mesh_config(cd: ml_collections.ConfigDict) -> MeshConfig:
+  m = cd.mesh
+  return MeshConfig(data=int(m.data), fsdp=int(m.fsdp), seq=int(m.seq), tensor=int(m.tensor))
+
+
+def checkpoint_config(cd: ml_collections.ConfigDict) -> CheckpointConfig:
+  c = cd.checkpoint
+  return CheckpointConfig(every_steps=_positive("checkpoint.every_steps", int(c.every_steps)),
+                          max_to_keep=_positive("checkpoint.max_to_keep", int(c.max_to_keep)),
+                          async_save=bool(c.async_save))
+
+
+def stage_names(cd: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The stage order; a config without `stages` is one stage named `main`."""
+  if "stages" not in cd or not cd.stages:
+    return ("main",)
+  names = _split(cd.get("stage_order", "")) or tuple(cd.stages.keys())
+  unknown = [n for n in names if n not in cd.stages]
+  if unknown:
+    raise ValueError(f"config stage_order: expected names among {sorted(cd.stages.keys())}, "
+                     f"found {unknown}")
+  if len(set(names)) != len(names):
+    raise ValueError(f"config stage_order: expected each stage once, found {names}")
+  return names
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if key == "model.rope":  # replaced whole: another rope type has other keys
+      out[key] = dict(v)
+    elif isinstance(v, (dict, ml_collections.ConfigDict)):
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+_STAGE_SECTIONS = ("model", "data", "train", "lora", "attention")
+
+
+def stage_config(cd: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """The top-level sections with stage `name`'s overrides applied."""
+  merged = ml_collections.ConfigDict(cd.to_dict())
+  merged.lock()
+  if name == "main" and ("stages" not in cd or not cd.stages):
+    return merged
+  overrides = _flatten(cd.stages[name].to_dict())
+  for key, value in overrides.items():
+    section = key.split(".")[0]
+    if section not in _STAGE_SECTIONS:
+      raise ValueError(f"config stages.{name}.{key}: a stage may override "
+                       f"{', '.join(_STAGE_SECTIONS)}; found {section!r}")
+    if key == "model.rope":
+      with merged.unlocked():
+        merged.model.rope = ml_collections.ConfigDict(value)
+      continue
+    try:
+      merged.update_from_flattened_dict({key: value})
+    except (KeyError, AttributeError):
+      raise ValueError(f"config stages.{name}.{key}: no such key in the top-level `{section}` "
+                       "section (mistyped?)") from None
+  return merged
+
+
+def read_stages(cd: ml_collections.ConfigDict) -> list[StageSpec]:
+  """Every stage, typed and checked, in order."""
+  return [StageSpec.from_config(n, stage_config(cd, n)) for n in stage_names(cd)]

@@ -1,0 +1,154 @@
+"""From the data pipeline to global, sharded, layout-permuted step batches.
+
+The global batch of a step is a function of the config alone: `data.num_shards` logical shards,
+each a grain pipeline over records s, s+S, s+2S, … (longctx.data.Shard(s, S)) yielding
+`batch_size` rows; rows of shard s sit at [s·b, (s+1)·b) of each micro-batch. A process runs
+only the shards whose rows its devices hold, so one host × 8 devices and two hosts × 4 devices
+see the same global batch, and a checkpoint's data state (one entry per logical shard) restores
+under any process count.
+
+On the host, before anything reaches a device: each row's share of contract 2's denominator is
+counted (natural order: segments are contiguous there), then every key is permuted into the ring
+layout (contract 3: once per batch, at the data → model boundary).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from longctx.data import DataConfig, Shard, make_iterator
+from longctx.data.config import BatchingKind
+from longctx.data.objective import ObjectiveMode
+from longctx.parallel.mesh import BATCH_AXES, rows_per_step_divisor
+
+KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_weights")
+
+
+def row_denominators(batch: dict[str, np.ndarray], mode: ObjectiveMode) -> np.ndarray:
+  """[B] int32: target tokens (token mode) or sequences with a target token (sequence mode)."""
+  w_BL = batch["loss_weights"] > 0
+  if mode is ObjectiveMode.TOKEN:
+    return w_BL.sum(axis=1).astype(np.int32)
+  seg_BL = batch["segment_ids"]
+  return np.array([len(np.unique(seg_BL[r][w_BL[r]])) for r in range(seg_BL.shape[0])], np.int32)
+
+
+def check_length(length: int, seq: int, layout: str | None, where: str = "data.max_len") -> None:
+  """ValueError when the ring layout cannot split rows of `length` over `seq` devices."""
+  parts = 2 * seq if layout == "zigzag" else seq
+  if length % parts:
+    raise ValueError(f"config {where}: the {layout or 'sequence'} layout over seq={seq} devices "
+                     f"needs a multiple of {parts}, found {length}")
+
+
+class GlobalBatches:
+  """Iterator of (batches [K, R, L] dict of jax.Array, denominator [K, R], host stats)."""
+
+  def __init__(self, cfg: DataConfig, num_shards: int, mesh: Mesh, micro_batches: int,
+               layout: str | None):
+    self.cfg, self.num_shards, self.mesh = cfg, num_shards, mesh
+    self.micro_batches, self.layout = micro_batches, layout
+    self.rows = num_shards * cfg.batch_size
+    divisor = rows_per_step_divisor(mesh)
+    if self.rows % divisor:
+      raise ValueError(f"config data.num_shards x data.batch_size = {self.rows} rows per "
+                       f"micro-batch: expected a multiple of mesh data x fsdp = {divisor}")
+    self.seq = mesh.shape["seq"]
+    if cfg.batching is BatchingKind.PACKED:
+      check_length(cfg.max_len, self.seq, layout)
+    self.sharding = NamedSharding(mesh, P(None, BATCH_AXES, "seq"))
+    self.row_sharding = NamedSharding(mesh, P(None, BATCH_AXES))
+    self.shards = self._needed_shards()
+    self.iterators = {s: make_iterator(cfg, Shard(s, num_shards)) for s in self.shards}
+
+  def _needed_shards(self) -> list[int]:
+    index_map = self.row_sharding.addressable_devices_indices_map(
+        (self.micro_batches, self.rows))
+    needed = set()
+    for index in index_map.values():
+      rows = range(self.rows)[index[1]]
+      needed.update(r // self.cfg.batch_size for r in rows)
+    return sorted(needed)
+
+  # ---- state (one entry per logical shard) ---------------------------------------------------
+  def get_state(self) -> dict[str, Any]:
+    return {str(s): it.get_state() for s, it in self.iterators.items()}
+
+  def set_state(self, states: dict[str, Any]) -> None:
+    missing = [s for s in self.shards if str(s) not in states]
+    if missing:
+      raise ValueError(f"data state: expected logical shards {self.shards}, found "
+                       f"{sorted(states)} (was data.num_shards changed?)")
+    for s, it in self.iterators.items():
+      it.set_state(states[str(s)])
+
+  def example_stats(self) -> dict[str, int]:
+    from longctx.data import find_stats
+    total: dict[str, int] = {}
+    for it in self.iterators.values():
+      for k, v in find_stats(it).items():
+        total[k] = total.get(k, 0) + int(v)
+    return total
+
+  # ---- batches -------------------------------------------------------------------------------
+  def _length(self, parts: list[dict[str, np.ndarray]]) -> int:
+    length = max(p["inputs"].shape[1] for p in parts)
+    if jax.process_count() > 1 and self.cfg.batching is BatchingKind.SORTED:
+      from jax.experimental import multihost_utils
+      length = int(np.max(multihost_utils.process_allgather(np.int32(length))))
+    multiple = 2 * self.seq if self.layout == "zigzag" else self.seq
+    multiple = np.lcm(multiple, self.cfg.pad_multiple)
+    return int(-(-length // multiple) * multiple)
+
+  def __iter__(self) -> Iterator:
+    return self
+
+  def __next__(self):
+    b, k_steps = self.cfg.batch_size, self.micro_batches
+    parts = {(k, s): next(self.iterators[s]) for k in range(k_steps) for s in self.shards}
+    length = self._length(list(parts.values()))
+    host = {key: np.zeros((k_steps, self.rows, length),
+                          np.float32 if key == "loss_weights" else np.int32) for key in KEYS}
+    denominator = np.zeros((k_steps, self.rows), np.int32)
+    stats = {"tokens": 0, "target_tokens": 0}
+    for (k, s), part in parts.items():
+      rows = slice(s * b, (s + 1) * b)
+      n = part["inputs"].shape[1]
+      for key in KEYS:
+        host[key][k, rows, :n] = part[key]
+      denominator[k, rows] = row_denominators(part, self.cfg.objective)
+      stats["tokens"] += int((part["segment_ids"] > 0).sum())
+      stats["target_tokens"] += int((part["loss_weights"] > 0).sum())
+    if self.layout is not None and self.seq > 1:
+      from longctx.attention.layouts import Layout
+      perm = np.asarray(Layout.parse(self.layout).permutation(length, self.seq))
+      host = {key: np.take(v, perm, axis=2) for key, v in host.items()}
+    batches = {key: jax.make_array_from_callback(v.shape, self.sharding, lambda i, v=v: v[i])
+               for key, v in host.items()}
+    denom = jax.make_array_from_callback(denominator.shape, self.row_sharding,
+                                         lambda i: denominator[i])
+    stats["shape"] = (k_steps, self.rows, length)
+    return batches, denom, stats
+
+
+def save_state_files(directory: str, states: dict[str, Any]) -> None:
+  """One JSON file per logical shard; every process writes the shards it ran (same content)."""
+  os.makedirs(directory, exist_ok=True)
+  for shard, state in states.items():
+    path = os.path.join(directory, f"shard_{shard}.process_{jax.process_index()}.json")
+    with open(path, "w") as f:
+      json.dump(state, f)
+
+
+def load_state_files(directory: str) -> dict[str, Any]:
+  states = {}
+  for name in sorted(os.listdir(directory)):
+    if name.startswith("shard_") and name.endswith(".json"):
+      with open(os.path.join(directory, name)) as f:
+        states.setdefault(name.split(".")[0][len("shard_"):], json.load(f))
+  return states

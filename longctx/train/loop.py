@@ -1,0 +1,439 @@
+"""The training loop: every stage of a config, in order, resumable from the workdir.
+
+  <workdir>/config.json           the config this workdir trains (a different one is refused)
+  <workdir>/<stage>/checkpoints/  orbax CheckpointManager: train state + data state per step
+  <workdir>/<stage>/final/        the stage's final parameters (longctx params checkpoint)
+  <workdir>/<stage>/metrics.jsonl, tensorboard/
+
+A stage starts from the previous stage's final parameters (the first from `init`) with a fresh
+optimizer; a stage with a `final/` is skipped, one with checkpoints resumes from the latest.
+Everything that can be checked without compute (every stage's config, the mesh against the
+devices, lengths against the layout, the init path, the workdir) is checked first.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from longctx.checkpoint import manager as ckpt
+from longctx.checkpoint.params import is_longctx_checkpoint, load_config
+from longctx.model import Llama, attention_fns
+from longctx.model.config import ModelConfig
+from longctx.parallel.mesh import BATCH_AXES, make_mesh, param_shardings
+from longctx.train import metrics as metrics_lib
+from longctx.train.config import (AttentionImpl, InitKind, StageSpec, checkpoint_config,
+                                  mesh_config, read_stages)
+from longctx.train.data import GlobalBatches, check_length
+from longctx.train.step import TrainState, init_state, make_optimizer, make_train_step
+from longctx.train.step import learning_rate_schedule
+
+# Config sections that may differ when a run resumes in the same workdir.
+_RESUMABLE_CHANGES = ("mesh", "checkpoint", "attention")
+
+
+class ConfigMismatchError(ValueError):
+  pass
+
+
+@dataclasses.dataclass
+class StageSummary:
+  name: str
+  steps: int
+  first_loss: float | None = None
+  last_loss: float | None = None
+  tokens: int = 0
+  seconds: float = 0.0
+  resumed_from: int | None = None
+  skipped: bool = False
+  preempted: bool = False
+
+
+# ---- checks before compute ----------------------------------------------------------------------
+def _comparable(cd: dict) -> dict:
+  return {k: v for k, v in cd.items() if k not in _RESUMABLE_CHANGES}
+
+
+def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Write <workdir>/config.json, or refuse a workdir that trains another config."""
+  path = os.path.join(workdir, "config.json")
+  current = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if _comparable(saved) != _comparable(current):
+      diff = sorted(k for k in set(_comparable(saved)) | set(_comparable(current))
+                    if saved.get(k) != current.get(k))
+      raise ConfigMismatchError(
+          f"workdir {workdir} holds checkpoints of another config: sections {diff} differ from "
+          f"{path}. Use a new --workdir, or restore that config (only {list(_RESUMABLE_CHANGES)} "
+          "may change on resume).")
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(current, f, indent=2, sort_keys=True)
+
+
+def check_stage(stage: StageSpec, mesh: Mesh, first: bool, init_kind: InitKind,
+                init_path: str) -> None:
+  seq = mesh.shape["seq"]
+  layout = stage.attention.layout if stage.attention.impl is AttentionImpl.RING else None
+  if stage.attention.impl is not AttentionImpl.RING and seq > 1:
+    raise ValueError(f"config stages.{stage.name}.attention.impl={stage.attention.impl.value!r} "
+                     f"with mesh seq={seq}: only 'ring' splits a row across devices")
+  check_length(stage.data.max_len, seq, layout, f"stages.{stage.name}.data.max_len")
+  if stage.lora.enabled and stage.lora.s2_group_fraction > 0:
+    group = _s2_group(stage)
+    if group % 2 or stage.data.max_len % group:
+      raise ValueError(f"config stages.{stage.name}.lora.s2_group_fraction: the S²-Attn group "
+                       f"{group} must be even and divide data.max_len={stage.data.max_len}")
+  if first and init_kind is not InitKind.RANDOM:
+    if not init_path:
+      raise ValueError(f"config init.path: expected a directory for init.kind="
+                       f"{init_kind.value!r}, found ''")
+    marker = "config.json" if init_kind is InitKind.HF else "model_config.json"
+    if not os.path.exists(os.path.join(init_path, marker)):
+      raise FileNotFoundError(f"config init.path: expected {marker} in {init_path} "
+                              f"(init.kind={init_kind.value!r})")
+
+
+def _s2_group(stage: StageSpec) -> int:
+  return int(round(stage.data.max_len * stage.lora.s2_group_fraction))
+
+
+# ---- model pieces --------------------------------------------------------------------------------
+def model_config(stage: StageSpec) -> ModelConfig:
+  if not stage.lora.enabled:
+    return stage.model
+  from longctx.model import lora
+  return lora.with_lora(stage.model, stage.lora.rank, stage.lora.alpha, stage.lora.targets)
+
+
+def attention_fn(stage: StageSpec, mesh: Mesh):
+  a = stage.attention
+  s2 = stage.lora.enabled and stage.lora.s2_group_fraction > 0
+  if a.impl is AttentionImpl.RING:
+    if s2:
+      return attention_fns.context_parallel_shifted_sparse(
+          mesh, "seq", a.layout, group_size=_s2_group(stage), batch_axes=BATCH_AXES,
+          permuted=True)
+    return attention_fns.context_parallel(mesh, "seq", a.layout, permuted=True,
+                                          batch_axes=BATCH_AXES, block_q=a.block_q,
+                                          block_k=a.block_k)
+  if s2:
+    return attention_fns.shifted_sparse(_s2_group(stage))
+  if a.impl is AttentionImpl.BLOCKWISE:
+    return attention_fns.blockwise(True, a.block_q, a.block_k)
+  return attention_fns.dense(True)
+
+
+def _boxed_abstract_params(cfg: ModelConfig):
+  return jax.eval_shape(lambda: Llama(cfg).init(jax.random.PRNGKey(0),
+                                                jnp.zeros((1, 8), jnp.int32))["params"])
+
+
+def _with_shardings(abstract, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=s),
+                      abstract, shardings)
+
+
+class StageRunner:
+  """Builds the sharded state and the compiled step of one stage."""
+
+  def __init__(self, stage: StageSpec, mesh: Mesh, seed: int, log: Callable[[str], None]):
+    self.stage, self.mesh, self.seed, self.log = stage, mesh, seed, log
+    self.model_cfg = model_config(stage)
+    self.model = Llama(self.model_cfg, attention_fn(stage, mesh))
+    self.optimizer = make_optimizer(stage.train)
+    self.schedule = learning_rate_schedule(stage.train)
+    boxed = _boxed_abstract_params(self.model_cfg)
+    report: list[str] = []
+    self.param_shardings = param_shardings(boxed, mesh, report)
+    for line in report:
+      log(f"  note: {line}")
+    self.abstract_params = nn.meta.unbox(boxed)
+    self.mask = None
+    if stage.lora.enabled:
+      from longctx.model import lora
+      self.mask = lora.trainable_mask(self.abstract_params, stage.lora.trainable)
+    boxed_state = jax.eval_shape(lambda p: init_state(p, self.mask, self.optimizer), boxed)
+    self.state_shardings = param_shardings(boxed_state, mesh)
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        nn.meta.unbox(boxed_state), self.state_shardings)
+
+  # -- parameters ---------------------------------------------------------------------------
+  def random_params(self):
+    init = jax.jit(lambda rng: nn.meta.unbox(Llama(self.model_cfg).init(
+        rng, jnp.zeros((1, 8), jnp.int32))["params"]), out_shardings=self.param_shardings)
+    return init(jax.random.PRNGKey(self.seed))
+
+  def load_params(self, kind: InitKind, path: str):
+    """Base weights from a longctx checkpoint or a HF directory, placed sharded; LoRA leaves
+    (absent from a base) are added freshly initialised."""
+    base_cfg = self.stage.model
+    if kind is InitKind.HF:
+      from longctx.checkpoint.hf import read_hf_config, read_hf_params
+      src_cfg = ModelConfig.from_hf(read_hf_config(path))
+    else:
+      src_cfg = load_config(path)
+    _check_same_architecture(src_cfg, base_cfg, path)
+    base_abstract = nn.meta.unbox(_boxed_abstract_params(src_cfg.replace(
+        rope=base_cfg.rope, dtype=base_cfg.dtype, remat=base_cfg.remat)))
+    flat_sh = _flat(self.param_shardings)
+    base_sh = _unflat({k: flat_sh[k] for k in _flat(base_abstract)})
+    target = _with_shardings(base_abstract, base_sh)
+    if kind is InitKind.HF:
+      host = read_hf_params(path, src_cfg)
+      params = jax.tree.map(lambda x, t: jax.device_put(np.asarray(x, np.float32), t.sharding),
+                            host, target)
+    else:
+      params = ckpt.restore_params(path, target)
+      if _has_lora_leaves(params) and not self.stage.lora.enabled:
+        from longctx.model import lora
+        params, _ = lora.merge_lora(params, load_config(path))
+    if self.stage.lora.enabled:
+      from longctx.model import lora
+      params = lora.add_lora_params(params, self.model_cfg, jax.random.PRNGKey(self.seed + 1))
+      params = jax.device_put(params, self.param_shardings)
+    return params
+
+  def init_state(self, params) -> TrainState:
+    fn = jax.jit(lambda p: init_state(p, self.mask, self.optimizer),
+                 out_shardings=self.state_shardings, donate_argnums=0)
+    return fn(params)
+
+  # -- the step -------------------------------------------------------------------------------
+  def apply_fn(self, params, batch):
+    return self.model.apply({"params": params}, batch["inputs"], batch["positions"],
+                            batch["segment_ids"])
+
+  def compiled_step(self):
+    step = make_train_step(self.apply_fn, self.optimizer, self.schedule)
+    batch_sh = NamedSharding(self.mesh, P(None, BATCH_AXES, "seq"))
+    denom_sh = NamedSharding(self.mesh, P(None, BATCH_AXES))
+    replicated = NamedSharding(self.mesh, P())
+    return jax.jit(step, in_shardings=(self.state_shardings, batch_sh, denom_sh),
+                   out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+
+
+def _flat(tree) -> dict:
+  from flax import traverse_util
+  return traverse_util.flatten_dict(tree)
+
+
+def _unflat(flat: dict):
+  from flax import traverse_util
+  return traverse_util.unflatten_dict(flat)
+
+
+def _has_lora_leaves(params) -> bool:
+  return any("lora" in "/".join(k) for k in _flat(params))
+
+
+def _check_same_architecture(src: ModelConfig, want: ModelConfig, path: str) -> None:
+  keys = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+          "num_kv_heads", "head_dim", "tie_word_embeddings", "attention_bias", "mlp_bias")
+  diff = {k: (getattr(want, k), getattr(src, k)) for k in keys
+          if getattr(want, k) != getattr(src, k)}
+  if diff:
+    raise ValueError(f"{path}: the checkpoint's architecture differs from config.model "
+                     f"(key: (config, checkpoint)): {diff}")
+
+
+# ---- preemption ----------------------------------------------------------------------------------
+class Preemption:
+  """SIGTERM sets a flag; the loop saves a checkpoint at the next step and stops cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+    except ValueError:  # not the main thread
+      self._previous = None
+    return self
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def any_process(self) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+def _progress(total: int, initial: int, desc: str):
+  if jax.process_index() != 0:
+    return None
+  from tqdm.auto import tqdm
+  return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, log: Callable[[str], None] = print,
+        devices=None, stop_after_steps: int | None = None) -> list[StageSummary]:
+  """Train every stage of `config` in `workdir`; returns a summary per stage.
+
+  stop_after_steps: stop (saving a checkpoint, as on SIGTERM) once this many optimizer steps
+  have run in this call — for tests of interrupted runs.
+  """
+  stages = read_stages(config)
+  mesh = make_mesh(dataclasses.asdict(mesh_config(config)), devices)
+  ckpt_cfg = checkpoint_config(config)
+  from longctx.train.config import InitKind as _Init
+  from longctx.data.config import parse_enum
+  init_kind = parse_enum(_Init, config.init.kind, "init.kind")
+  for i, stage in enumerate(stages):
+    check_stage(stage, mesh, i == 0, init_kind, config.init.path)
+  check_workdir(workdir, config)
+  log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
+      f"{jax.process_count()} process(es); stages: {', '.join(s.name for s in stages)}")
+
+  summaries: list[StageSummary] = []
+  previous_final: str | None = None
+  budget = [stop_after_steps]
+  with Preemption() as preemption:
+    for i, stage in enumerate(stages):
+      stage_dir = os.path.join(workdir, stage.name)
+      final_dir = os.path.join(stage_dir, "final")
+      if is_longctx_checkpoint(final_dir):
+        log(f"[{stage.name}] done earlier ({final_dir}); skipping")
+        summaries.append(StageSummary(stage.name, stage.train.steps, skipped=True))
+        previous_final = final_dir
+        continue
+      summary = _run_stage(stage, mesh, config, ckpt_cfg, stage_dir, final_dir,
+                           init=(InitKind.CHECKPOINT, previous_final) if previous_final else
+                           (init_kind, config.init.path) if i == 0 and init_kind is not
+                           InitKind.RANDOM else None,
+                           log=log, preemption=preemption, budget=budget)
+      summaries.append(summary)
+      if summary.preempted:
+        break
+      previous_final = final_dir
+  return summaries
+
+
+def _run_stage(stage: StageSpec, mesh: Mesh, config, ckpt_cfg, stage_dir: str, final_dir: str,
+               *, init, log, preemption: Preemption, budget: list) -> StageSummary:
+  runner = StageRunner(stage, mesh, int(config.seed), log)
+  cfg = runner.model_cfg
+  summary = StageSummary(stage.name, stage.train.steps)
+  layout = stage.attention.layout if stage.attention.impl is AttentionImpl.RING else None
+  loader = GlobalBatches(stage.data, stage.num_shards, mesh, stage.train.micro_batches, layout)
+  manager = ckpt.make_manager(os.path.join(stage_dir, "checkpoints"), ckpt_cfg.max_to_keep,
+                              ckpt_cfg.async_save)
+  writer = metrics_lib.MetricsWriter(stage_dir)
+  start_step = manager.latest_step()
+  if start_step is not None:
+    state, data_states = ckpt.restore(manager, start_step, runner.abstract_state)
+    loader.set_state(data_states)
+    summary.resumed_from = start_step
+    _truncate_metrics(writer.path, start_step)
+    log(f"[{stage.name}] resumed at step {start_step} from {manager.directory}")
+  else:
+    params = runner.random_params() if init is None else runner.load_params(*init)
+    state = runner.init_state(params)
+    start_step = 0
+    source = "random init" if init is None else f"{init[1]}"
+    log(f"[{stage.name}] {cfg.num_params():,} parameters from {source}; "
+        f"{stage.train.steps} steps")
+
+  step_fn = runner.compiled_step()
+  peak = metrics_lib.peak_flops_per_device(stage.train.peak_tflops_per_device)
+  bar = _progress(stage.train.steps, start_step, stage.name)
+  step = start_step
+  window_tokens, window_start, window_steps = 0, time.perf_counter(), 0
+  stage_start = time.perf_counter()
+  try:
+    while step < stage.train.steps:
+      batches, denominator, host_stats = next(loader)
+      state, m = step_fn(state, batches, denominator)
+      m = jax.device_get(m)
+      if not m["finite"]:
+        raise FloatingPointError(
+            f"[{stage.name}] step {step + 1}: loss {float(m['loss'])}, grad norm "
+            f"{float(m['grad_norm'])} — not finite. The update was not applied; the last good "
+            f"checkpoint is step {manager.latest_step()} in {manager.directory}.")
+      step += 1
+      loss = float(m["loss"])
+      summary.first_loss = loss if summary.first_loss is None else summary.first_loss
+      summary.last_loss = loss
+      length = host_stats["shape"][2]
+      step_tokens = host_stats["shape"][0] * host_stats["shape"][1] * length
+      summary.tokens += step_tokens
+      window_tokens += step_tokens
+      window_steps += 1
+      if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+      if step % stage.train.log_every == 0 or step == stage.train.steps:
+        elapsed = time.perf_counter() - window_start
+        record = {"loss": loss, "grad_norm": float(m["grad_norm"]),
+                  "learning_rate": float(m["learning_rate"]),
+                  "tokens_per_s": window_tokens / elapsed,
+                  "step_time_s": elapsed / window_steps, "seq_len": length}
+        achieved = window_tokens / elapsed * metrics_lib.flops_per_token(cfg, length)
+        record["tflops_per_device"] = achieved / jax.device_count() / 1e12
+        if peak:
+          record["mfu"] = achieved / (peak * jax.device_count())
+        record.update(metrics_lib.device_memory())
+        writer.write(step, record)
+        if bar is not None:
+          bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+        window_tokens, window_start, window_steps = 0, time.perf_counter(), 0
+      if budget[0] is not None:
+        budget[0] -= 1
+      stop_now = budget[0] is not None and budget[0] <= 0
+      if preemption.any_process() or stop_now:
+        ckpt.save(manager, step, state, loader.get_state())
+        manager.wait_until_finished()
+        log(f"[{stage.name}] stopped at step {step}; checkpoint saved in {manager.directory}")
+        summary.preempted = True
+        return summary
+      if step % ckpt_cfg.every_steps == 0 or step == stage.train.steps:
+        ckpt.save(manager, step, state, loader.get_state())
+  finally:
+    if bar is not None:
+      bar.close()
+    writer.close()
+    manager.wait_until_finished()
+  summary.seconds = time.perf_counter() - stage_start
+  ckpt.save_final_params(final_dir, state.params, cfg)
+  manager.close()
+  stats = loader.example_stats()
+  skipped = {k: v for k, v in stats.items() if v and k in ("truncated", "dropped", "skipped",
+                                                          "no_target")}
+  log(f"[{stage.name}] done: loss {summary.first_loss:.4f} -> {summary.last_loss:.4f}; "
+      f"{summary.tokens:,} tokens in {summary.seconds:.1f} s; final weights in {final_dir}"
+      + (f"; examples not used as-is: {skipped} of {stats.get('examples', 0)}" if skipped else ""))
+  return summary
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+  """Drop lines logged after the restored step (they are re-run)."""
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+  with open(path, "w") as f:
+    f.writelines(lines)

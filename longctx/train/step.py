@@ -1,0 +1,146 @@
+"""The train state and the pure train_step (contract 2's objective, accumulated exactly).
+
+A step receives K micro-batches stacked as [K, B, L] (contract-1 keys, already in the ring
+layout) plus `denominator` [K, B]: each row's share of contract 2's denominator (target tokens
+or sequences with a target), counted on the host before the layout permutation. The step sums
+the denominator over the whole global batch first, then accumulates Σ_k ∇ numerator_k / D, so the
+loss and gradient do not depend on how rows are split over devices, hosts or micro-batches.
+
+Parameters are float32 masters; the model computes in its config dtype. Only the `trainable`
+part of the parameters (all of them, or LongLoRA's LoRA + embedding + norms) is differentiated
+and has optimizer state. A non-finite loss or gradient leaves the state unchanged and is
+reported in the metrics (`finite` = 0), so the loop can stop with the last good state.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+from longctx.train.config import Schedule, TrainConfig
+
+Params = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array            # int32 scalar: optimizer steps taken in this stage
+  trainable: Params          # nested dict: the parameters that train (float32)
+  frozen: Params             # nested dict: the rest (empty unless LoRA)
+  opt_state: Any
+
+  @property
+  def params(self) -> Params:
+    return join_params(self.trainable, self.frozen)
+
+
+def split_params(params: Params, mask: Params | None) -> tuple[Params, Params]:
+  """(trainable, frozen) nested dicts by a bool tree of the same structure (None: all train)."""
+  if mask is None:
+    return params, {}
+  flat = traverse_util.flatten_dict(params)
+  flat_mask = traverse_util.flatten_dict(mask)
+  trainable = {k: v for k, v in flat.items() if flat_mask[k]}
+  frozen = {k: v for k, v in flat.items() if not flat_mask[k]}
+  return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+
+
+def join_params(trainable: Params, frozen: Params) -> Params:
+  if not frozen:
+    return trainable
+  return traverse_util.unflatten_dict({**traverse_util.flatten_dict(trainable),
+                                       **traverse_util.flatten_dict(frozen)})
+
+
+def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
+  warmup = max(cfg.warmup_steps, 0)
+  if cfg.schedule is Schedule.CONSTANT:
+    if not warmup:
+      return optax.constant_schedule(cfg.learning_rate)
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup),
+                                 optax.constant_schedule(cfg.learning_rate)], [warmup])
+  return optax.warmup_cosine_decay_schedule(
+      0.0, cfg.learning_rate, warmup, max(cfg.steps, warmup + 1),
+      end_value=cfg.learning_rate * cfg.min_lr_ratio)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+  """AdamW (weight decay on matrices only, not on norms and biases), global-norm clipping."""
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+  adamw = optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                      weight_decay=cfg.weight_decay, mask=decay_mask)
+  if cfg.clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
+  return adamw
+
+
+def init_state(params: Params, mask: Params | None, optimizer: optax.GradientTransformation
+               ) -> TrainState:
+  trainable, frozen = split_params(params, mask)
+  return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
+                    opt_state=optimizer.init(trainable))
+
+
+def token_nll(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
+  """Per-token cross-entropy ℓ_t in float32."""
+  logits_BLV = logits_BLV.astype(jnp.float32)
+  lse_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
+  picked_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
+  return lse_BL - picked_BL
+
+
+def weighted_sum(nll_BL: jax.Array, weights_BL: jax.Array) -> jax.Array:
+  """Σ w_t ℓ_t over the tokens with weight (a nan on a padding token cannot leak in)."""
+  return jnp.sum(jnp.where(weights_BL > 0, weights_BL * nll_BL, 0.0))
+
+
+ApplyFn = Callable[[Params, dict], jax.Array]  # (params, batch) -> logits [B, L, V]
+
+
+def make_loss_and_grads(apply_fn: ApplyFn):
+  """loss_and_grads(trainable, frozen, batches [K, B, L], denominator [K, B]) -> (loss, grads):
+  contract 2's objective of the whole step and its gradient wrt `trainable`."""
+
+  def loss_and_grads(trainable, frozen, batches: dict, denominator_KB: jax.Array):
+    total = jnp.maximum(jnp.sum(denominator_KB), 1).astype(jnp.float32)
+
+    def numerator(params, batch):
+      logits = apply_fn(join_params(params, frozen), batch)
+      return weighted_sum(token_nll(logits, batch["targets"]), batch["loss_weights"]) / total
+
+    def micro(carry, batch):
+      loss, grads = carry
+      value, g = jax.value_and_grad(numerator)(trainable, batch)
+      return (loss + value, jax.tree.map(jnp.add, grads, g)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    (loss, grads), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros), batches)
+    return loss, grads
+
+  return loss_and_grads
+
+
+def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule):
+  """train_step(state, batches, denominator) -> (state, metrics); pure, jit it with shardings."""
+  loss_and_grads = make_loss_and_grads(apply_fn)
+
+  def train_step(state: TrainState, batches: dict, denominator_KB: jax.Array):
+    loss, grads = loss_and_grads(state.trainable, state.frozen, batches, denominator_KB)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    new_state = state.replace(step=state.step + finite.astype(jnp.int32),
+                              trainable=keep(trainable, state.trainable),
+                              opt_state=keep(opt_state, state.opt_state))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
+               "finite": finite.astype(jnp.int32)}
+    return new_state, metrics
+
+  return train_step

@@ -1,0 +1,208 @@
+"""The trainer: exact resume (mid-stage and across a stage boundary), mesh and layout invariance
+of the loss and gradients, micro-batch invariance, two hosts = one host, and clear errors before
+any compute."""
+import dataclasses
+import functools
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from longctx.parallel.mesh import make_mesh
+from longctx.train import loop
+from longctx.train.config import AttentionConfig, AttentionImpl, read_stages
+from longctx.train.data import GlobalBatches
+from longctx.train.metrics import read_metrics
+from longctx.train.step import make_loss_and_grads
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = {
+    "data.source.num_examples": 24, "data.source.min_tokens": 32, "data.source.max_tokens": 300,
+    "data.window": 16, "train.log_every": 1, "checkpoint.every_steps": 2,
+    "checkpoint.async_save": True,
+    "stages.short.data.max_len": 128, "stages.short.train.steps": 3,
+    "stages.long.data.max_len": 256, "stages.long.train.steps": 3,
+}
+SMALL_FLAGS = [f"--config.{k}={v}" for k, v in SMALL.items()]
+
+
+def tiny_config(overrides=None):
+  spec = importlib.util.spec_from_file_location("tiny", os.path.join(ROOT, "configs", "tiny.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.update_from_flattened_dict({**SMALL, **(overrides or {})})
+  return config
+
+
+def _losses(workdir, stage):
+  return [(r["step"], r["loss"]) for r in read_metrics(os.path.join(workdir, stage))]
+
+
+def test_resume_is_exact_mid_stage_and_across_stages(tmp_path):
+  config = tiny_config()
+  full, parts = str(tmp_path / "full"), str(tmp_path / "parts")
+  summaries = loop.run(config, full, log=lambda *_: None)
+  assert [s.name for s in summaries] == ["short", "long"]
+  # Stop after 2 steps (mid `short`), then after 2 more (one in `short`, one in `long`), then
+  # finish: every step's loss must equal the uninterrupted run's.
+  assert loop.run(config, parts, log=lambda *_: None, stop_after_steps=2)[0].preempted
+  second = loop.run(config, parts, log=lambda *_: None, stop_after_steps=2)
+  assert second[0].resumed_from == 2 and second[1].preempted
+  third = loop.run(config, parts, log=lambda *_: None)
+  assert third[0].skipped and third[1].resumed_from == 1
+  for stage in ("short", "long"):
+    a, b = _losses(full, stage), _losses(parts, stage)
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3]
+    np.testing.assert_allclose([x for _, x in b], [x for _, x in a], rtol=0, atol=1e-6)
+  # The loss falls, and the final weights of each stage are a loadable checkpoint.
+  assert summaries[0].last_loss < summaries[0].first_loss
+  from longctx.checkpoint.params import load_params
+  cfg, params = load_params(os.path.join(full, "long", "final"))
+  assert cfg.rope.theta == 500000.0 and params["embed_tokens"].shape == (260, 64)
+
+
+def _grads_on(mesh_sizes, attention, micro_batches=1, rows=8):
+  config = tiny_config({"data.num_shards": 2, "data.batch_size": rows // 2,
+                        "train.micro_batches": micro_batches})
+  stage = read_stages(config)[0]
+  stage = dataclasses.replace(stage, attention=attention)
+  mesh = make_mesh(mesh_sizes)
+  runner = loop.StageRunner(stage, mesh, seed=0, log=lambda *_: None)
+  params = runner.random_params()
+  layout = attention.layout if attention.impl is AttentionImpl.RING else None
+  batches, denominator, _ = next(GlobalBatches(stage.data, stage.num_shards, mesh,
+                                               micro_batches, layout))
+  fn = jax.jit(make_loss_and_grads(runner.apply_fn))
+  loss, grads = fn(params, {}, batches, denominator)
+  return float(loss), jax.device_get(grads), (batches, denominator, runner, params)
+
+
+@functools.lru_cache(maxsize=1)
+def _reference_grads():
+  """The data=8 mesh with dense attention."""
+  return _grads_on({"data": 8}, AttentionConfig(AttentionImpl.DENSE))[:2]
+
+
+@pytest.mark.parametrize("mesh_sizes,layout", [
+    ({"data": 2, "seq": 4}, "zigzag"), ({"fsdp": 2, "seq": 4}, "striped"),
+    ({"seq": 8}, "contiguous"), ({"seq": 8}, "zigzag"),
+])
+def test_loss_and_grads_do_not_depend_on_mesh_or_layout(mesh_sizes, layout):
+  ref_loss, ref_grads = _reference_grads()
+  loss, grads, _ = _grads_on(mesh_sizes, AttentionConfig(AttentionImpl.RING, layout, 64, 64))
+  assert abs(loss - ref_loss) <= 1e-5
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    ref = dict(jax.tree_util.tree_leaves_with_path(ref_grads))[path]
+    np.testing.assert_allclose(g, ref, rtol=0, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def test_micro_batches_do_not_change_loss_or_grads():
+  """The same global batch as two micro-batches of 4 rows or one of 8 rows."""
+  loss2, grads2, (batches, denominator, runner, params) = _grads_on(
+      {"data": 2, "seq": 4}, AttentionConfig(AttentionImpl.RING, "zigzag", 64, 64),
+      micro_batches=2, rows=4)
+  one = {k: v.reshape((1, -1) + v.shape[2:]) for k, v in batches.items()}
+  loss1, grads1 = jax.jit(make_loss_and_grads(runner.apply_fn))(
+      params, {}, one, denominator.reshape(1, -1))
+  assert abs(float(loss1) - loss2) <= 1e-6
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), grads1, grads2)
+
+
+# ---- bad input: clear errors before any compute --------------------------------------------------
+def test_mesh_that_does_not_divide_the_devices(tmp_path):
+  with pytest.raises(ValueError, match="does not divide the 8 devices"):
+    loop.run(tiny_config({"mesh.data": 3}), str(tmp_path), log=lambda *_: None)
+
+
+def test_length_the_layout_cannot_split(tmp_path):
+  with pytest.raises(ValueError, match=r"stages.short.data.max_len: the zigzag layout over seq=4 "
+                     r"devices needs a multiple of 8, found 100"):
+    loop.run(tiny_config({"stages.short.data.max_len": 100, "data.pad_multiple": 4}),
+             str(tmp_path), log=lambda *_: None)
+
+
+def test_mistyped_stage_key(tmp_path):
+  config = tiny_config()
+  config.unlock()
+  config.stages.short.train.stepz = 3
+  with pytest.raises(ValueError, match=r"stages.short.train.stepz: no such key"):
+    loop.run(config, str(tmp_path), log=lambda *_: None)
+
+
+def test_mistyped_command_line_key():
+  result = subprocess.run([sys.executable, "-m", "longctx.launch", "--config.train.stepz=3"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert result.returncode != 0 and "stepz" in result.stderr
+
+
+def test_workdir_of_another_config(tmp_path):
+  workdir = str(tmp_path)
+  loop.check_workdir(workdir, tiny_config())
+  loop.check_workdir(workdir, tiny_config({"mesh.data": 1, "mesh.seq": 8}))  # mesh may change
+  with pytest.raises(loop.ConfigMismatchError, match=r"another config: sections \['model'\]"):
+    loop.run(tiny_config({"model.hidden_size": 32}), workdir, log=lambda *_: None)
+
+
+def test_init_path_missing(tmp_path):
+  with pytest.raises(ValueError, match="init.path: expected a directory"):
+    loop.run(tiny_config({"init.kind": "hf"}), str(tmp_path), log=lambda *_: None)
+
+
+# ---- processes -----------------------------------------------------------------------------------
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _launch(args, devices, extra_env=None):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env.update(extra_env or {})
+  return subprocess.Popen([sys.executable, "-m", "longctx.launch", *SMALL_FLAGS,
+                           "--config.stage_order=short", *args], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_processes_match_one(tmp_path):
+  port = _free_port()
+  procs = [_launch([f"--workdir={tmp_path / 'one'}"], 8)] + [
+      _launch([f"--workdir={tmp_path / 'two'}", f"--coordinator_address=localhost:{port}",
+               "--num_processes=2", f"--process_id={i}"], 4) for i in range(2)]
+  results = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, results):
+    assert p.returncode == 0, err[-3000:]
+  a, b = _losses(tmp_path / "one", "short"), _losses(tmp_path / "two", "short")
+  assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3]
+  np.testing.assert_allclose([x for _, x in b], [x for _, x in a], rtol=0, atol=1e-6)
+
+
+def test_sigterm_saves_a_restorable_checkpoint(tmp_path):
+  import signal
+  import time
+  workdir = tmp_path / "w"
+  proc = _launch([f"--workdir={workdir}", "--config.stages.short.train.steps=200",
+                  "--config.checkpoint.every_steps=1000"], 8)
+  metrics = workdir / "short" / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert "stopped at step" in out
+  steps = [int(d) for d in os.listdir(workdir / "short" / "checkpoints") if d.isdigit()]
+  assert steps and max(steps) >= 2
+  config = tiny_config({"stages.short.train.steps": 200, "stage_order": "short",
+                        "checkpoint.every_steps": 1000})
+  summary = loop.run(config, str(workdir), log=lambda *_: None, stop_after_steps=1)
+  assert summary[0].resumed_from == max(steps)
+  with open(workdir / "short" / "metrics.jsonl") as f:
+    assert [json.loads(line)["step"] for line in f] == list(range(1, max(steps) + 2))
