@@ -83,8 +83,10 @@ def main(argv):
       rate = s.tokens / s.seconds if s.seconds else float("nan")
       say(f"  {s.name}: {s.steps} steps, loss {s.first_loss:.4f} -> {s.last_loss:.4f}, "
           f"{s.tokens:,} tokens, {rate:,.0f} tokens/s" + (" (stopped early)" if s.preempted else ""))
-  say(f"metrics: {workdir}/<stage>/metrics.jsonl and tensorboard/; final weights: "
-      f"{workdir}/<stage>/final")
+  from longctx.train.metrics import plot_losses
+  plot = plot_losses(workdir, [s.name for s in summaries])
+  say(f"metrics: {workdir}/<stage>/metrics.jsonl and tensorboard/; loss curve: {plot}; "
+      f"final weights: {workdir}/<stage>/final")
 
 
 def run():

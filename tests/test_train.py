@@ -92,7 +92,7 @@ def _reference_grads():
 
 @pytest.mark.parametrize("mesh_sizes,layout", [
     ({"data": 2, "seq": 4}, "zigzag"), ({"fsdp": 2, "seq": 4}, "striped"),
-    ({"seq": 8}, "contiguous"), ({"seq": 8}, "zigzag"),
+    ({"seq": 8}, "contiguous"), ({"tensor": 2, "seq": 4}, "zigzag"),
 ])
 def test_loss_and_grads_do_not_depend_on_mesh_or_layout(mesh_sizes, layout):
   ref_loss, ref_grads = _reference_grads()

@@ -128,9 +128,13 @@ def attention_fn(stage: StageSpec, mesh: Mesh):
       return attention_fns.context_parallel_shifted_sparse(
           mesh, "seq", a.layout, group_size=_s2_group(stage), batch_axes=BATCH_AXES,
           permuted=True)
+    m = stage.model
+    tensor = mesh.shape["tensor"]
+    heads = "tensor" if tensor > 1 and not m.num_heads % tensor and not m.num_kv_heads % tensor \
+        else None
     return attention_fns.context_parallel(mesh, "seq", a.layout, permuted=True,
-                                          batch_axes=BATCH_AXES, block_q=a.block_q,
-                                          block_k=a.block_k)
+                                          batch_axes=BATCH_AXES, head_axis=heads,
+                                          block_q=a.block_q, block_k=a.block_k)
   if s2:
     return attention_fns.shifted_sparse(_s2_group(stage))
   if a.impl is AttentionImpl.BLOCKWISE:

@@ -90,3 +90,30 @@ def read_metrics(directory: str) -> list[dict[str, Any]]:
     return []
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_losses(workdir: str, stages: list[str], path: str | None = None) -> str | None:
+  """loss.png: the loss of every stage against the global step, stage boundaries marked."""
+  if jax.process_index() != 0:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4))
+  offset = 0
+  for name in stages:
+    records = read_metrics(os.path.join(workdir, name))
+    if not records:
+      continue
+    ax.plot([offset + r["step"] for r in records], [r["loss"] for r in records], label=name)
+    offset += records[-1]["step"]
+    ax.axvline(offset, color="grey", lw=0.5, ls=":")
+  ax.set_xlabel("optimizer step (all stages)")
+  ax.set_ylabel("training loss")
+  ax.legend()
+  ax.grid(alpha=0.3)
+  path = path or os.path.join(workdir, "loss.png")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
