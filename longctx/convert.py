@@ -1,7 +1,15 @@
-"""Checkpoint conversion: `python -m longctx.convert {from-hf,to-hf} SRC DST`.
+"""Checkpoint conversion: `python -m longctx.convert {from-hf,to-hf,to-peft} SRC DST`.
 
   from-hf HF_DIR OUT_DIR     HF Llama (safetensors, sharded or not) -> longctx checkpoint
-  to-hf   CKPT_DIR HF_DIR    longctx checkpoint -> HF Llama (config.json + safetensors)
+  to-hf   CKPT_DIR HF_DIR    longctx checkpoint -> HF Llama (config.json + safetensors); a LoRA
+                             checkpoint is exported with its adapters merged into the weights,
+                             or, with --base-only, as the frozen base without them
+  to-peft CKPT_DIR OUT_DIR   LoRA checkpoint -> PEFT adapter (adapter_config.json +
+                             adapter_model.safetensors) for the HF export of its base:
+
+    python -m longctx.convert to-hf CKPT base/ --base-only
+    python -m longctx.convert to-peft CKPT adapter/ --base-model base/
+    # PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained("base/"), "adapter/")
 
 Tensors keep their dtype unless `--dtype` casts them, so from-hf then to-hf is bit-exact.
 """
@@ -10,8 +18,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from longctx.checkpoint import hf
+from longctx.checkpoint import hf, peft
 from longctx.checkpoint.params import load_params, save_params
+from longctx.model import lora
 from longctx.model.config import ModelConfig
 
 
@@ -23,10 +32,23 @@ def from_hf(hf_dir: str, out_dir: str, progress: bool = True) -> ModelConfig:
 
 
 def to_hf(ckpt_dir: str, hf_dir: str, *, dtype: str | None = None,
-          max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> ModelConfig:
+          max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES, progress: bool = True,
+          base_only: bool = False) -> ModelConfig:
+  """Exports a checkpoint; LoRA adapters are merged (or dropped with `base_only`). Returns the
+  exported (base) config."""
   cfg, params = load_params(ckpt_dir)
+  if cfg.has_lora:
+    params, cfg = (lora.drop_lora if base_only else lora.merge_lora)(params, cfg)
   hf.write_hf(params, cfg, hf_dir, dtype=dtype, max_shard_bytes=max_shard_bytes, progress=progress)
   return cfg
+
+
+def to_peft(ckpt_dir: str, out_dir: str, *, modules_to_save=lora.DEFAULT_TRAINABLE,
+            base_model_name_or_path: str | None = None, dtype: str | None = None) -> dict:
+  """Exports a LoRA checkpoint's adapters (and its fully trained modules) for PEFT."""
+  cfg, params = load_params(ckpt_dir)
+  return peft.write_peft(params, cfg, out_dir, modules_to_save=modules_to_save,
+                         base_model_name_or_path=base_model_name_or_path, dtype=dtype)
 
 
 def _parse_size(text: str) -> int:
@@ -52,6 +74,19 @@ def main(argv=None) -> int:
                  help="cast every tensor (default: keep each tensor's dtype)")
   p.add_argument("--max-shard-size", default="5GB", type=_parse_size,
                  help="shard safetensors above this size, e.g. 5GB, 500MB (default 5GB)")
+  p.add_argument("--base-only", action="store_true",
+                 help="LoRA checkpoint: export the frozen base without the adapters (the base a "
+                      "to-peft adapter loads onto) instead of merging them")
+  p = sub.add_parser("to-peft", help="LoRA longctx checkpoint -> PEFT adapter directory")
+  p.add_argument("ckpt_dir")
+  p.add_argument("out_dir")
+  p.add_argument("--modules-to-save", default=",".join(lora.DEFAULT_TRAINABLE),
+                 help="comma-separated fragments of the parameters training updated fully, as "
+                      "in the lora config's `trainable` (default %(default)s; '' for none)")
+  p.add_argument("--base-model", default=None,
+                 help="base_model_name_or_path written into adapter_config.json")
+  p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                 help="cast every tensor (default: keep each tensor's dtype)")
   for p in sub.choices.values():
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
   args = parser.parse_args(argv)
@@ -59,9 +94,15 @@ def main(argv=None) -> int:
     cfg = from_hf(args.hf_dir, args.out_dir, progress=not args.no_progress)
     print(f"wrote longctx checkpoint {args.out_dir}: {cfg.num_params():,} parameters, "
           f"rope {cfg.rope.rope_type}")
+  elif args.command == "to-peft":
+    fragments = tuple(f.strip() for f in args.modules_to_save.split(",") if f.strip())
+    config = to_peft(args.ckpt_dir, args.out_dir, modules_to_save=fragments,
+                     base_model_name_or_path=args.base_model, dtype=args.dtype)
+    print(f"wrote PEFT adapter {args.out_dir}: r={config['r']}, alpha={config['lora_alpha']}, "
+          f"targets {config['target_modules']}, modules_to_save {config['modules_to_save']}")
   else:
     cfg = to_hf(args.ckpt_dir, args.hf_dir, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
-                progress=not args.no_progress)
+                progress=not args.no_progress, base_only=args.base_only)
     print(f"wrote HF checkpoint {args.hf_dir}: {cfg.num_params():,} parameters")
   return 0
 

@@ -29,10 +29,18 @@ class RematPolicy(enum.Enum):
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
+# Projections LoRA may adapt (METHODS.md §2 uses the first four); lm_head is never adapted.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """A Llama-family decoder. `dtype` is the compute dtype; parameters are always float32."""
+  """A Llama-family decoder. `dtype` is the compute dtype; parameters are always float32.
+
+  LoRA (longctx.model.lora): `lora_rank` > 0 adds adapters of that rank to the projections named
+  in `lora_targets` (a subset of LORA_TARGETS), scaled by `lora_alpha / lora_rank`. The HF
+  config (`to_hf`) describes the base model only.
+  """
   vocab_size: int = 256
   hidden_size: int = 64
   intermediate_size: int = 176
@@ -51,6 +59,9 @@ class ModelConfig:
   dtype: str = "float32"
   remat: RematPolicy = RematPolicy.NONE
   initializer_range: float = 0.02
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = ()
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -60,6 +71,23 @@ class ModelConfig:
       raise ValueError(f"head_dim must be even for RoPE, found {self.head_dim}")
     if self.dtype not in _DTYPES:
       raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, found {self.dtype!r}")
+    if isinstance(self.lora_targets, str):
+      raise ValueError(f"lora_targets must be a tuple of projection names, found the string "
+                       f"{self.lora_targets!r}")
+    object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # JSON gives a list
+    if self.lora_rank < 0:
+      raise ValueError(f"lora_rank must be >= 0 (0 = no LoRA), found {self.lora_rank}")
+    unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+    if unknown:
+      raise ValueError(f"lora_targets {unknown} are not projections; expected a subset of "
+                       f"{list(LORA_TARGETS)}")
+    if self.lora_rank and (not self.lora_targets or self.lora_alpha <= 0):
+      raise ValueError(f"LoRA (lora_rank={self.lora_rank}) needs lora_targets and lora_alpha > 0; "
+                       f"found targets {self.lora_targets}, alpha {self.lora_alpha}")
+
+  @property
+  def has_lora(self) -> bool:
+    return self.lora_rank > 0
 
   @property
   def compute_dtype(self):
@@ -69,7 +97,8 @@ class ModelConfig:
     return dataclasses.replace(self, **changes)
 
   def num_params(self) -> int:
-    """Parameter count (embedding and head counted separately unless tied)."""
+    """Parameter count of the base model (embedding and head counted separately unless tied;
+    LoRA adapters not counted)."""
     h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
     attn = h * d * (2 * self.num_heads + 2 * self.num_kv_heads)
     if self.attention_bias:

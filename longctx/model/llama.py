@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from longctx.model import lora
 from longctx.model.attention_fns import AttentionFn
 from longctx.model.config import ModelConfig, RematPolicy
 from longctx.model.rope import apply_rope
@@ -54,7 +55,12 @@ class RMSNorm(nn.Module):
 
 
 class Projection(nn.Module):
-  """A DenseGeneral with float32 parameters, logical axes, compute-dtype matmul and optional bias."""
+  """A DenseGeneral with float32 parameters, logical axes, compute-dtype matmul and optional bias.
+
+  When the module's name is one of `config.lora_targets` (and `lora_rank` > 0) it also holds the
+  LoRA factors `lora_a` [*in, r] and `lora_b` [r, *out] next to `dense/kernel` and adds
+  (x·A)·B·alpha/r (longctx.model.lora).
+  """
   config: ModelConfig
   features: tuple[int, ...]
   axis: tuple[int, ...]
@@ -63,11 +69,15 @@ class Projection(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return nn.DenseGeneral(
+    y = nn.DenseGeneral(
         features=self.features, axis=self.axis, use_bias=self.use_bias,
         dtype=self.config.compute_dtype, param_dtype=jnp.float32,
         kernel_init=_init(self.config, *self.kernel_axes),
         bias_init=_zeros(*self.kernel_axes[len(self.axis):]), name="dense")(x)
+    cfg = self.config
+    if cfg.has_lora and self.name in cfg.lora_targets:
+      y = y + lora.lora_delta(self, x, self.axis, self.kernel_axes)
+    return y
 
 
 class KVCache(NamedTuple):
