@@ -1,0 +1,209 @@
+"""Every config in configs/ loads, is locked, explains itself and passes the stage checks; the
+cluster launchers in launch/ parse (DESIGN.md contract 4, STYLE.md 6)."""
+import glob
+import importlib.util
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from longctx.data.config import DataConfig
+from longctx.train.config import read_stages, stage_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+TRAINING = [p for p in CONFIGS if os.path.basename(p) != "data_example.py"]  # data section only
+LAUNCH = os.path.join(ROOT, "launch")
+
+
+def _name(path):
+  return os.path.basename(path)[:-3]
+
+
+def _module(path):
+  spec = importlib.util.spec_from_file_location(f"configs_{_name(path)}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_configs_exist():
+  names = {_name(p) for p in CONFIGS}
+  assert {"tiny", "data_example", "llama2_7b_longalign_64k", "xverse_13b_abf_ntk_256k",
+          "llama2_7b_longlora_100k"} <= names, names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=_name)
+def test_config_is_locked_and_documented(path):
+  module = _module(path)
+  config = module.get_config()
+  assert isinstance(config, ml_collections.ConfigDict) and config.is_locked
+  assert module.get_config("unused-arg").to_dict() == config.to_dict()  # get_config(arg)
+  doc = module.__doc__ or ""
+  for word in ("Run", "Hardware"):
+    assert f"{word}:" in doc, f"{_name(path)}: the docstring should say `{word}:`"
+  assert "python -m longctx." in doc, f"{_name(path)}: the docstring should give the command"
+  DataConfig.from_config_dict(config.data)
+
+
+@pytest.mark.parametrize("path", TRAINING, ids=_name)
+def test_every_stage_reads(path):
+  stages = read_stages(_module(path).get_config())
+  assert stages and all(s.train.steps > 0 for s in stages)
+
+
+@pytest.mark.parametrize("path", TRAINING, ids=_name)
+def test_rows_and_lengths_fit_the_mesh(path):
+  """What the trainer checks against the devices, checked here for the axes a config fixes."""
+  config = _module(path).get_config()
+  mesh = config.mesh
+  for stage in read_stages(config):
+    where = f"{_name(path)} stage {stage.name}"
+    rows = stage.num_shards * stage.data.batch_size
+    if mesh.data > 0 and mesh.fsdp > 0:
+      assert rows % (mesh.data * mesh.fsdp) == 0, f"{where}: {rows} rows per micro-batch"
+    parts = 2 * mesh.seq if stage.attention.layout == "zigzag" else mesh.seq
+    assert stage.data.max_len % parts == 0, f"{where}: max_len over seq={mesh.seq}"
+    assert stage.data.max_len % stage.data.pad_multiple == 0, where
+    if stage.lora.enabled and stage.lora.s2_group_fraction:
+      group = stage.data.max_len * stage.lora.s2_group_fraction
+      assert group == int(group) and int(group) % 2 == 0, f"{where}: S²-Attn group {group}"
+
+
+def _parse_flags(path, *overrides):
+  argv = ["prog", f"--config={path}", *overrides]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", path, flag_values=values, sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+@pytest.mark.parametrize("path", TRAINING, ids=_name)
+def test_command_line_overrides(path):
+  config = _parse_flags(path, "--config.train.steps=7")
+  assert config.train.steps == 7 and config.is_locked
+  with pytest.raises((AttributeError, KeyError, flags.Error)):
+    _parse_flags(path, "--config.train.stepz=7")
+
+
+@pytest.mark.parametrize("path", TRAINING, ids=_name)
+def test_stage_override_of_an_unknown_key_is_named(path):
+  config = _module(path).get_config()
+  bad = ml_collections.ConfigDict({"train": {"stepz": 1}})
+  with config.unlocked():
+    if "stages" in config and config.stages:
+      config.stages.bad = bad
+    else:
+      config.stages = ml_collections.ConfigDict({"bad": bad})
+  with pytest.raises(ValueError, match=r"stages\.bad\.train\.stepz"):
+    stage_config(config, "bad")
+
+
+def _stages(name):
+  config = _module(os.path.join(ROOT, "configs", f"{name}.py")).get_config()
+  return config, {s.name: s for s in read_stages(config)}
+
+
+def test_recipe_numbers():
+  """The numbers the recipes take from their papers (METHODS.md §1–§3)."""
+  _, s = _stages("llama2_7b_longalign_64k")
+  main = s["main"]
+  assert main.model.rope.theta == 2e6 and main.data.max_len == 65536
+  assert main.num_shards * main.data.batch_size * main.train.micro_batches == 8  # packs / step
+  assert main.train.learning_rate == 2e-5 and main.data.objective.value == "sequence"
+
+  _, s = _stages("llama2_7b_longlora_100k")
+  main = s["main"]
+  assert main.model.rope.factor == math.ceil(100_000 / 4096) == 25
+  assert main.data.max_len == 25 * main.model.max_position_embeddings
+  assert main.num_shards * main.data.batch_size * main.train.micro_batches == 64
+  assert (main.lora.enabled, main.lora.rank, main.lora.alpha) == (True, 8, 16.0)
+  assert main.train.schedule.value == "constant" and main.train.warmup_steps == 20
+  assert main.train.steps == 1000 and main.train.weight_decay == 0.0
+
+  config, s = _stages("xverse_13b_abf_ntk_256k")
+  assert config.stage_order == "abf,ntk"
+  assert s["abf"].model.rope.rope_type == "default" and s["abf"].model.rope.theta == 500_000
+  assert s["abf"].data.max_len == 32_768
+  ntk = s["ntk"].model.rope
+  assert (ntk.rope_type, ntk.theta, ntk.trained_length, ntk.target_length) == (
+      "xverse_ntk", 500_000, 32_768, 262_144)
+  assert s["ntk"].data.max_len == 262_144
+
+
+# ---- launchers -----------------------------------------------------------------------------------
+SCRIPTS = sorted(glob.glob(os.path.join(LAUNCH, "*.sh")) +
+                 glob.glob(os.path.join(LAUNCH, "*.sbatch")))
+
+
+def test_launchers_exist():
+  names = {os.path.basename(p) for p in glob.glob(os.path.join(LAUNCH, "*"))}
+  assert {"slurm_gpu.sbatch", "tpu_pod.sh", "k8s_jobset.yaml", "README.md"} <= names, names
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+@pytest.mark.parametrize("path", SCRIPTS, ids=os.path.basename)
+def test_shell_scripts_parse_and_dry_run(path, tmp_path):
+  subprocess.run(["bash", "-n", path], check=True, capture_output=True, text=True)
+  env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+  env.update(DRY_RUN="1", TMPDIR=str(tmp_path))
+  result = subprocess.run(["bash", path, "--config.train.steps=5"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 0, result.stderr
+  assert "longctx.launch" in result.stdout and "--config.train.steps=5" in result.stdout
+
+
+def _jobset():
+  yaml = pytest.importorskip("yaml")
+  with open(os.path.join(LAUNCH, "k8s_jobset.yaml")) as f:
+    return yaml.safe_load(f)
+
+
+def test_jobset_parses_and_names_every_process():
+  jobset = _jobset()
+  assert jobset["kind"] == "JobSet"
+  job = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]
+  assert job["completionMode"] == "Indexed" and job["parallelism"] == job["completions"]
+  container = job["template"]["spec"]["containers"][0]
+  env = {e["name"]: e.get("value") for e in container["env"]}
+  assert int(env["NUM_PROCESSES"]) == job["parallelism"]
+  command = " ".join(container["args"])
+  for flag in ("--coordinator_address=", "--num_processes=${NUM_PROCESSES}",
+               "--process_id=${JOB_COMPLETION_INDEX}"):
+    assert flag in command
+
+
+def _sbatch_xla_flags():
+  env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "XLA_FLAGS"}
+  out = subprocess.run(["bash", os.path.join(LAUNCH, "slurm_gpu.sbatch")],
+                       env={**env, "DRY_RUN": "1"}, cwd=ROOT, capture_output=True, text=True,
+                       check=True).stdout
+  line = next(l for l in out.splitlines() if l.startswith("XLA_FLAGS="))
+  return line.split("=", 1)[1].split()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+def test_xla_flags_are_known_to_this_jaxlib():
+  """XLA aborts on an unknown flag; the GPU flags of the launchers must exist in the pinned XLA
+  (they parse on any backend, so the CPU build checks them)."""
+  xla_flags = _sbatch_xla_flags()
+  try:
+    jobset = _jobset()
+  except pytest.skip.Exception:
+    jobset = None
+  if jobset is not None:
+    container = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"][
+        "containers"][0]
+    xla_flags += next(e["value"] for e in container["env"] if e["name"] == "XLA_FLAGS").split()
+  assert xla_flags
+  env = {**os.environ, "XLA_FLAGS": " ".join(xla_flags), "JAX_PLATFORMS": "cpu"}
+  program = "import jax.numpy as jnp; jnp.ones(2).sum().block_until_ready()"
+  result = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
