@@ -206,3 +206,30 @@ def test_sigterm_saves_a_restorable_checkpoint(tmp_path):
   assert summary[0].resumed_from == max(steps)
   with open(workdir / "short" / "metrics.jsonl") as f:
     assert [json.loads(line)["step"] for line in f] == list(range(1, max(steps) + 2))
+
+
+def test_longlora_trains_only_lora_embedding_and_norms(tmp_path):
+  """LongLoRA mode through the whole loop: S²-Attn on the ring in training, and only LoRA,
+  embedding and norm parameters move; the final weights export as a PEFT adapter."""
+  config = tiny_config({"lora.enabled": True, "stage_order": "short", "train.learning_rate": 1e-2})
+  summary = loop.run(config, str(tmp_path), log=lambda *_: None)
+  assert summary[0].last_loss is not None
+  stage = read_stages(config)[0]
+  runner = loop.StageRunner(stage, make_mesh({"data": 2, "seq": 4}), seed=0, log=lambda *_: None)
+  before = jax.device_get(runner.random_params())
+  from flax import traverse_util
+  from longctx.checkpoint.params import load_params
+  cfg, after = load_params(str(tmp_path / "short" / "final"))
+  assert cfg.lora_rank == 8
+  flat_before, flat_after = traverse_util.flatten_dict(before), traverse_util.flatten_dict(after)
+  assert flat_before.keys() == flat_after.keys()
+  changed = {"/".join(k) for k in flat_before
+             if not np.array_equal(flat_before[k], flat_after[k])}
+  trainable = {"/".join(k) for k in flat_before
+               if "lora" in "/".join(k) or "embed_tokens" in k[0] or "norm" in "/".join(k)}
+  assert changed == trainable, (sorted(changed ^ trainable))
+  result = subprocess.run([sys.executable, "-m", "longctx.convert", "to-peft",
+                           str(tmp_path / "short" / "final"), str(tmp_path / "adapter")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
