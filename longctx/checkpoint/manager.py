@@ -28,11 +28,11 @@ class DataStateHandler(ocp.CheckpointHandler):
 
   def save(self, directory: epath.Path, args: "DataStateSave"):
     from longctx.train.data import save_state_files
-    save_state_files(os.fspath(directory), args.states)
+    save_state_files(directory, args.states)
 
   def restore(self, directory: epath.Path, args: "DataStateRestore | None" = None):
     from longctx.train.data import load_state_files
-    return load_state_files(os.fspath(directory))
+    return load_state_files(directory)
 
   def metadata(self, directory: epath.Path):
     return None
@@ -59,7 +59,7 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 def make_manager(directory: str, max_to_keep: int, async_save: bool) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                          enable_async_checkpointing=async_save, create=True)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+  return ocp.CheckpointManager(_absolute(directory), options=options,
                                item_names=("state", "data"))
 
 
@@ -77,14 +77,12 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state) -> tuple[
 
 def save_final_params(path: str, params, cfg: ModelConfig) -> None:
   """Sharded params → a longctx params checkpoint (every process writes its shards)."""
-  path = os.path.abspath(path)
+  path = epath.Path(_absolute(path))
   with ocp.StandardCheckpointer() as ckpt:
-    ckpt.save(os.path.join(path, PARAMS_DIR), params, force=True)
+    ckpt.save(path / PARAMS_DIR, params, force=True)
     ckpt.wait_until_finished()
-  if jax.process_index() == 0:
-    with open(os.path.join(path, CONFIG_FILE) + ".tmp", "w") as f:
-      json.dump(cfg.to_dict(), f, indent=2)
-    os.replace(os.path.join(path, CONFIG_FILE) + ".tmp", os.path.join(path, CONFIG_FILE))
+  if jax.process_index() == 0:  # written last: its presence marks a complete final/
+    (path / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
   from jax.experimental import multihost_utils
   multihost_utils.sync_global_devices("longctx final params")
 
@@ -92,4 +90,16 @@ def save_final_params(path: str, params, cfg: ModelConfig) -> None:
 def restore_params(path: str, abstract_params):
   """A longctx params checkpoint restored straight into the given shardings."""
   with ocp.StandardCheckpointer() as ckpt:
-    return ckpt.restore(os.path.join(os.path.abspath(path), PARAMS_DIR), abstract_params)
+    return ckpt.restore(epath.Path(_absolute(path)) / PARAMS_DIR, abstract_params)
+
+
+def _absolute(path) -> str:
+  """Local paths made absolute (orbax needs that); URLs such as gs://bucket/dir kept."""
+  path = os.fspath(path)
+  return path if "://" in path else os.path.abspath(path)
+
+
+def is_complete(final_dir) -> bool:
+  """A stage's final/ holds its params and (written last) its model config."""
+  final = epath.Path(final_dir)
+  return (final / CONFIG_FILE).exists() and (final / PARAMS_DIR).exists()

@@ -34,8 +34,8 @@ def save_params(path: str, params: dict, cfg: ModelConfig) -> None:
 
 
 def load_config(path: str) -> ModelConfig:
-  with open(os.path.join(path, CONFIG_FILE)) as f:
-    return ModelConfig.from_dict(json.load(f))
+  from etils import epath
+  return ModelConfig.from_dict(json.loads((epath.Path(path) / CONFIG_FILE).read_text()))
 
 
 def load_params(path: str) -> tuple[ModelConfig, dict]:

@@ -18,6 +18,7 @@ import os
 from typing import Any, Iterator
 
 import jax
+from etils import epath
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -138,17 +139,15 @@ class GlobalBatches:
 
 def save_state_files(directory: str, states: dict[str, Any]) -> None:
   """One JSON file per logical shard; every process writes the shards it ran (same content)."""
-  os.makedirs(directory, exist_ok=True)
+  directory = epath.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
   for shard, state in states.items():
-    path = os.path.join(directory, f"shard_{shard}.process_{jax.process_index()}.json")
-    with open(path, "w") as f:
-      json.dump(state, f)
+    (directory / f"shard_{shard}.process_{jax.process_index()}.json").write_text(json.dumps(state))
 
 
 def load_state_files(directory: str) -> dict[str, Any]:
   states = {}
-  for name in sorted(os.listdir(directory)):
-    if name.startswith("shard_") and name.endswith(".json"):
-      with open(os.path.join(directory, name)) as f:
-        states.setdefault(name.split(".")[0][len("shard_"):], json.load(f))
+  for path in sorted(epath.Path(directory).iterdir(), key=lambda p: p.name):
+    if path.name.startswith("shard_") and path.name.endswith(".json"):
+      states.setdefault(path.name.split(".")[0][len("shard_"):], json.loads(path.read_text()))
   return states

@@ -24,11 +24,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from etils import epath
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from longctx.checkpoint import manager as ckpt
-from longctx.checkpoint.params import is_longctx_checkpoint, load_config
+from longctx.checkpoint.params import load_config
 from longctx.model import Llama, attention_fns
 from longctx.model.config import ModelConfig
 from longctx.parallel.mesh import BATCH_AXES, make_mesh, param_shardings
@@ -67,11 +68,10 @@ def _comparable(cd: dict) -> dict:
 
 def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Write <workdir>/config.json, or refuse a workdir that trains another config."""
-  path = os.path.join(workdir, "config.json")
+  path = epath.Path(workdir) / "config.json"
   current = json.loads(config.to_json_best_effort())
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
+  if path.exists():
+    saved = json.loads(path.read_text())
     if _comparable(saved) != _comparable(current):
       diff = sorted(k for k in set(_comparable(saved)) | set(_comparable(current))
                     if saved.get(k) != current.get(k))
@@ -80,9 +80,8 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
           f"{path}. Use a new --workdir, or restore that config (only {list(_RESUMABLE_CHANGES)} "
           "may change on resume).")
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(current, f, indent=2, sort_keys=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(current, indent=2, sort_keys=True))
 
 
 def check_stage(stage: StageSpec, mesh: Mesh, first: bool, init_kind: InitKind,
@@ -103,7 +102,7 @@ def check_stage(stage: StageSpec, mesh: Mesh, first: bool, init_kind: InitKind,
       raise ValueError(f"config init.path: expected a directory for init.kind="
                        f"{init_kind.value!r}, found ''")
     marker = "config.json" if init_kind is InitKind.HF else "model_config.json"
-    if not os.path.exists(os.path.join(init_path, marker)):
+    if not (epath.Path(init_path) / marker).exists():
       raise FileNotFoundError(f"config init.path: expected {marker} in {init_path} "
                               f"(init.kind={init_kind.value!r})")
 
@@ -320,7 +319,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, log: Callable[[str],
     for i, stage in enumerate(stages):
       stage_dir = os.path.join(workdir, stage.name)
       final_dir = os.path.join(stage_dir, "final")
-      if is_longctx_checkpoint(final_dir):
+      if ckpt.is_complete(final_dir):
         log(f"[{stage.name}] done earlier ({final_dir}); skipping")
         summaries.append(StageSummary(stage.name, stage.train.steps, skipped=True))
         previous_final = final_dir
@@ -435,9 +434,9 @@ def _run_stage(stage: StageSpec, mesh: Mesh, config, ckpt_cfg, stage_dir: str, f
 
 def _truncate_metrics(path: str, step: int) -> None:
   """Drop lines logged after the restored step (they are re-run)."""
-  if jax.process_index() != 0 or not os.path.exists(path):
+  path = epath.Path(path)
+  if jax.process_index() != 0 or not path.exists():
     return
-  with open(path) as f:
-    lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-  with open(path, "w") as f:
-    f.writelines(lines)
+  lines = [line for line in path.read_text().splitlines()
+           if line.strip() and json.loads(line)["step"] <= step]
+  path.write_text("".join(line + "\n" for line in lines))

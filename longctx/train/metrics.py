@@ -9,11 +9,13 @@ MFU = achieved FLOP/s / peak FLOP/s of the devices. Only process 0 writes anythi
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Any
 
 import jax
+from etils import epath
 
 from longctx.model.config import ModelConfig
 
@@ -59,20 +61,24 @@ class MetricsWriter:
   def __init__(self, directory: str):
     self.enabled = jax.process_index() == 0
     self._tb = None
-    self.path = os.path.join(directory, "metrics.jsonl")
+    self.path = epath.Path(directory) / "metrics.jsonl"
+    self._lines: list[str] = []
     if self.enabled:
-      os.makedirs(directory, exist_ok=True)
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      if self.path.exists():  # a resumed stage (already truncated to the restored step)
+        self._lines = [x for x in self.path.read_text().splitlines() if x.strip()]
       try:
         from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(directory, "tensorboard"))
+        self._tb = SummaryWriter(os.fspath(epath.Path(directory) / "tensorboard"))
       except ImportError:  # optional: metrics.jsonl is always written
         self._tb = None
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if not self.enabled:
       return
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": step, **metrics}) + "\n")
+    # Rewritten whole (small) rather than appended: object stores such as gs:// cannot append.
+    self._lines.append(json.dumps({"step": step, **metrics}))
+    self.path.write_text("".join(line + "\n" for line in self._lines))
     if self._tb is not None:
       for k, v in metrics.items():
         if isinstance(v, (int, float)):
@@ -85,11 +91,10 @@ class MetricsWriter:
 
 
 def read_metrics(directory: str) -> list[dict[str, Any]]:
-  path = os.path.join(directory, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = epath.Path(directory) / "metrics.jsonl"
+  if not path.exists():
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plot_losses(workdir: str, stages: list[str], path: str | None = None) -> str | None:
@@ -112,8 +117,10 @@ def plot_losses(workdir: str, stages: list[str], path: str | None = None) -> str
   ax.set_ylabel("training loss")
   ax.legend()
   ax.grid(alpha=0.3)
-  path = path or os.path.join(workdir, "loss.png")
+  path = path or os.fspath(epath.Path(workdir) / "loss.png")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=120)
   plt.close(fig)
+  epath.Path(path).write_bytes(buffer.getvalue())
   return path
