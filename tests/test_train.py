@@ -42,7 +42,8 @@ def tiny_config(overrides=None):
 
 
 def _losses(workdir, stage):
-  return [(r["step"], r["loss"]) for r in read_metrics(os.path.join(workdir, stage))]
+  return [(r["step"], r["loss"]) for r in read_metrics(os.path.join(workdir, stage))
+          if "loss" in r]
 
 
 def test_resume_is_exact_mid_stage_and_across_stages(tmp_path):
@@ -233,3 +234,17 @@ def test_longlora_trains_only_lora_embedding_and_norms(tmp_path):
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_evaluation_during_training(tmp_path):
+  """eval.every_steps: held-out loss / perplexity (full attention) and passkey in metrics.jsonl."""
+  config = tiny_config({"stage_order": "short", "eval.every_steps": 2,
+                        "eval.passkey_lengths": "96", "eval.passkey_trials": 2,
+                        "lora.enabled": True})
+  loop.run(config, str(tmp_path), log=lambda *_: None)
+  records = read_metrics(str(tmp_path / "short"))
+  evals = [r for r in records if "eval_loss" in r]
+  assert [r["step"] for r in evals] == [2, 3]
+  for r in evals:
+    assert np.isclose(r["eval_ppl"], np.exp(r["eval_loss"])) and 0 <= r["passkey_96"] <= 1
+  assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]

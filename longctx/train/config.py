@@ -9,8 +9,10 @@ A training config holds, besides `model` and `data`:
   lora         LongLoRA (METHODS.md §2): off unless enabled
   train        optimizer, schedule, step budget, accumulation, logging
   checkpoint   orbax CheckpointManager options
+  eval         evaluation during training (longctx.train.evaluate): held-out loss and
+               perplexity with full attention, passkey accuracy, every `every_steps`
   stages       named sub-configs; each overrides any of model / data / train / lora /
-               attention for one stage (a `model.rope` override replaces the whole rope dict)
+               attention / eval for one stage (a `model.rope` override replaces the whole rope dict)
   stage_order  comma-separated stage names, run in this order
 
 Library code never reads the ConfigDict: `StageSpec.from_config` turns it into the dataclasses
@@ -62,6 +64,8 @@ def default_config() -> ml_collections.ConfigDict:
       log_every=10, peak_tflops_per_device=0.0))
   config.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=100, max_to_keep=2, async_save=True))
+  config.eval = ml_collections.ConfigDict(dict(
+      every_steps=0, batches=2, passkey_lengths="", passkey_trials=5))
   return config
 
 
@@ -114,6 +118,26 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  every_steps: int = 0                     # 0: no evaluation during training
+  batches: int = 2                         # held-out batches for eval_loss / eval_ppl
+  passkey_lengths: tuple[int, ...] = ()    # empty: no passkey
+  passkey_trials: int = 5
+
+  @classmethod
+  def from_config(cls, cd: ml_collections.ConfigDict | None) -> "EvalConfig":
+    if cd is None:
+      return cls()
+    lengths = tuple(int(x) for x in _split(str(cd.passkey_lengths)))
+    cfg = cls(int(cd.every_steps), int(cd.batches), lengths, int(cd.passkey_trials))
+    if cfg.every_steps < 0 or cfg.batches < 1 or cfg.passkey_trials < 1 or \
+        any(n <= 0 for n in lengths):
+      raise ValueError(f"config eval: expected every_steps >= 0, batches >= 1, passkey_trials "
+                       f">= 1 and positive passkey_lengths, found {cfg}")
+    return cfg
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
   every_steps: int = 100
   max_to_keep: int = 2
@@ -140,6 +164,7 @@ class StageSpec:
   train: TrainConfig
   lora: LoraConfig
   attention: AttentionConfig
+  eval: EvalConfig = EvalConfig()
 
   @classmethod
   def from_config(cls, name: str, cd: ml_collections.ConfigDict) -> "StageSpec":
@@ -171,7 +196,7 @@ class StageSpec:
       parse_enum(Layout, attention.layout, "attention.layout")
     return cls(name=name, model=model, data=DataConfig.from_config_dict(cd.data),
                num_shards=_positive("data.num_shards", int(cd.data.num_shards)), train=train,
-               lora=lora, attention=attention)
+               lora=lora, attention=attention, eval=EvalConfig.from_config(cd.get("eval")))
 
 
 def mesh_config(cd: ml_collections.ConfigDict) -> MeshConfig:
@@ -213,7 +238,7 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-_STAGE_SECTIONS = ("model", "data", "train", "lora", "attention")
+_STAGE_SECTIONS = ("model", "data", "train", "lora", "attention", "eval")
 
 
 def stage_config(cd: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:

@@ -362,6 +362,10 @@ def _run_stage(stage: StageSpec, mesh: Mesh, config, ckpt_cfg, stage_dir: str, f
         f"{stage.train.steps} steps")
 
   step_fn = runner.compiled_step()
+  evaluator = None
+  if stage.eval.every_steps:
+    from longctx.train.evaluate import Evaluator
+    evaluator = Evaluator(stage, cfg, mesh)
   peak = metrics_lib.peak_flops_per_device(stage.train.peak_tflops_per_device)
   bar = _progress(stage.train.steps, start_step, stage.name)
   step = start_step
@@ -389,7 +393,18 @@ def _run_stage(stage: StageSpec, mesh: Mesh, config, ckpt_cfg, stage_dir: str, f
       if bar is not None:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
-      if step % stage.train.log_every == 0 or step == stage.train.steps:
+      evaluation = {}
+      if evaluator is not None and evaluator.due(step, stage.train.steps):
+        eval_start = time.perf_counter()
+        evaluation = evaluator(state.params)
+        window_start += time.perf_counter() - eval_start  # not part of tokens/s
+        if bar is not None:
+          bar.write(f"[{stage.name}] step {step}: " + ", ".join(
+              f"{k} {v:.4g}" for k, v in evaluation.items()))
+      if not (step % stage.train.log_every == 0 or step == stage.train.steps):
+        if evaluation:
+          writer.write(step, evaluation)
+      else:
         elapsed = time.perf_counter() - window_start
         record = {"loss": loss, "grad_norm": float(m["grad_norm"]),
                   "learning_rate": float(m["learning_rate"]),
@@ -400,6 +415,7 @@ def _run_stage(stage: StageSpec, mesh: Mesh, config, ckpt_cfg, stage_dir: str, f
         if peak:
           record["mfu"] = achieved / (peak * jax.device_count())
         record.update(metrics_lib.device_memory())
+        record.update(evaluation)
         writer.write(step, record)
         if bar is not None:
           bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}")

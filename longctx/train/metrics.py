@@ -107,7 +107,7 @@ def plot_losses(workdir: str, stages: list[str], path: str | None = None) -> str
   fig, ax = plt.subplots(figsize=(7, 4))
   offset = 0
   for name in stages:
-    records = read_metrics(os.path.join(workdir, name))
+    records = [r for r in read_metrics(os.path.join(workdir, name)) if "loss" in r]
     if not records:
       continue
     ax.plot([offset + r["step"] for r in records], [r["loss"] for r in records], label=name)
