@@ -29,9 +29,9 @@ import jax.numpy as jnp
 
 from longctx.attention.blockwise import (TileConfig, TokenMeta, fit_block, key_tiles,
                                          output_delta, query_tiles, rows_tiles, safe_lse,
-                                         softmax_finish, softmax_init, tiled_backward,
-                                         tiled_forward, untile_heads, untile_kv, untile_rows,
-                                         varying_like)
+                                         softmax_finish, softmax_init, tie_inputs,
+                                         tiled_backward, tiled_forward, untile_heads, untile_kv,
+                                         untile_rows, varying_like)
 from longctx.attention.reference import MaskSpec, check_inputs, default_scale
 
 
@@ -144,7 +144,9 @@ def _ring(cfg, axis, size, q_BCHD, k_BCKD, v_BCKD, meta):
 
 
 def _ring_fwd(cfg, axis, size, q_BCHD, k_BCKD, v_BCKD, meta):
-  o_BCHD, lse_BCH, _ = _ring_forward(cfg, axis, size, q_BCHD, k_BCKD, v_BCKD, meta)
+  # tied: not loop-invariant in a scan over layers (see `blockwise.tie_inputs`); the residuals
+  # are the untied inputs, which a scan forwards instead of stacking
+  o_BCHD, lse_BCH, _ = _ring_forward(cfg, axis, size, *tie_inputs((q_BCHD, k_BCKD, v_BCKD, meta)))
   o_BCHD = o_BCHD.astype(q_BCHD.dtype)
   return o_BCHD, (q_BCHD, k_BCKD, v_BCKD, meta, o_BCHD, lse_BCH)
 
@@ -168,7 +170,9 @@ def _config(q_BCHD, spec, scale, block_q, block_k) -> TileConfig:
 
 def _meta(segment_ids_BC, index_BC):
   b, c = index_BC.shape
-  seg = jnp.ones((b, c), jnp.int32) if segment_ids_BC is None else segment_ids_BC
+  # None: ones, varying like the index, or they could not travel in the ring's loop carry
+  seg = (varying_like(jnp.ones((b, c), jnp.int32), index_BC) if segment_ids_BC is None
+         else segment_ids_BC)
   return TokenMeta(index_BC.astype(jnp.int32), seg.astype(jnp.int32))
 
 
