@@ -41,7 +41,7 @@ from longctx.train.step import TrainState, init_state, make_optimizer, make_trai
 from longctx.train.step import learning_rate_schedule
 
 # Config sections that may differ when a run resumes in the same workdir.
-_RESUMABLE_CHANGES = ("mesh", "checkpoint", "attention")
+_RESUMABLE_CHANGES = ("mesh", "checkpoint", "attention", "eval")
 
 
 class ConfigMismatchError(ValueError):
