@@ -248,3 +248,18 @@ def test_evaluation_during_training(tmp_path):
   for r in evals:
     assert np.isclose(r["eval_ppl"], np.exp(r["eval_loss"])) and 0 <= r["passkey_96"] <= 1
   assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+
+
+def test_restore_onto_another_mesh_shape(tmp_path):
+  """A checkpoint written on data=2 x seq=4 resumes on fsdp=2 x seq=4 (parameters and optimizer
+  state resharded by orbax) and continues with the same losses as the uninterrupted run."""
+  overrides = {"stage_order": "short"}
+  full, moved = str(tmp_path / "full"), str(tmp_path / "moved")
+  loop.run(tiny_config(overrides), full, log=lambda *_: None)
+  loop.run(tiny_config(overrides), moved, log=lambda *_: None, stop_after_steps=1)
+  resumed = loop.run(tiny_config({**overrides, "mesh.data": 1, "mesh.fsdp": 2}), moved,
+                     log=lambda *_: None)
+  assert resumed[0].resumed_from == 1
+  a, b = _losses(full, "short"), _losses(moved, "short")
+  assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3]
+  np.testing.assert_allclose([x for _, x in b], [x for _, x in a], rtol=0, atol=1e-5)
