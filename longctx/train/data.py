@@ -14,7 +14,6 @@ layout (contract 3: once per batch, at the data → model boundary).
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Iterator
 
 import jax
@@ -48,7 +47,7 @@ def check_length(length: int, seq: int, layout: str | None, where: str = "data.m
 
 
 class GlobalBatches:
-  """Iterator of (batches [K, R, L] dict of jax.Array, denominator [K, R], host stats)."""
+  """Iterator of (batches [K, R, L] dict of jax.Array, denominator [K, R], shape (K, R, L))."""
 
   def __init__(self, cfg: DataConfig, num_shards: int, mesh: Mesh, micro_batches: int,
                layout: str | None):
@@ -116,15 +115,12 @@ class GlobalBatches:
     host = {key: np.zeros((k_steps, self.rows, length),
                           np.float32 if key == "loss_weights" else np.int32) for key in KEYS}
     denominator = np.zeros((k_steps, self.rows), np.int32)
-    stats = {"tokens": 0, "target_tokens": 0}
     for (k, s), part in parts.items():
       rows = slice(s * b, (s + 1) * b)
       n = part["inputs"].shape[1]
       for key in KEYS:
         host[key][k, rows, :n] = part[key]
       denominator[k, rows] = row_denominators(part, self.cfg.objective)
-      stats["tokens"] += int((part["segment_ids"] > 0).sum())
-      stats["target_tokens"] += int((part["loss_weights"] > 0).sum())
     if self.layout is not None and self.seq > 1:
       from longctx.attention.layouts import Layout
       perm = np.asarray(Layout.parse(self.layout).permutation(length, self.seq))
@@ -133,8 +129,7 @@ class GlobalBatches:
                for key, v in host.items()}
     denom = jax.make_array_from_callback(denominator.shape, self.row_sharding,
                                          lambda i: denominator[i])
-    stats["shape"] = (k_steps, self.rows, length)
-    return batches, denom, stats
+    return batches, denom, (k_steps, self.rows, length)
 
 
 def save_state_files(directory: str, states: dict[str, Any]) -> None:

@@ -17,13 +17,12 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from longctx.model import Llama, attention_fns
 from longctx.model.config import ModelConfig
 from longctx.parallel.mesh import BATCH_AXES
-from longctx.train.config import EvalConfig, StageSpec
+from longctx.train.config import StageSpec
 from longctx.train.step import token_nll, weighted_sum
 
 

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import signal
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -30,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from longctx.checkpoint import manager as ckpt
 from longctx.checkpoint.params import load_config
+from longctx.data.config import parse_enum
 from longctx.model import Llama, attention_fns
 from longctx.model.config import ModelConfig
 from longctx.parallel.mesh import BATCH_AXES, make_mesh, param_shardings
@@ -303,9 +303,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, log: Callable[[str],
   stages = read_stages(config)
   mesh = make_mesh(dataclasses.asdict(mesh_config(config)), devices)
   ckpt_cfg = checkpoint_config(config)
-  from longctx.train.config import InitKind as _Init
-  from longctx.data.config import parse_enum
-  init_kind = parse_enum(_Init, config.init.kind, "init.kind")
+  init_kind = parse_enum(InitKind, config.init.kind, "init.kind")
   for i, stage in enumerate(stages):
     check_stage(stage, mesh, i == 0, init_kind, config.init.path)
   check_workdir(workdir, config)
@@ -324,10 +322,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, log: Callable[[str],
         summaries.append(StageSummary(stage.name, stage.train.steps, skipped=True))
         previous_final = final_dir
         continue
-      summary = _run_stage(stage, mesh, config, ckpt_cfg, stage_dir, final_dir,
-                           init=(InitKind.CHECKPOINT, previous_final) if previous_final else
-                           (init_kind, config.init.path) if i == 0 and init_kind is not
-                           InitKind.RANDOM else None,
+      if previous_final:
+        init = (InitKind.CHECKPOINT, previous_final)
+      elif i == 0 and init_kind is not InitKind.RANDOM:
+        init = (init_kind, config.init.path)
+      else:
+        init = None  # random
+      summary = _run_stage(stage, mesh, config, ckpt_cfg, stage_dir, final_dir, init=init,
                            log=log, preemption=preemption, budget=budget)
       summaries.append(summary)
       if summary.preempted:
@@ -373,7 +374,7 @@ def _run_stage(stage: StageSpec, mesh: Mesh, config, ckpt_cfg, stage_dir: str, f
   stage_start = time.perf_counter()
   try:
     while step < stage.train.steps:
-      batches, denominator, host_stats = next(loader)
+      batches, denominator, (micro, rows, length) = next(loader)
       state, m = step_fn(state, batches, denominator)
       m = jax.device_get(m)
       if not m["finite"]:
@@ -385,8 +386,7 @@ def _run_stage(stage: StageSpec, mesh: Mesh, config, ckpt_cfg, stage_dir: str, f
       loss = float(m["loss"])
       summary.first_loss = loss if summary.first_loss is None else summary.first_loss
       summary.last_loss = loss
-      length = host_stats["shape"][2]
-      step_tokens = host_stats["shape"][0] * host_stats["shape"][1] * length
+      step_tokens = micro * rows * length  # slots, padding included
       summary.tokens += step_tokens
       window_tokens += step_tokens
       window_steps += 1

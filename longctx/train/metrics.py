@@ -5,6 +5,7 @@ FLOPs per token of one training step (forward + backward = 3 × forward):
   + 6·L·H·D·layers        attention scores and values: 2 matmuls × 2 FLOPs × L·H·D per token
                           forward, × 3 for training, × 1/2 for the causal mask
 with L the row length (an upper bound for packed rows: documents attend only within themselves).
+tokens/s counts every slot of the step's rows, padding included (packing fills ~98% of them).
 MFU = achieved FLOP/s / peak FLOP/s of the devices. Only process 0 writes anything.
 """
 from __future__ import annotations
