@@ -137,6 +137,23 @@ def test_recipe_numbers():
   assert s["ntk"].data.max_len == 262_144
 
 
+def test_passkey_reproduction_documents_fit_their_rows():
+  """configs/tiny_passkey.py: its longest documents fit a row with BOS and EOS (none dropped)
+  and come within about three filler sentences of it."""
+  import numpy as np
+  from longctx.data import synthetic
+  from longctx.data.tokenizers import make_tokenizer
+  config, s = _stages("tiny_passkey")
+  for stage in s.values():
+    tok = make_tokenizer(stage.data.tokenizer, stage.data.tokenizer_path)
+    assert tok.vocab_size <= stage.model.vocab_size
+    longest = max(len(tok.encode(ex.prompt + ex.answer)) + 2 for ex in (
+        synthetic.passkey(np.random.default_rng([0, i]), stage.data.source.max_tokens)
+        for i in range(20)))
+    assert stage.data.max_len - 80 < longest <= stage.data.max_len, (stage.name, longest)
+    assert stage.model.max_position_embeddings == stage.data.max_len
+
+
 # ---- launchers -----------------------------------------------------------------------------------
 SCRIPTS = sorted(glob.glob(os.path.join(LAUNCH, "*.sh")) +
                  glob.glob(os.path.join(LAUNCH, "*.sbatch")))

@@ -2,7 +2,7 @@
 import numpy as np
 
 from longctx.data.chat import to_document
-from longctx.data.config import SyntheticKind
+from longctx.data.config import SyntheticKind, TemplateKind
 from longctx.data.synthetic import (PASSKEY_FILLER, SyntheticSource, longalign_conversation,
                                     multi_needle, passkey)
 
@@ -47,3 +47,17 @@ def test_synthetic_sources_are_random_access_records():
     origin, record = src[2]
     assert origin == f"synthetic-{kind.value}:2" and src[2] == (origin, record)
     to_document(record, origin)
+
+
+def test_passkey_text_is_the_passkey_document_as_plain_text():
+  from longctx.data.chat import tokenize_document
+  from longctx.data.tokenizers import ByteTokenizer
+  src = SyntheticSource(SyntheticKind.PASSKEY_TEXT, 3, 0, 300, 900)
+  pair = SyntheticSource(SyntheticKind.PASSKEY, 3, 0, 300, 900)
+  origin, record = src[1]
+  _, qa = pair[1]
+  assert record == {"text": qa["prompt"] + qa["response"]}  # same document, no separator
+  tok = ByteTokenizer()
+  ids, mask = tokenize_document(to_document(record, origin), TemplateKind.PLAIN, tok)
+  assert tok.decode(ids[1:-1]) == record["text"] and ids[-1] == tok.eos_id
+  assert not mask[0] and mask[1:].all()  # every token after BOS is a target

@@ -117,3 +117,14 @@ def test_pipeline_with_bpe_and_chatml_trains_only_on_answers(bpe_path):
   assert "<|im_end|>" in tok.decode(targets) and "Question: summarize" not in tok.decode(targets)
   assert "Question: summarize" in tok.decode(inputs)
   assert (targets == tok.eos_id).sum() == 4
+
+
+def test_bpe_split_digits_gives_one_token_per_digit(tmp_path):
+  text = "The pass key is 68281. Remember it. 68281 is the pass key. 1234 5678 " * 50
+  merged = make_tokenizer(TokenizerKind.HF, train_bpe_tokenizer([text], tmp_path / "a.json", 300))
+  split = make_tokenizer(TokenizerKind.HF, train_bpe_tokenizer([text], tmp_path / "b.json", 300,
+                                                               split_digits=True))
+  assert len(merged.encode(" 68281")) < 6            # digits merged into pieces
+  ids = split.encode(" 68281.")
+  assert [split.decode([i]) for i in ids] == [" ", "6", "8", "2", "8", "1", "."]
+  assert split.decode(split.encode(text)) == text

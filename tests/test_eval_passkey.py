@@ -111,3 +111,36 @@ def test_bpe_tokenizer_lengths_and_vocab_mismatch(bpe_path, tiny_checkpoint, tmp
   assert rc == 2
   err = capsys.readouterr().err
   assert f"tokenizer has {tok.vocab_size} ids but the model's vocabulary has 260" in err
+
+
+def test_depth_grid_places_the_key_at_each_depth_and_draws_the_heatmap(tmp_path):
+  depths = [0.0, 0.5, 1.0]
+  for d in depths:
+    for ex in passkey.passkey_examples(TOK, 1500, 2, seed=0, depth=d):
+      assert ex.depth == d
+      at = ex.prompt.index("The pass key is") / len(ex.prompt)
+      assert abs(at - d) < 0.2, (d, at)
+  report = passkey.run_passkey(Oracle(wrong_when_odd=True), TOK, [400, 800], trials=3, seed=2,
+                               depths=depths)
+  assert report["depths"] == depths and len(report["results"]) == 2 * 3 * 3
+  for i, n in enumerate([400, 800]):
+    for j, d in enumerate(depths):
+      rows = [r for r in report["results"] if r["length"] == n and r["depth"] == d]
+      assert len(rows) == 3
+      assert report["grid"][i][j] == pytest.approx(np.mean([r["correct"] for r in rows]))
+    assert report["accuracy"][n] == pytest.approx(np.mean(report["grid"][i]))
+  assert "50%" in passkey.format_report(report)
+  passkey.plot_heatmap(report, str(tmp_path / "h.png"))
+  assert (tmp_path / "h.png").stat().st_size > 1000
+  with pytest.raises(ValueError, match="depths must lie in"):
+    passkey.run_passkey(Oracle(), TOK, [400], depths=[1.5])
+
+
+def test_command_depths_and_heatmap(tiny_checkpoint, tmp_path):
+  rc = cli(["passkey", f"--checkpoint={tiny_checkpoint}", "--lengths=200", "--trials=1",
+            "--depths=0,1", f"--heatmap={tmp_path}/h.png", f"--out={tmp_path}/p.json"])
+  assert rc == 0
+  report = json.loads((tmp_path / "p.json").read_text())
+  assert np.shape(report["grid"]) == (1, 2) and (tmp_path / "h.png").exists()
+  assert cli(["passkey", f"--checkpoint={tiny_checkpoint}", "--lengths=200",
+              f"--heatmap={tmp_path}/x.png", f"--out={tmp_path}/q.json"]) == 2

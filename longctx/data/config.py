@@ -27,6 +27,7 @@ class SourceKind(enum.Enum):
 class SyntheticKind(enum.Enum):
   LONGALIGN = "longalign"
   PASSKEY = "passkey"
+  PASSKEY_TEXT = "passkey_text"  # the same document as plain text: every token a target
   NEEDLE = "needle"
 
 

@@ -139,5 +139,10 @@ class SyntheticSource:
       return origin, longalign_conversation(self.seed, index, self.min_tokens, self.max_tokens)
     rng = np.random.default_rng([self.seed, index])
     n = longalign_length(rng, self.min_tokens, self.max_tokens)
-    ex = passkey(rng, n) if self.kind is SyntheticKind.PASSKEY else multi_needle(rng, n)
+    if self.kind is SyntheticKind.NEEDLE:
+      ex = multi_needle(rng, n)
+    else:
+      ex = passkey(rng, n)
+      if self.kind is SyntheticKind.PASSKEY_TEXT:
+        return origin, {"text": ex.prompt + ex.answer}
     return origin, {"prompt": ex.prompt, "response": ex.answer}

@@ -133,15 +133,19 @@ def make_tokenizer(kind: TokenizerKind, path: str = "") -> Tokenizer:
   return _REGISTRY[kind](path)
 
 
-def train_bpe_tokenizer(texts, path: str, vocab_size: int = 32000) -> str:
+def train_bpe_tokenizer(texts, path: str, vocab_size: int = 32000,
+                        split_digits: bool = False) -> str:
   """Trains a byte-level BPE `tokenizer.json` on local `texts` and writes it to `path`.
 
   Special tokens <pad>, <s>, </s>, <unk> come first (ids 0–3). For tests, benchmarks and users
-  without a tokenizer file; nothing is downloaded. Returns `path`.
+  without a tokenizer file; nothing is downloaded. `split_digits`: every digit is its own token
+  (as in Llama's tokenizer), so numbers are never merged into multi-digit pieces. Returns `path`.
   """
   from tokenizers import Tokenizer as HFTokenizerModel, decoders, models, pre_tokenizers, trainers
   tok = HFTokenizerModel(models.BPE(unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                byte_level]) if split_digits else byte_level)
   tok.decoder = decoders.ByteLevel()
   tok.train_from_iterator(list(texts), trainers.BpeTrainer(
       vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],

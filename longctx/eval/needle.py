@@ -195,7 +195,7 @@ def _report(grid: NeedleGrid, n_needles: int, done: dict) -> dict:
           "cells": cells}
 
 
-def plot_heatmap(report: dict, path: str) -> None:
+def plot_heatmap(report: dict, path: str, title: str | None = None) -> None:
   """Depth (rows, 0% at the top) × length (columns) of the fraction of needles found."""
   import matplotlib
   matplotlib.use("Agg")
@@ -208,8 +208,11 @@ def plot_heatmap(report: dict, path: str) -> None:
   ax.set_yticks(range(len(report["depths"])), [f"{100 * d:.0f}%" for d in report["depths"]])
   ax.set_xlabel("context length (tokens)")
   ax.set_ylabel("needle depth")
-  ax.set_title(f"needle in a haystack ({report['needles']} needle(s)): "
-               f"{100 * report['accuracy']:.1f}% found", fontsize=10)
+  title = title or f"needle in a haystack ({report['needles']} needle(s))"
+  ax.set_title(f"{title}: {100 * report['accuracy']:.1f}% found", fontsize=10)
+  for j in range(values.shape[1]):   # the value in each cell
+    for i in range(values.shape[0]):
+      ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7)
   fig.colorbar(im, ax=ax, label="fraction found")
   fig.tight_layout()
   fig.savefig(path, dpi=100)

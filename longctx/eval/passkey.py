@@ -7,6 +7,10 @@ the generated text equals K exactly. Lengths are in tokens of the evaluated toke
 
     python -m longctx.eval passkey --checkpoint=DIR --tokenizer=byte --lengths=1024,2048 \
         --trials=10 --out=passkey.json
+
+With `--depths` (fractions of the filler before the passkey line, e.g. 0,0.25,0.5,0.75,1) every
+length is tried `trials` times at each depth instead of at random depths, the report gains a
+lengths × depths `grid`, and `--heatmap` draws it (the needle heatmap's picture).
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ import re
 from typing import Callable, Sequence
 
 import numpy as np
+
+from tqdm import tqdm
 
 from longctx.data import synthetic
 from longctx.data.tokenizers import Tokenizer
@@ -49,49 +55,70 @@ def fit_to_tokens(build: Callable[[int], str], tokenizer: Tokenizer, target: int
   return best[0]
 
 
-def passkey_examples(tokenizer: Tokenizer, length: int, trials: int,
-                     seed: int) -> list[synthetic.PasskeyExample]:
-  """`trials` passkey documents of about `length` tokens; a pure function of (seed, length)."""
+def passkey_examples(tokenizer: Tokenizer, length: int, trials: int, seed: int,
+                     depth: float | None = None) -> list[synthetic.PasskeyExample]:
+  """`trials` passkey documents of about `length` tokens, the passkey line at `depth` (random
+  when None); a pure function of (seed, length, depth)."""
   examples = []
   for trial in range(trials):
-    def build(n_chars, trial=trial):
-      return synthetic.passkey(np.random.default_rng([seed, length, trial]), n_chars).prompt
+    key = [seed, length, trial] + ([] if depth is None else [int(round(depth * 1e6))])
+
+    def build(n_chars, key=key):
+      return synthetic.passkey(np.random.default_rng(key), n_chars, depth).prompt
     n_chars = fit_to_tokens(build, tokenizer, length)
-    examples.append(synthetic.passkey(np.random.default_rng([seed, length, trial]), n_chars))
+    examples.append(synthetic.passkey(np.random.default_rng(key), n_chars, depth))
   return examples
 
 
 def run_passkey(model, tokenizer: Tokenizer, lengths: Sequence[int], trials: int = 10,
                 seed: int = 0, batch_size: int = 8,
-                budget: common.MemoryBudget | None = None) -> dict:
+                budget: common.MemoryBudget | None = None,
+                depths: Sequence[float] | None = None, progress: bool = False) -> dict:
   """Passkey accuracy per length.
 
   model: anything with `.config` (ModelConfig) and `.generate(prompts, max_new_tokens=…,
   temperature=0, eos_token_id=…) -> list[list[int]]`: a `PretrainedModel`, e.g. during training
   `PretrainedModel(model_config, state_params)` from longctx.checkpoint.pretrained.
-  Returns {"accuracy": {length: fraction}, "lengths", "trials", "seed", "results": [per trial]}.
+  Returns {"accuracy": {length: fraction}, "lengths", "trials", "seed", "results": [per trial]};
+  with `depths`, `trials` per (length, depth) and also "depths" and "grid" [lengths][depths].
   Raises ContextTooLongError before any work when a length does not fit the budget.
   """
   lengths = common.validate_lengths(lengths, "passkey lengths")
   if trials < 1 or batch_size < 1:
     raise ValueError(f"trials and batch_size must be ≥ 1, found {trials}, {batch_size}")
+  if depths is not None and (not depths or any(not 0 <= d <= 1 for d in depths)):
+    raise ValueError(f"passkey depths must lie in [0, 1], found {list(depths)}")
   common.check_vocab(model.config, tokenizer)
   budget = budget or common.MemoryBudget.from_gib(None)
   for n in lengths:
     common.check_fits(model.config, min(batch_size, trials), n, NEW_TOKENS, budget,
                       f"passkey length {n}")
-  results, accuracy = [], {}
-  for n in lengths:
-    rows = _run_length(model, tokenizer, n, trials, seed, batch_size)
+  cells = [(n, d) for n in lengths for d in (depths if depths is not None else [None])]
+  results, by_cell = [], {}
+  for n, d in tqdm(cells, desc="passkey", disable=not progress):
+    rows = _run_length(model, tokenizer, n, trials, seed, batch_size, d)
     results += rows
-    accuracy[n] = float(np.mean([r["correct"] for r in rows]))
-  return {"task": "passkey", "lengths": lengths, "trials": trials, "seed": seed,
-          "max_position_embeddings": model.config.max_position_embeddings,
-          "accuracy": accuracy, "results": results}
+    by_cell[n, d] = float(np.mean([r["correct"] for r in rows]))
+  accuracy = {n: float(np.mean([r["correct"] for r in results if r["length"] == n]))
+              for n in lengths}
+  report = {"task": "passkey", "lengths": lengths, "trials": trials, "seed": seed,
+            "max_position_embeddings": model.config.max_position_embeddings,
+            "accuracy": accuracy, "results": results}
+  if depths is not None:
+    report.update(depths=[float(d) for d in depths],
+                  grid=[[by_cell[n, d] for d in depths] for n in lengths])
+  return report
 
 
-def _run_length(model, tokenizer, length, trials, seed, batch_size) -> list[dict]:
-  examples = passkey_examples(tokenizer, length, trials, seed)
+def plot_heatmap(report: dict, path: str, title: str = "passkey retrieval") -> None:
+  """Depth × length of the fraction of trials answered correctly (a report with `depths`)."""
+  from longctx.eval.needle import plot_heatmap as draw
+  draw({**report, "accuracy": float(np.mean(report["grid"])), "needles": report["trials"]},
+       path, title=f"{title}, {report['trials']} trials per cell")
+
+
+def _run_length(model, tokenizer, length, trials, seed, batch_size, depth=None) -> list[dict]:
+  examples = passkey_examples(tokenizer, length, trials, seed, depth)
   prompts = [[tokenizer.bos_id] + tokenizer.encode(ex.prompt).tolist() for ex in examples]
   outputs = []
   for i in range(0, len(prompts), batch_size):
@@ -107,10 +134,15 @@ def _run_length(model, tokenizer, length, trials, seed, batch_size) -> list[dict
 
 
 def format_report(report: dict) -> str:
-  rows = [(n, report["trials"], f"{acc:.2f}" + ("  (beyond max_position_embeddings)"
-                                                if n > report["max_position_embeddings"] else ""))
+  per_length = report["trials"] * len(report.get("depths", [None]))
+  rows = [(n, per_length, f"{acc:.2f}" + ("  (beyond max_position_embeddings)"
+                                          if n > report["max_position_embeddings"] else ""))
           for n, acc in report["accuracy"].items()]
-  return common.format_table(["length", "trials", "accuracy"], rows)
+  table = common.format_table(["length", "trials", "accuracy"], rows)
+  if "grid" in report:
+    from longctx.eval.needle import format_report as grid_table
+    table += "\n\n" + grid_table(report)
+  return table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,16 +151,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--trials", type=int, default=10)
   parser.add_argument("--batch_size", type=int, default=8)
   parser.add_argument("--out", default="passkey.json", help="JSON report path")
+  parser.add_argument("--depths", default=None,
+                      help="comma-separated fractions in [0, 1]: `trials` per length and depth "
+                           "(default: one random depth per trial)")
+  parser.add_argument("--heatmap", default=None, help="with --depths: write this PNG")
 
 
 def main(args: argparse.Namespace) -> dict:
   tokenizer = common.tokenizer_from_flag(args.tokenizer)
+  depths = common.parse_floats(args.depths, "--depths") if args.depths else None
+  if args.heatmap and depths is None:
+    raise ValueError("--heatmap: expected --depths too (the heatmap is lengths × depths)")
   model = common.load_model(args.checkpoint)
   report = run_passkey(model, tokenizer, common.parse_ints(args.lengths, "--lengths"),
                        args.trials, args.seed, args.batch_size,
-                       common.MemoryBudget.from_gib(args.max_memory_gb))
+                       common.MemoryBudget.from_gib(args.max_memory_gb), depths, progress=True)
   report["checkpoint"] = args.checkpoint
   common.write_json(args.out, report)
   print(format_report(report))
   print(f"wrote {args.out}")
+  if args.heatmap:
+    plot_heatmap(report, args.heatmap)
+    print(f"wrote {args.heatmap}")
   return report
