@@ -114,3 +114,28 @@ def test_tensor_shape_mismatch_is_reported(tmp_path):
   cfg_path.write_text(json.dumps(raw))
   with pytest.raises(ValueError, match=r"missing \['model.layers.2"):
     convert.from_hf(str(tmp_path / "src"), str(tmp_path / "ckpt"), progress=False)
+
+
+def test_params_saved_on_8_devices_load_on_1(tmp_path):
+  """final/ of a run on a mesh loads on a machine with fewer devices (host arrays, no shardings)."""
+  import subprocess
+  import sys
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from longctx.checkpoint.manager import save_final_params
+  cfg = longctx.model.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                  num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+  params = longctx.model.init_params(cfg, jax.random.key(0))
+  mesh = Mesh(np.array(jax.devices()[:8]), ("x",))
+  sharded = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(
+      mesh, P("x") if a.shape[0] % 8 == 0 else P())), params)
+  assert any(len(a.sharding.device_set) == 8 for a in jax.tree.leaves(sharded))
+  save_final_params(str(tmp_path / "final"), sharded, cfg)
+  code = ("import jax, numpy as np, sys; from longctx.checkpoint.params import load_params; "
+          "cfg, p = load_params(sys.argv[1]); assert len(jax.devices()) == 1; "
+          "print(sum(float(np.abs(np.asarray(x, np.float64)).sum()) for x in jax.tree.leaves(p)))")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "final")], env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  expected = sum(float(np.abs(np.asarray(x, np.float64)).sum()) for x in jax.tree.leaves(params))
+  assert float(out.stdout.split()[-1]) == pytest.approx(expected, rel=1e-12)

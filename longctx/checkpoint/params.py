@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from longctx.model.config import ModelConfig
@@ -45,5 +47,9 @@ def load_params(path: str) -> tuple[ModelConfig, dict]:
     raise FileNotFoundError(f"{path} is not a longctx checkpoint: expected {CONFIG_FILE} and "
                             f"{PARAMS_DIR}/ inside it")
   with ocp.StandardCheckpointer() as ckpt:
-    params = ckpt.restore(os.path.join(path, PARAMS_DIR))
+    # A numpy target: restored on the host whatever the saving run's devices (without one,
+    # orbax re-creates the saved shardings and refuses a machine with fewer devices).
+    saved = ckpt.metadata(os.path.join(path, PARAMS_DIR)).item_metadata
+    target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), saved)
+    params = ckpt.restore(os.path.join(path, PARAMS_DIR), target)
   return load_config(path), params
