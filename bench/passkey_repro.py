@@ -70,7 +70,8 @@ def plot_grids(grids, path):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids) + 1.0, 4.6), squeeze=False)
+  fig, axes = plt.subplots(1, len(grids), figsize=(2.8 * len(grids) + 1.6, 4.6), squeeze=False,
+                           sharey=True)
   for ax, (stage, rep) in zip(axes[0], grids.items()):
     values = np.array(rep["grid"]).T  # [depths, lengths]
     im = ax.imshow(values, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")

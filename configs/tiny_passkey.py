@@ -16,8 +16,10 @@ Hardware:  any CPU; 8 emulated devices, meshed data=8 with dense attention (fast
            rows on a CPU).
 Run:       python bench/passkey_repro.py --workdir=/tmp/passkey      # + table and heatmaps
            python -m longctx.launch --config=configs/tiny_passkey.py --workdir=/tmp/passkey
-Expect:    about 13 minutes on a 2-core CPU; the measured table is in bench/PASSKEY_REPRO.md and
-           README.md.
+Expect:    about 18 minutes on a 2-core CPU. Measured (bench/PASSKEY_REPRO.md, README.md): passkey
+           0.85 at 256 after `base`, but ABF at this scale (head_dim 16: every RoPE frequency but
+           one moves) breaks the retrieval it learned: 0.25 after `abf`, ~0 after `ntk`. The
+           issue's goal (>= 90% at the trained length, a gain beyond it) is not met yet.
 """
 import os
 
@@ -71,20 +73,20 @@ def get_config(arg=None):
 
   config.stages = ml_collections.ConfigDict()
   config.stages.base = ml_collections.ConfigDict(dict(
-      train=dict(steps=600), eval=dict(every_steps=600)))
+      train=dict(steps=800), eval=dict(every_steps=800)))
   config.stages.abf = ml_collections.ConfigDict(dict(
       model=dict(max_position_embeddings=2 * L0,
                  rope=dict(rope_type="default", theta=500000.0)),
-      train=dict(steps=100, learning_rate=1e-3, warmup_steps=10),
+      train=dict(steps=150, learning_rate=3e-3, warmup_steps=10),
       data=dict(max_len=2 * L0, batch_size=1, source=dict(max_tokens=MAX_CHARS[2])),
-      eval=dict(every_steps=100)))
+      eval=dict(every_steps=150)))
   config.stages.ntk = ml_collections.ConfigDict(dict(
       model=dict(max_position_embeddings=4 * L0,
                  rope=dict(rope_type="xverse_ntk", theta=500000.0, trained_length=2 * L0,
                            target_length=4 * L0, factor=2.0)),
-      train=dict(steps=40, learning_rate=5e-4, warmup_steps=5),
+      train=dict(steps=20, learning_rate=1e-3, warmup_steps=5),
       data=dict(max_len=4 * L0, batch_size=1, source=dict(max_tokens=MAX_CHARS[4])),
-      eval=dict(every_steps=40)))
+      eval=dict(every_steps=20)))
   config.stage_order = "base,abf,ntk"
   config.lock()
   return config
