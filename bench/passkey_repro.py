@@ -155,7 +155,7 @@ def main():
         continue
       model = longctx.load_pretrained(final, progress=False)
       grids[s] = passkey.run_passkey(model, tokenizer, lengths, args.heatmap_trials, seed=1,
-                                     batch_size=len(depths), depths=depths, progress=True)
+                                     batch_size=args.heatmap_trials, depths=depths, progress=True)
       print(f"\nafter {s} (final weights), {args.heatmap_trials} trials per cell:")
       print(passkey.format_report(grids[s]))
     if grids:

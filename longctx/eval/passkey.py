@@ -19,7 +19,6 @@ import re
 from typing import Callable, Sequence
 
 import numpy as np
-
 from tqdm import tqdm
 
 from longctx.data import synthetic
