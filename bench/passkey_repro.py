@@ -66,22 +66,16 @@ def in_training_table(workdir, stages, lengths):
 
 
 def plot_grids(grids, path):
-  """One depth × length heatmap per stage, side by side."""
+  """One depth × length heatmap per stage, side by side (the needle heatmap's cells)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  from longctx.eval.needle import draw_grid
   fig, axes = plt.subplots(1, len(grids), figsize=(2.8 * len(grids) + 1.6, 4.6), squeeze=False,
                            sharey=True)
   for ax, (stage, rep) in zip(axes[0], grids.items()):
-    values = np.array(rep["grid"]).T  # [depths, lengths]
-    im = ax.imshow(values, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(len(rep["lengths"])), [str(n) for n in rep["lengths"]])
-    ax.set_yticks(range(len(rep["depths"])), [f"{100 * d:.0f}%" for d in rep["depths"]])
-    for j in range(values.shape[1]):
-      for i in range(values.shape[0]):
-        ax.text(j, i, f"{values[i, j]:.1f}", ha="center", va="center", fontsize=7)
+    im = draw_grid(ax, rep, fmt=".1f")
     ax.set_title(f"after {stage}", fontsize=10)
-    ax.set_xlabel("context length (tokens)")
   axes[0][0].set_ylabel("passkey depth")
   fig.colorbar(im, ax=axes[0].tolist(), label="fraction correct")
   fig.suptitle(f"passkey retrieval, {next(iter(grids.values()))['trials']} trials per cell",

@@ -195,24 +195,31 @@ def _report(grid: NeedleGrid, n_needles: int, done: dict) -> dict:
           "cells": cells}
 
 
+def draw_grid(ax, report: dict, fmt: str = ".2f"):
+  """Draws report["grid"] ([lengths][depths] fractions) on `ax`: depth rows (0% at the top),
+  length columns, each cell's value written in it; returns the image (for a colorbar)."""
+  values = np.array(report["grid"]).T  # [depths, lengths]
+  im = ax.imshow(values, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+  ax.set_xticks(range(len(report["lengths"])), [str(n) for n in report["lengths"]], rotation=45)
+  ax.set_yticks(range(len(report["depths"])), [f"{100 * d:.0f}%" for d in report["depths"]])
+  ax.set_xlabel("context length (tokens)")
+  for j in range(values.shape[1]):
+    for i in range(values.shape[0]):
+      ax.text(j, i, format(values[i, j], fmt), ha="center", va="center", fontsize=7)
+  return im
+
+
 def plot_heatmap(report: dict, path: str, title: str | None = None) -> None:
   """Depth (rows, 0% at the top) × length (columns) of the fraction of needles found."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  values = np.array(report["grid"]).T  # [depths, lengths]
   width = max(5.0, 2.5 + 0.5 * len(report["lengths"]))
   fig, ax = plt.subplots(figsize=(width, max(3.0, 1.5 + 0.28 * len(report["depths"]))))
-  im = ax.imshow(values, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-  ax.set_xticks(range(len(report["lengths"])), [str(n) for n in report["lengths"]], rotation=45)
-  ax.set_yticks(range(len(report["depths"])), [f"{100 * d:.0f}%" for d in report["depths"]])
-  ax.set_xlabel("context length (tokens)")
+  im = draw_grid(ax, report)
   ax.set_ylabel("needle depth")
   title = title or f"needle in a haystack ({report['needles']} needle(s))"
   ax.set_title(f"{title}: {100 * report['accuracy']:.1f}% found", fontsize=10)
-  for j in range(values.shape[1]):   # the value in each cell
-    for i in range(values.shape[0]):
-      ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7)
   fig.colorbar(im, ax=ax, label="fraction found")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
