@@ -1,7 +1,8 @@
 """Blockwise (online-softmax) attention with a recomputing custom_vjp.
 
 Legend: B batch, C query chunk, S key chunk, H query heads, K kv heads, G = H // K,
-D head dim, Q query tile, T key tile, N number of tiles.
+D head dim, Q query tile, T key tile, N number of tiles; in tiles, M = B·K (the matmul batch)
+and R = G·Q (a kv head's query rows).
 
 `chunk_forward` / `chunk_backward` attend one query chunk to one key chunk, tile by tile, and
 skip every (query tile, key tile) pair whose mask is empty (causal, segment or S² group mask),
@@ -10,7 +11,8 @@ partial is decided from the tiles' index / segment ranges, so only partial tiles
 diagonal, document boundaries) build a mask. They are the inner kernel of both the
 single-device `blockwise_attention` and the ring (ring.py). Memory is O(C·T) per tile, never
 O(C·S) for scores; the backward recomputes scores from (q, k, v, lse) as in FlashAttention-2.
-K/V stay at K heads: query heads are grouped [B, ., K, G, D] rather than K/V repeated.
+K/V stay at K heads: a kv head's G query heads are rows of one matmul (R = G·Q) rather than
+K/V repeated.
 bfloat16 inputs are multiplied with float32 accumulation.
 """
 from __future__ import annotations
@@ -109,50 +111,66 @@ def _tile_kind(spec: MaskSpec, sq: TileStats, sk: TileStats):
 
 
 def _heads_tiles(x_BCHD, kh: int, n: int):
-  """[B, C, H, D] -> [N, B, K, G, Q, D]: query tiles, heads grouped by kv head, laid out once
-  so that every tile product is a plain batched matmul."""
+  """[B, C, H, D] -> [N, M, R, D]: query tiles with M = B·K (batch × kv head) as the matmul
+  batch and R = G·Q (the kv head's G query heads × the tile's Q queries) as its rows, laid out
+  once so that every tile product is a plain [M] batch of row-major matmuls (no unit dims
+  that XLA would copy around, no T×Q matrix transposed)."""
   b, c, h, d = x_BCHD.shape
-  return x_BCHD.reshape(b, n, c // n, kh, h // kh, d).transpose(1, 0, 3, 4, 2, 5)
+  g, nq = h // kh, c // n
+  return (x_BCHD.reshape(b, n, nq, kh, g, d).transpose(1, 0, 3, 4, 2, 5)
+          .reshape(n, b * kh, g * nq, d))
 
 
-def untile_heads(x_NBKGQD):
-  """Inverse of `_heads_tiles`: [N, B, K, G, Q, D] -> [B, C, H, D]."""
-  n, b, kh, g, nq, d = x_NBKGQD.shape
-  return x_NBKGQD.transpose(1, 0, 4, 2, 3, 5).reshape(b, n * nq, kh * g, d)
+def untile_heads(x_NMRD, b: int, h: int):
+  """Inverse of `_heads_tiles`: [N, M, R, D] -> [B, C, H, D] (b batch rows, h query heads)."""
+  n, m, r, d = x_NMRD.shape
+  kh = m // b
+  g = h // kh
+  return (x_NMRD.reshape(n, b, kh, g, r // g, d).transpose(1, 0, 4, 2, 3, 5)
+          .reshape(b, n * (r // g), h, d))
 
 
 def _rows_tiles(x_BCH, kh: int, n: int):
-  """[B, C, H] -> [N, B, K, G, Q] (per-query statistics, like `_heads_tiles`)."""
-  b, c, h = x_BCH.shape
-  return x_BCH.reshape(b, n, c // n, kh, h // kh).transpose(1, 0, 3, 4, 2)
+  """[B, C, H] -> [N, M, R] (per-query statistics, like `_heads_tiles`)."""
+  return _heads_tiles(x_BCH[..., None], kh, n)[..., 0]
 
 
-def untile_rows(x_NBKGQ):
-  """Inverse of `_rows_tiles`: [N, B, K, G, Q] -> [B, C, H]."""
-  n, b, kh, g, nq = x_NBKGQ.shape
-  return x_NBKGQ.transpose(1, 0, 4, 2, 3).reshape(b, n * nq, kh * g)
+def untile_rows(x_NMR, b: int, h: int):
+  """Inverse of `_rows_tiles`: [N, M, R] -> [B, C, H]."""
+  return untile_heads(x_NMR[..., None], b, h)[..., 0]
 
 
 def _kv_tiles(x_BSKD, n: int):
-  """[B, S, K, D] -> [N, B, K, T, D]."""
+  """[B, S, K, D] -> [N, M, T, D]."""
   b, s, kh, d = x_BSKD.shape
-  return x_BSKD.reshape(b, n, s // n, kh, d).transpose(1, 0, 3, 2, 4)
+  return x_BSKD.reshape(b, n, s // n, kh, d).transpose(1, 0, 3, 2, 4).reshape(n, b * kh, s // n, d)
 
 
-def untile_kv(x_NBKTD):
-  """Inverse of `_kv_tiles`: [N, B, K, T, D] -> [B, S, K, D]."""
-  n, b, kh, t, d = x_NBKTD.shape
-  return x_NBKTD.transpose(1, 0, 3, 2, 4).reshape(b, n * t, kh, d)
+def untile_kv_t(x_NMDT, b: int):
+  """Key-side gradients, kept transposed ([N, M, D, T], see `tiled_backward`) -> [B, S, K, D]."""
+  n, m, d, t = x_NMDT.shape
+  return x_NMDT.reshape(n, b, m // b, d, t).transpose(1, 0, 4, 2, 3).reshape(b, n * t, m // b, d)
 
 
-def _scores(q_BKGQD, k_BKTD):
-  """Unscaled scores q·k, float32. The softmax scale is applied inside the consumers' fusions
-  (or to the small dq / dk tiles), so no scaled copy of the scores is ever written."""
-  return jnp.einsum("bkgqd,bktd->bkgqt", q_BKGQD, k_BKTD, preferred_element_type=jnp.float32)
+def _t(x):
+  """Swaps the last two axes: [.., T, D] <-> [.., D, T]."""
+  return jnp.swapaxes(x, -1, -2)
 
 
-def _masked(s_BKGQT, mask_BQT):
-  return jnp.where(mask_BQT[:, None, None], s_BKGQT, NEG_INF)
+def _scores(q_MRD, kT_MDT):
+  """Unscaled scores q·k, float32, with K given transposed ([M, D, T]) so the product is a
+  row-major matmul. The softmax scale is applied inside the consumers' fusions (or to the
+  small dq / dk tiles), so no scaled copy of the scores is ever written."""
+  return jnp.einsum("mrd,mdt->mrt", q_MRD, kT_MDT, preferred_element_type=jnp.float32)
+
+
+def _masked(s_MRT, mask_BQT):
+  """Scores with the disallowed pairs set to −inf; the [B, Q, T] mask is broadcast over the
+  kv heads and the group's query heads of M = B·K, R = G·Q."""
+  m, r, t = s_MRT.shape
+  b, nq, _ = mask_BQT.shape
+  mask_MRT = jnp.broadcast_to(mask_BQT[:, None, None], (b, m // b, r // nq, nq, t))
+  return jnp.where(mask_MRT.reshape(m, r, t), s_MRT, NEG_INF)
 
 
 def _switch(kind, skip, full, masked, mask_fn):
@@ -169,49 +187,48 @@ def _switch(kind, skip, full, masked, mask_fn):
                                partial], None)
 
 
-def _fwd_q_tile(cfg: TileConfig, q_BKGQD, mq: TokenMeta, sq: TileStats, init, k_NBKTD, v_NBKTD,
+def _fwd_q_tile(cfg: TileConfig, q_MRD, mq: TokenMeta, sq: TileStats, init, kT_NMDT, v_NMTD,
                 mk_N: TokenMeta, sk_N: TileStats):
   """Online softmax of one query tile over all key tiles, continuing from init = (acc, m, l);
   returns ((acc, m, l), tiles computed)."""
 
-  def update(carry, s_BKGQT, v_BKTD, may_be_empty):
-    acc_BKGQD, m_BKGQ, l_BKGQ = carry  # m: running max of the *unscaled* scores (scale > 0)
-    m_new = jnp.maximum(m_BKGQ, s_BKGQT.max(axis=-1))
+  def update(carry, s_MRT, v_MTD, may_be_empty):
+    acc_MRD, m_MR, l_MR = carry  # m: running max of the *unscaled* scores (scale > 0)
+    m_new = jnp.maximum(m_MR, s_MRT.max(axis=-1))
     # a row fully masked so far has m = −inf; a FULL tile makes every row finite
     m_ref = jnp.where(jnp.isneginf(m_new), 0.0, m_new) if may_be_empty else m_new
-    p_BKGQT = jnp.exp((s_BKGQT - m_ref[..., None]) * cfg.scale)
-    corr_BKGQ = jnp.exp((m_BKGQ - m_ref) * cfg.scale)
-    pv_BKGQD = jnp.einsum("bkgqt,bktd->bkgqd", p_BKGQT.astype(v_BKTD.dtype), v_BKTD,
-                          preferred_element_type=jnp.float32)
-    return (acc_BKGQD * corr_BKGQ[..., None] + pv_BKGQD, m_new,
-            l_BKGQ * corr_BKGQ + p_BKGQT.sum(axis=-1))
+    p_MRT = jnp.exp((s_MRT - m_ref[..., None]) * cfg.scale)
+    corr_MR = jnp.exp((m_MR - m_ref) * cfg.scale)
+    pv_MRD = jnp.einsum("mrt,mtd->mrd", p_MRT.astype(v_MTD.dtype), v_MTD,
+                        preferred_element_type=jnp.float32)
+    return acc_MRD * corr_MR[..., None] + pv_MRD, m_new, l_MR * corr_MR + p_MRT.sum(axis=-1)
 
   def step(state, xs):
     carry, count = state
-    k_BKTD, v_BKTD, mk, sk = xs
-    s_fn = lambda: _scores(q_BKGQD, k_BKTD)
+    kT_MDT, v_MTD, mk, sk = xs
+    s_fn = lambda: _scores(q_MRD, kT_MDT)
     carry, computed = _switch(
         _tile_kind(cfg.spec, sq, sk), lambda _: carry,
-        lambda: update(carry, s_fn(), v_BKTD, False),
-        lambda mask_BQT: update(carry, _masked(s_fn(), mask_BQT), v_BKTD, True),
+        lambda: update(carry, s_fn(), v_MTD, False),
+        lambda mask_BQT: update(carry, _masked(s_fn(), mask_BQT), v_MTD, True),
         lambda: make_mask(mq.index, mq.segment, mk.index, mk.segment, cfg.spec))
     return (carry, count + computed.astype(jnp.int32)), None
 
-  count = varying_like(varying_like(jnp.zeros((), jnp.int32), q_BKGQD), k_NBKTD)
-  (out, count), _ = jax.lax.scan(step, (init, count), (k_NBKTD, v_NBKTD, mk_N, sk_N))
+  count = varying_like(varying_like(jnp.zeros((), jnp.int32), q_MRD), kT_NMDT)
+  (out, count), _ = jax.lax.scan(step, (init, count), (kT_NMDT, v_NMTD, mk_N, sk_N))
   return out, count
 
 
 class QueryTiles(NamedTuple):
-  """A query chunk laid out once for the kernel: q [N, B, K, G, Q, D], metadata [N, B, Q] and
-  its tile ranges. The ring builds it once per layer, not once per ring step."""
+  """A query chunk laid out once for the kernel: q [N, M, R, D], metadata [N, B, Q] and its
+  tile ranges. The ring builds it once per layer, not once per ring step."""
   q: jax.Array
   meta: TokenMeta
   stats: TileStats
 
 
 class KeyTiles(NamedTuple):
-  """A key chunk laid out for the kernel: k, v [N, B, K, T, D] and metadata [N, B, T] (what
+  """A key chunk laid out for the kernel: k, v [N, M, T, D] and metadata [N, B, T] (what
   travels the ring; its ranges are recomputed on arrival rather than sent)."""
   k: jax.Array
   v: jax.Array
@@ -232,13 +249,13 @@ def key_tiles(cfg: TileConfig, k_BSKD, v_BSKD, mk: TokenMeta) -> KeyTiles:
 
 
 def rows_tiles(cfg: TileConfig, x_BCH, kv_heads: int):
-  """Per-query statistics [B, C, H] in the layout of `query_tiles`: [N, B, K, G, Q]."""
+  """Per-query statistics [B, C, H] in the layout of `query_tiles`: [N, M, R]."""
   return _rows_tiles(x_BCH, kv_heads, x_BCH.shape[1] // cfg.block_q)
 
 
 def softmax_init(qt: QueryTiles):
-  """The online-softmax state (acc [N, B, K, G, Q, D], m, l [N, B, K, G, Q]) before any key: it
-  is carried from key chunk to key chunk (and ring step to ring step) unnormalised, so partial
+  """The online-softmax state (acc [N, M, R, D], m, l [N, M, R]) before any key: it is
+  carried from key chunk to key chunk (and ring step to ring step) unnormalised, so partial
   results need no normalise-and-merge in between. m is the running max of unscaled scores."""
   init = (jnp.zeros(qt.q.shape, jnp.float32), jnp.full(qt.q.shape[:-1], NEG_INF, jnp.float32),
           jnp.zeros(qt.q.shape[:-1], jnp.float32))
@@ -246,7 +263,7 @@ def softmax_init(qt: QueryTiles):
 
 
 def softmax_finish(cfg: TileConfig, state):
-  """(out [N, B, K, G, Q, D] f32, lse [N, B, K, G, Q]) from an online-softmax state."""
+  """(out [N, M, R, D] f32, lse [N, M, R]) from an online-softmax state."""
   acc, m, l = state
   empty = l == 0
   o_N = acc / jnp.where(empty, 1.0, l)[..., None]
@@ -258,10 +275,11 @@ def tiled_forward(cfg: TileConfig, qt: QueryTiles, kt: KeyTiles, state):
   """Continues the online softmax `state` (see `softmax_init`) of the query tiles over one key
   chunk; returns (state, tiles computed)."""
   sk_N = _stats(kt.meta)
+  kT_N = _t(kt.k)  # once per key chunk: O(S·D), against O(C·S·D) of products
 
   def one_q_tile(xs):
-    q_BKGQD, mq_t, sq, init = xs
-    return _fwd_q_tile(cfg, q_BKGQD, mq_t, sq, init, kt.k, kt.v, kt.meta, sk_N)
+    q_MRD, mq_t, sq, init = xs
+    return _fwd_q_tile(cfg, q_MRD, mq_t, sq, init, kT_N, kt.v, kt.meta, sk_N)
 
   state, counts = jax.lax.map(one_q_tile, tuple(qt) + (state,))
   return state, counts.sum()
@@ -273,70 +291,74 @@ def chunk_forward(cfg: TileConfig, q_BCHD, k_BSKD, v_BSKD, mq: TokenMeta, mk: To
   Returns (out_BCHD float32, normalised; lse_BCH float32, −inf where nothing is attended;
   tiles computed, int32 scalar).
   """
+  b, _, h, _ = q_BCHD.shape
   qt = query_tiles(cfg, q_BCHD, k_BSKD.shape[2], mq)
   state, count = tiled_forward(cfg, qt, key_tiles(cfg, k_BSKD, v_BSKD, mk), softmax_init(qt))
   o_N, lse_N = softmax_finish(cfg, state)
-  return untile_heads(o_N), untile_rows(lse_N), count
+  return untile_heads(o_N, b, h), untile_rows(lse_N, b, h), count
 
 
-def _tile_grads(cfg, q_BKGQD, do_BKGQD, lse_BKGQ, delta_BKGQ, k_BKTD, v_BKTD, mask_BQT=None):
-  """(dq, dk, dv) of one tile pair (FlashAttention-2's backward); mask_BQT None = FULL tile.
+def _tile_grads(cfg, q_MRD, qT_MDR, do_MRD, doT_MDR, lse_MR, delta_MR, k_MTD, kT_MDT, vT_MDT,
+                mask_BQT=None):
+  """(dq [M, R, D], dkᵀ, dvᵀ [M, D, T]) of one tile pair (FlashAttention-2's backward);
+  mask_BQT None = FULL tile.
 
-  Works key-major: scores, P and dS are built as [.., T, G, Q], the layout in which dv = Pᵀ·dO
-  and dk = dSᵀ·Q are plain matmuls and dq comes out as (K·dSᵀ)ᵀ, so no T×Q matrix is ever
-  transposed (only the small T×D and Q×D tiles are). P is computed once and reused.
+  Every product is a row-major matmul of operands laid out for it (q, do, k and their
+  transposes, all small R×D or T×D tiles): dvᵀ = dOᵀ·P and dkᵀ = Qᵀ·dS come out transposed
+  rather than contracting P or dS over their rows, which XLA:CPU runs at half speed or after
+  transposing the R×T matrix. P is computed once and reused.
   """
-  sT_BKTGQ = jnp.einsum("bktd,bkgqd->bktgq", k_BKTD, q_BKGQD,
-                        preferred_element_type=jnp.float32)
+  s_MRT = _scores(q_MRD, kT_MDT)
   if mask_BQT is not None:
-    maskT_B1T1Q = jnp.swapaxes(mask_BQT, 1, 2)[:, None, :, None, :]
-    sT_BKTGQ = jnp.where(maskT_B1T1Q, sT_BKTGQ, NEG_INF)
-  pT_BKTGQ = jnp.exp(sT_BKTGQ * cfg.scale - lse_BKGQ[:, :, None])
-  dv_BKTD = jnp.einsum("bktgq,bkgqd->bktd", pT_BKTGQ.astype(do_BKGQD.dtype), do_BKGQD,
+    s_MRT = _masked(s_MRT, mask_BQT)
+  p_MRT = jnp.exp(s_MRT * cfg.scale - lse_MR[..., None])
+  dvT_MDT = jnp.einsum("mdr,mrt->mdt", doT_MDR, p_MRT.astype(doT_MDR.dtype),
                        preferred_element_type=jnp.float32)
-  dpT_BKTGQ = jnp.einsum("bktd,bkgqd->bktgq", v_BKTD, do_BKGQD,
-                         preferred_element_type=jnp.float32)
-  dsT_BKTGQ = pT_BKTGQ * (dpT_BKTGQ - delta_BKGQ[:, :, None])  # dS / scale
-  dq_BKGQD = jnp.einsum("bktd,bktgq->bkgqd", k_BKTD, dsT_BKTGQ.astype(k_BKTD.dtype),
-                        preferred_element_type=jnp.float32) * cfg.scale
-  dk_BKTD = jnp.einsum("bktgq,bkgqd->bktd", dsT_BKTGQ.astype(q_BKGQD.dtype), q_BKGQD,
+  dp_MRT = jnp.einsum("mrd,mdt->mrt", do_MRD, vT_MDT, preferred_element_type=jnp.float32)
+  ds_MRT = p_MRT * (dp_MRT - delta_MR[..., None])  # dS / scale
+  dq_MRD = jnp.einsum("mrt,mtd->mrd", ds_MRT.astype(k_MTD.dtype), k_MTD,
+                      preferred_element_type=jnp.float32) * cfg.scale
+  dkT_MDT = jnp.einsum("mdr,mrt->mdt", qT_MDR, ds_MRT.astype(qT_MDR.dtype),
                        preferred_element_type=jnp.float32) * cfg.scale
-  return dq_BKGQD, dk_BKTD, dv_BKTD
+  return dq_MRD, dkT_MDT, dvT_MDT
 
 
 def tiled_backward(cfg: TileConfig, qt: QueryTiles, do_N, lse_N, delta_N, kt: KeyTiles,
                    grads=None):
   """`chunk_backward` on laid-out tiles (do like qt.q; lse, delta from `rows_tiles`, lse with
-  −inf replaced by 0): (dq like qt.q, dk, dv like kt.k), float32, added to `grads` (the same
-  triple; None = zeros) in place, so the ring needs no separate accumulation.
+  −inf replaced by 0): (dq like qt.q, dkᵀ, dvᵀ [N, M, D, T]), float32, added to `grads` (the
+  same triple; None = zeros) in place, so the ring needs no separate accumulation. dk and dv
+  stay transposed until `untile_kv_t` (see `_tile_grads`).
 
   Key tiles outside, query tiles inside (FlashAttention-2): dk, dv of a key tile stay in the
   loop carry and each query tile's dq is added in place into the [N, ...] dq buffer.
   """
-  q_side = (jnp.arange(qt.q.shape[0]), qt.q, do_N, lse_N, delta_N, qt.meta, qt.stats)
+  q_side = (jnp.arange(qt.q.shape[0]), qt.q, _t(qt.q), do_N, _t(do_N), lse_N, delta_N, qt.meta,
+            qt.stats)
 
-  def one_k_tile(dq_NBKGQD, xs):
-    k_BKTD, v_BKTD, mk, sk, dk0, dv0 = xs
+  def one_k_tile(dq_NMRD, xs):
+    k_MTD, v_MTD, mk, sk, dk0, dv0 = xs
+    kT_MDT, vT_MDT = _t(k_MTD), _t(v_MTD)
 
     def step(carry, xs):
-      dk_BKTD, dv_BKTD, dq_NBKGQD = carry
-      i, q_BKGQD, do_BKGQD, lse_BKGQ, delta_BKGQ, mq, sq = xs
-      grads = functools.partial(_tile_grads, cfg, q_BKGQD, do_BKGQD, lse_BKGQ, delta_BKGQ,
-                                k_BKTD, v_BKTD)
-      skip = lambda _: (varying_like(jnp.zeros(q_BKGQD.shape, jnp.float32), dq_NBKGQD),
-                        jnp.zeros_like(dk_BKTD), jnp.zeros_like(dv_BKTD))
+      dkT_MDT, dvT_MDT, dq_NMRD = carry
+      i, q_MRD, qT_MDR, do_MRD, doT_MDR, lse_MR, delta_MR, mq, sq = xs
+      grads = functools.partial(_tile_grads, cfg, q_MRD, qT_MDR, do_MRD, doT_MDR, lse_MR,
+                                delta_MR, k_MTD, kT_MDT, vT_MDT)
+      skip = lambda _: (varying_like(jnp.zeros(q_MRD.shape, jnp.float32), dq_NMRD),
+                        jnp.zeros_like(dkT_MDT), jnp.zeros_like(dvT_MDT))
       (dq, dk, dv), _ = _switch(
           _tile_kind(cfg.spec, sq, sk), skip, grads, grads,
           lambda: make_mask(mq.index, mq.segment, mk.index, mk.segment, cfg.spec))
-      dq_NBKGQD = dq_NBKGQD.at[i].add(dq)
-      return (dk_BKTD + dk, dv_BKTD + dv, dq_NBKGQD), None
+      dq_NMRD = dq_NMRD.at[i].add(dq)
+      return (dkT_MDT + dk, dvT_MDT + dv, dq_NMRD), None
 
-    (dk, dv, dq_NBKGQD), _ = jax.lax.scan(step, (dk0, dv0, dq_NBKGQD), q_side)
-    return dq_NBKGQD, (dk, dv)
+    (dk, dv, dq_NMRD), _ = jax.lax.scan(step, (dk0, dv0, dq_NMRD), q_side)
+    return dq_NMRD, (dk, dv)
 
   if grads is None:
-    zeros = lambda x: varying_like(varying_like(jnp.zeros(x.shape, jnp.float32), qt.q), kt.k)
-    grads = (zeros(qt.q), zeros(kt.k), zeros(kt.k))
+    zeros = lambda shape: varying_like(varying_like(jnp.zeros(shape, jnp.float32), qt.q), kt.k)
+    grads = (zeros(qt.q.shape), zeros(_t(kt.k).shape), zeros(_t(kt.k).shape))
   dq_N, dk_N, dv_N = grads
   dq_N, (dk_N, dv_N) = jax.lax.scan(one_k_tile, dq_N,
                                     (kt.k, kt.v, kt.meta, _stats(kt.meta), dk_N, dv_N))
@@ -354,12 +376,13 @@ def chunk_backward(cfg: TileConfig, q_BCHD, k_BSKD, v_BSKD, do_BCHD, lse_BCH, de
 
   lse_BCH is the *final* log-sum-exp of each query over all keys, delta_BCH = Σ_d do·out.
   """
+  b, _, h, _ = q_BCHD.shape
   kh = k_BSKD.shape[2]
   qt = query_tiles(cfg, q_BCHD, kh, mq)
-  dq_N, dk_N, dv_N = tiled_backward(
+  dq_N, dkT_N, dvT_N = tiled_backward(
       cfg, qt, query_tiles(cfg, do_BCHD, kh, mq).q, rows_tiles(cfg, safe_lse(lse_BCH), kh),
       rows_tiles(cfg, delta_BCH, kh), key_tiles(cfg, k_BSKD, v_BSKD, mk))
-  return untile_heads(dq_N), untile_kv(dk_N), untile_kv(dv_N)
+  return untile_heads(dq_N, b, h), untile_kv_t(dkT_N, b), untile_kv_t(dvT_N, b)
 
 
 def merge_partials(o_a_BCHD, lse_a_BCH, o_b_BCHD, lse_b_BCH):

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from longctx.attention.blockwise import (TileConfig, TokenMeta, fit_block, key_tiles,
                                          output_delta, query_tiles, rows_tiles, safe_lse,
                                          softmax_finish, softmax_init, tie_inputs,
-                                         tiled_backward, tiled_forward, untile_heads, untile_kv,
+                                         tiled_backward, tiled_forward, untile_heads, untile_kv_t,
                                          untile_rows, varying_like)
 from longctx.attention.reference import MaskSpec, check_inputs, default_scale
 
@@ -99,7 +99,8 @@ def _ring_forward(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, meta: Tok
   (state, count), _ = jax.lax.scan(lambda carry, kt: (attend(carry, kt), None), carry,
                                    _stack(slots))
   o_N, lse_N = softmax_finish(cfg, state)
-  return untile_heads(o_N), untile_rows(lse_N), count
+  b, _, h, _ = q_BCHD.shape
+  return untile_heads(o_N, b, h), untile_rows(lse_N, b, h), count
 
 
 def _ring_backward(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, meta: TokenMeta,
@@ -124,7 +125,7 @@ def _ring_backward(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, meta: To
 
   parts = _parts(k_BCKD.shape[1])
   slots = _slots(cfg, k_BCKD, v_BCKD, meta)
-  zeros = varying_like(jnp.zeros(slots[0].k.shape, jnp.float32), q_BCHD)
+  zeros = varying_like(jnp.zeros(jnp.swapaxes(slots[0].k, -1, -2).shape, jnp.float32), q_BCHD)
   dq0 = varying_like(jnp.zeros(qt.q.shape, jnp.float32), q_BCHD)
   slots = tuple((kt, (zeros, zeros)) for kt in slots)
   (dq_N, slots), _ = jax.lax.scan(step, (dq0, slots), None, length=parts * (size - 1))
@@ -134,8 +135,10 @@ def _ring_backward(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, meta: To
     return dq_N, (_shift(dkv, axis, size) if size > 1 else dkv)
 
   dq_N, dkv_S = jax.lax.scan(last, dq_N, _stack(slots))
-  dk_BCKD, dv_BCKD = (_unstack(jax.vmap(untile_kv)(x_S)) for x_S in dkv_S)
-  return untile_heads(dq_N), dk_BCKD, dv_BCKD
+  b, _, h, _ = q_BCHD.shape
+  untile = jax.vmap(lambda x: untile_kv_t(x, b))  # dk, dv travel transposed: [S, N, M, D, T]
+  dk_BCKD, dv_BCKD = (_unstack(untile(x_S)) for x_S in dkv_S)
+  return untile_heads(dq_N, b, h), dk_BCKD, dv_BCKD
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
