@@ -9,7 +9,9 @@ import pytest
 
 from longctx.attention import (blockwise_attention, blockwise_attention_with_lse,
                                dense_attention, merge_partials)
-from longctx.attention.reference import masked_dense_attention
+from longctx.attention.blockwise import (BLOCK_K, BLOCK_K_BWD, BLOCK_Q, BLOCK_Q_BWD,
+                                         tile_config)
+from longctx.attention.reference import MaskSpec, masked_dense_attention
 
 TOL = 2e-5
 
@@ -129,6 +131,39 @@ def test_bfloat16_error_at_most_twice_dense(rng):
   err_dense = float(jnp.abs(dense_bf16.astype(jnp.float32) - exact).max())
   err_block = float(jnp.abs(block_bf16.astype(jnp.float32) - exact).max())
   assert err_block <= 2 * err_dense, (err_block, err_dense)
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (4, 1)], ids=["mha", "mqa"])
+def test_backward_tiles_differ_from_forward(rng, heads):
+  """Forward tiles 8 × 2, backward 4 × 16 (and the tuned defaults): still the dense values and
+  gradients."""
+  h, kh = heads
+  q, k, v = make_inputs(rng, l=32, h=h, kh=kh)
+  seg = packed_segments(2, 32)
+  ct = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+  want = value_and_grads(lambda q, k, v: dense_attention(q, k, v, seg), q, k, v, ct)
+  for blocks in (dict(block_q=8, block_k=2, block_q_bwd=4, block_k_bwd=16), {}):
+    got = value_and_grads(lambda q, k, v: blockwise_attention(q, k, v, seg, **blocks), q, k, v,
+                          ct)
+    for name, w, g in zip(["out", "dq", "dk", "dv"], want, got):
+      assert float(jnp.abs(w - g).max()) < TOL, (name, blocks)
+
+
+def test_tile_config_defaults():
+  """No blocks: the tuned pairs; forward blocks given: the backward follows them; each block
+  reduced to a divisor of its length."""
+  spec = MaskSpec(causal=True)
+  cfg = tile_config(spec, 1.0, 8192, 4096)
+  assert (cfg.block_q, cfg.block_k) == (BLOCK_Q, BLOCK_K)
+  assert (cfg.backward().block_q, cfg.backward().block_k) == (BLOCK_Q_BWD, BLOCK_K_BWD)
+  cfg = tile_config(spec, 1.0, 8192, 4096, block_q=128, block_k=64)
+  assert (cfg.backward().block_q, cfg.backward().block_k) == (128, 64)
+  cfg = tile_config(spec, 1.0, 8192, 4096, block_q=128, block_k=64, block_k_bwd=256)
+  assert (cfg.backward().block_q, cfg.backward().block_k) == (128, 256)
+  cfg = tile_config(spec, 1.0, 96, 96, block_q=64, block_q_bwd=40)
+  assert (cfg.block_q, cfg.backward().block_q) == (48, 32)
+  with pytest.raises(ValueError, match="block_k_bwd must be a positive tile size"):
+    tile_config(spec, 1.0, 64, 64, block_k_bwd=0)
 
 
 @pytest.mark.parametrize("fn", [dense_attention, blockwise_attention])

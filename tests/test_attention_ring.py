@@ -40,7 +40,7 @@ def mesh_of(p):
   return Mesh(np.array(jax.devices()[:p]), ("seq",))
 
 
-def check_against_dense(rng, p, layout, causal, h=4, kh=4, segments=True, block=4):
+def check_against_dense(rng, p, layout, causal, h=4, kh=4, segments=True, block=4, **blocks):
   q, k, v = make_inputs(rng, h=h, kh=kh)
   seg = random_segments(rng, 2, L) if segments else None
   ct = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
@@ -49,7 +49,8 @@ def check_against_dense(rng, p, layout, causal, h=4, kh=4, segments=True, block=
   def both(q, k, v):
     want, vjp_w = jax.vjp(lambda q, k, v: dense_attention(q, k, v, seg, causal=causal), q, k, v)
     got, vjp_g = jax.vjp(lambda q, k, v: context_parallel_attention(
-        q, k, v, seg, mesh=mesh, causal=causal, layout=layout, block_q=block, block_k=block),
+        q, k, v, seg, mesh=mesh, causal=causal, layout=layout,
+        **(blocks or dict(block_q=block, block_k=block))),
                          q, k, v)
     return (want,) + vjp_w(ct), (got,) + vjp_g(ct)
 
@@ -80,6 +81,12 @@ def test_ring_matches_dense_gqa_mqa(rng, p, layout, causal, heads):
 
 def test_ring_without_segments_whole_chunk_tiles(rng):
   check_against_dense(rng, 8, Layout.ZIGZAG, True, segments=False, block=512)
+
+
+@pytest.mark.parametrize("blocks", [dict(block_q=8, block_k=2, block_q_bwd=2, block_k_bwd=4), {}],
+                         ids=["8x2-bwd-2x4", "defaults"])
+def test_ring_backward_tiles_differ_from_forward(rng, blocks):
+  check_against_dense(rng, 4, Layout.ZIGZAG, True, h=4, kh=2, **blocks)
 
 
 @pytest.mark.parametrize("p", [2, 8])

@@ -1,8 +1,8 @@
 """Blockwise (online-softmax) attention with a recomputing custom_vjp.
 
 Legend: B batch, C query chunk, S key chunk, H query heads, K kv heads, G = H // K,
-D head dim, Q query tile, T key tile, N number of tiles; in tiles, M = B·K (the matmul batch)
-and R = G·Q (a kv head's query rows).
+D head dim, Q query tile, T key tile, N number of tiles; in tiles, M = B·K (the heads the
+kernel loops over) and R = G·Q (a kv head's query rows).
 
 `chunk_forward` / `chunk_backward` attend one query chunk to one key chunk, tile by tile, and
 skip every (query tile, key tile) pair whose mask is empty (causal, segment or S² group mask),
@@ -28,13 +28,52 @@ from longctx.attention.reference import (NEG_INF, MaskSpec, check_inputs, defaul
                                          make_mask)
 
 
+# Default tile sizes (query rows × keys), forward and backward apart: on XLA:CPU the forward
+# runs fastest on tall tiles and the backward on square ones (bench/RESULTS.md, "Tiles").
+BLOCK_Q, BLOCK_K = 1024, 256
+BLOCK_Q_BWD, BLOCK_K_BWD = 512, 512
+
+
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
-  """Static settings of the inner kernel: mask, softmax scale and tile sizes."""
+  """Static settings of the inner kernel: mask, softmax scale and tile sizes (block_q ×
+  block_k in the forward; block_q_bwd × block_k_bwd in the backward, None = the forward's)."""
   spec: MaskSpec
   scale: float
   block_q: int
   block_k: int
+  block_q_bwd: int | None = None
+  block_k_bwd: int | None = None
+
+  def backward(self) -> "TileConfig":
+    """The config the backward pass tiles with."""
+    return dataclasses.replace(self, block_q=self.block_q_bwd or self.block_q,
+                               block_k=self.block_k_bwd or self.block_k, block_q_bwd=None,
+                               block_k_bwd=None)
+
+
+def tile_config(spec: MaskSpec, scale: float, c: int, s: int, block_q=None, block_k=None,
+                block_q_bwd=None, block_k_bwd=None) -> TileConfig:
+  """The TileConfig of a C-query, S-key chunk pair, every block reduced to a divisor of its
+  length (`fit_block`).
+
+  None = default: the forward's tiles default to (BLOCK_Q, BLOCK_K); the backward's to the
+  forward's where the caller set those, else to (BLOCK_Q_BWD, BLOCK_K_BWD). So
+  `block_q=block_k=128` tiles both passes at 128, and no arguments gives the tuned pairs.
+  """
+  explicit = block_q is not None or block_k is not None
+  block_q = BLOCK_Q if block_q is None else block_q
+  block_k = BLOCK_K if block_k is None else block_k
+  if block_q_bwd is None:
+    block_q_bwd = block_q if explicit else BLOCK_Q_BWD
+  if block_k_bwd is None:
+    block_k_bwd = block_k if explicit else BLOCK_K_BWD
+  for name, value in (("block_q", block_q), ("block_k", block_k), ("block_q_bwd", block_q_bwd),
+                      ("block_k_bwd", block_k_bwd)):
+    if int(value) < 1:
+      raise ValueError(f"{name} must be a positive tile size; got {value}")
+  return TileConfig(spec, scale, fit_block(c, block_q), fit_block(s, block_k),
+                    fit_block(c, block_q_bwd), fit_block(s, block_k_bwd))
 
 
 class TokenMeta(NamedTuple):
@@ -70,8 +109,8 @@ SKIP, FULL, MASKED = 0, 1, 2  # what a (query tile, key tile) pair needs; see `_
 
 
 class TileStats(NamedTuple):
-  """Per-tile ranges of the token metadata, each [N, B] int32: enough to tell, without building
-  the mask, that a tile pair is certainly empty or certainly fully visible."""
+  """Per-tile ranges of the token metadata, each [.., N] int32: enough to tell, without
+  building the mask, that a tile pair is certainly empty or certainly fully visible."""
   lo: jax.Array
   hi: jax.Array
   seg_lo: jax.Array
@@ -79,18 +118,25 @@ class TileStats(NamedTuple):
 
 
 def _meta_tiles(meta: TokenMeta, n: int) -> TokenMeta:
-  """[B, C] metadata -> [N, B, C/N] tiles."""
+  """[B, C] metadata -> [B, N, C/N] tiles."""
   b, c = meta.index.shape
-  return TokenMeta(*(x.reshape(b, n, c // n).transpose(1, 0, 2) for x in meta))
+  return TokenMeta(*(x.reshape(b, n, c // n) for x in meta))
 
 
-def _stats(meta_N: TokenMeta) -> TileStats:
-  return TileStats(meta_N.index.min(-1), meta_N.index.max(-1), meta_N.segment.min(-1),
-                   meta_N.segment.max(-1))
+def _per_head(meta_BN: TokenMeta, kh: int) -> TokenMeta:
+  """[B, N, Q] tile metadata -> [M, N, Q], one copy per kv head of each batch row (M = B·K).
+  Metadata travels the ring per batch row; the kernel loops over M."""
+  return TokenMeta(*(jnp.repeat(x, kh, axis=0) for x in meta_BN))
+
+
+def _stats(meta: TokenMeta) -> TileStats:
+  return TileStats(meta.index.min(-1), meta.index.max(-1), meta.segment.min(-1),
+                   meta.segment.max(-1))
 
 
 def _tile_kind(spec: MaskSpec, sq: TileStats, sk: TileStats):
-  """SKIP, FULL or MASKED for one tile pair, from the tiles' index and segment ranges ([B]).
+  """SKIP, FULL or MASKED for one tile pair of one head, from the tiles' index and segment
+  ranges (scalars).
 
   Both tests are sufficient conditions, so a tile called empty is empty and one called full is
   full (see `reference.make_mask`); anything else is MASKED and builds its mask. In causal
@@ -107,49 +153,48 @@ def _tile_kind(spec: MaskSpec, sq: TileStats, sk: TileStats):
                                   for x in (sq.lo, sq.hi, sk.lo, sk.hi))
     full &= (gq_lo == gq_hi) & (gk_lo == gk_hi) & (gq_lo == gk_lo)
     empty |= (gq_hi < gk_lo) | (gk_hi < gq_lo)
-  return jnp.where(full.all(), FULL, jnp.where(empty.all(), SKIP, MASKED))
+  return jnp.where(full, FULL, jnp.where(empty, SKIP, MASKED))
 
 
 def _heads_tiles(x_BCHD, kh: int, n: int):
-  """[B, C, H, D] -> [N, M, R, D]: query tiles with M = B·K (batch × kv head) as the matmul
-  batch and R = G·Q (the kv head's G query heads × the tile's Q queries) as its rows, laid out
-  once so that every tile product is a plain [M] batch of row-major matmuls (no unit dims
-  that XLA would copy around, no T×Q matrix transposed)."""
+  """[B, C, H, D] -> [M, N, R, D]: M = B·K (batch row × kv head) outermost, the kernel's loop;
+  each tile's rows R = G·Q are the kv head's G query heads × the tile's Q queries, so GQA
+  multiplies one K/V tile by all its query heads at once, without repeating it."""
   b, c, h, d = x_BCHD.shape
   g, nq = h // kh, c // n
-  return (x_BCHD.reshape(b, n, nq, kh, g, d).transpose(1, 0, 3, 4, 2, 5)
-          .reshape(n, b * kh, g * nq, d))
+  return (x_BCHD.reshape(b, n, nq, kh, g, d).transpose(0, 3, 1, 4, 2, 5)
+          .reshape(b * kh, n, g * nq, d))
 
 
-def untile_heads(x_NMRD, b: int, h: int):
-  """Inverse of `_heads_tiles`: [N, M, R, D] -> [B, C, H, D] (b batch rows, h query heads)."""
-  n, m, r, d = x_NMRD.shape
+def untile_heads(x_MNRD, b: int, h: int):
+  """Inverse of `_heads_tiles`: [M, N, R, D] -> [B, C, H, D] (b batch rows, h query heads)."""
+  m, n, r, d = x_MNRD.shape
   kh = m // b
   g = h // kh
-  return (x_NMRD.reshape(n, b, kh, g, r // g, d).transpose(1, 0, 4, 2, 3, 5)
+  return (x_MNRD.reshape(b, kh, n, g, r // g, d).transpose(0, 2, 4, 1, 3, 5)
           .reshape(b, n * (r // g), h, d))
 
 
 def _rows_tiles(x_BCH, kh: int, n: int):
-  """[B, C, H] -> [N, M, R] (per-query statistics, like `_heads_tiles`)."""
+  """[B, C, H] -> [M, N, R] (per-query statistics, like `_heads_tiles`)."""
   return _heads_tiles(x_BCH[..., None], kh, n)[..., 0]
 
 
-def untile_rows(x_NMR, b: int, h: int):
-  """Inverse of `_rows_tiles`: [N, M, R] -> [B, C, H]."""
-  return untile_heads(x_NMR[..., None], b, h)[..., 0]
+def untile_rows(x_MNR, b: int, h: int):
+  """Inverse of `_rows_tiles`: [M, N, R] -> [B, C, H]."""
+  return untile_heads(x_MNR[..., None], b, h)[..., 0]
 
 
 def _kv_tiles(x_BSKD, n: int):
-  """[B, S, K, D] -> [N, M, T, D]."""
+  """[B, S, K, D] -> [M, N, T, D]."""
   b, s, kh, d = x_BSKD.shape
-  return x_BSKD.reshape(b, n, s // n, kh, d).transpose(1, 0, 3, 2, 4).reshape(n, b * kh, s // n, d)
+  return x_BSKD.reshape(b, n, s // n, kh, d).transpose(0, 3, 1, 2, 4).reshape(b * kh, n, s // n, d)
 
 
-def untile_kv_t(x_NMDT, b: int):
-  """Key-side gradients, kept transposed ([N, M, D, T], see `tiled_backward`) -> [B, S, K, D]."""
-  n, m, d, t = x_NMDT.shape
-  return x_NMDT.reshape(n, b, m // b, d, t).transpose(1, 0, 4, 2, 3).reshape(b, n * t, m // b, d)
+def untile_kv_t(x_MNDT, b: int):
+  """Key-side gradients, kept transposed ([M, N, D, T], see `tiled_backward`) -> [B, S, K, D]."""
+  m, n, d, t = x_MNDT.shape
+  return x_MNDT.reshape(b, m // b, n, d, t).transpose(0, 2, 4, 1, 3).reshape(b, n * t, m // b, d)
 
 
 def _t(x):
@@ -157,20 +202,18 @@ def _t(x):
   return jnp.swapaxes(x, -1, -2)
 
 
-def _scores(q_MRD, kT_MDT):
-  """Unscaled scores q·k, float32, with K given transposed ([M, D, T]) so the product is a
+def _scores(q_RD, kT_DT):
+  """Unscaled scores q·k, float32, with K given transposed ([D, T]) so the product is a
   row-major matmul. The softmax scale is applied inside the consumers' fusions (or to the
   small dq / dk tiles), so no scaled copy of the scores is ever written."""
-  return jnp.einsum("mrd,mdt->mrt", q_MRD, kT_MDT, preferred_element_type=jnp.float32)
+  return jnp.dot(q_RD, kT_DT, preferred_element_type=jnp.float32)
 
 
-def _masked(s_MRT, mask_BQT):
-  """Scores with the disallowed pairs set to −inf; the [B, Q, T] mask is broadcast over the
-  kv heads and the group's query heads of M = B·K, R = G·Q."""
-  m, r, t = s_MRT.shape
-  b, nq, _ = mask_BQT.shape
-  mask_MRT = jnp.broadcast_to(mask_BQT[:, None, None], (b, m // b, r // nq, nq, t))
-  return jnp.where(mask_MRT.reshape(m, r, t), s_MRT, NEG_INF)
+def _mask(spec: MaskSpec, mq: TokenMeta, mk: TokenMeta, rows: int):
+  """The [R, T] mask of one tile pair: the [Q, T] mask of `reference.make_mask`, repeated for
+  each of the R / Q query heads in the tile's rows."""
+  mask_QT = make_mask(mq.index[None], mq.segment[None], mk.index[None], mk.segment[None], spec)[0]
+  return jnp.tile(mask_QT, (rows // mask_QT.shape[0], 1))
 
 
 def _switch(kind, skip, full, masked, mask_fn):
@@ -181,55 +224,55 @@ def _switch(kind, skip, full, masked, mask_fn):
   the tile code to every loop for tiles the range tests (`_tile_kind`) rarely leave undecided.
   """
   def partial(_):
-    mask_BQT = mask_fn()
-    return masked(mask_BQT), mask_BQT.any()
+    mask_RT = mask_fn()
+    return masked(mask_RT), mask_RT.any()
   return jax.lax.switch(kind, [lambda _: (skip(None), kind < 0), lambda _: (full(), kind >= 0),
                                partial], None)
 
 
-def _fwd_q_tile(cfg: TileConfig, q_MRD, mq: TokenMeta, sq: TileStats, init, kT_NMDT, v_NMTD,
+def _fwd_q_tile(cfg: TileConfig, q_RD, mq: TokenMeta, sq: TileStats, init, kT_NDT, v_NTD,
                 mk_N: TokenMeta, sk_N: TileStats):
-  """Online softmax of one query tile over all key tiles, continuing from init = (acc, m, l);
-  returns ((acc, m, l), tiles computed)."""
+  """Online softmax of one query tile of one head over all key tiles, continuing from
+  init = (acc, m, l); returns ((acc, m, l), tiles computed)."""
 
-  def update(carry, s_MRT, v_MTD, may_be_empty):
-    acc_MRD, m_MR, l_MR = carry  # m: running max of the *unscaled* scores (scale > 0)
-    m_new = jnp.maximum(m_MR, s_MRT.max(axis=-1))
+  def update(carry, s_RT, v_TD, may_be_empty):
+    acc_RD, m_R, l_R = carry  # m: running max of the *unscaled* scores (scale > 0)
+    m_new = jnp.maximum(m_R, s_RT.max(axis=-1))
     # a row fully masked so far has m = −inf; a FULL tile makes every row finite
     m_ref = jnp.where(jnp.isneginf(m_new), 0.0, m_new) if may_be_empty else m_new
-    p_MRT = jnp.exp((s_MRT - m_ref[..., None]) * cfg.scale)
-    corr_MR = jnp.exp((m_MR - m_ref) * cfg.scale)
-    pv_MRD = jnp.einsum("mrt,mtd->mrd", p_MRT.astype(v_MTD.dtype), v_MTD,
-                        preferred_element_type=jnp.float32)
-    return acc_MRD * corr_MR[..., None] + pv_MRD, m_new, l_MR * corr_MR + p_MRT.sum(axis=-1)
+    p_RT = jnp.exp((s_RT - m_ref[:, None]) * cfg.scale)
+    corr_R = jnp.exp((m_R - m_ref) * cfg.scale)
+    pv_RD = jnp.dot(p_RT.astype(v_TD.dtype), v_TD, preferred_element_type=jnp.float32)
+    return acc_RD * corr_R[:, None] + pv_RD, m_new, l_R * corr_R + p_RT.sum(axis=-1)
 
   def step(state, xs):
     carry, count = state
-    kT_MDT, v_MTD, mk, sk = xs
-    s_fn = lambda: _scores(q_MRD, kT_MDT)
+    kT_DT, v_TD, mk, sk = xs
+    s_fn = lambda: _scores(q_RD, kT_DT)
     carry, computed = _switch(
         _tile_kind(cfg.spec, sq, sk), lambda _: carry,
-        lambda: update(carry, s_fn(), v_MTD, False),
-        lambda mask_BQT: update(carry, _masked(s_fn(), mask_BQT), v_MTD, True),
-        lambda: make_mask(mq.index, mq.segment, mk.index, mk.segment, cfg.spec))
+        lambda: update(carry, s_fn(), v_TD, False),
+        lambda mask_RT: update(carry, jnp.where(mask_RT, s_fn(), NEG_INF), v_TD, True),
+        lambda: _mask(cfg.spec, mq, mk, q_RD.shape[0]))
     return (carry, count + computed.astype(jnp.int32)), None
 
-  count = varying_like(varying_like(jnp.zeros((), jnp.int32), q_MRD), kT_NMDT)
-  (out, count), _ = jax.lax.scan(step, (init, count), (kT_NMDT, v_NMTD, mk_N, sk_N))
+  count = varying_like(varying_like(jnp.zeros((), jnp.int32), q_RD), kT_NDT)
+  (out, count), _ = jax.lax.scan(step, (init, count), (kT_NDT, v_NTD, mk_N, sk_N))
   return out, count
 
 
 class QueryTiles(NamedTuple):
-  """A query chunk laid out once for the kernel: q [N, M, R, D], metadata [N, B, Q] and its
-  tile ranges. The ring builds it once per layer, not once per ring step."""
+  """A query chunk laid out once for the kernel: q [M, N, R, D], metadata [M, N, Q] and its
+  tile ranges [M, N]. The ring builds it once per layer, not once per ring step."""
   q: jax.Array
   meta: TokenMeta
   stats: TileStats
 
 
 class KeyTiles(NamedTuple):
-  """A key chunk laid out for the kernel: k, v [N, M, T, D] and metadata [N, B, T] (what
-  travels the ring; its ranges are recomputed on arrival rather than sent)."""
+  """A key chunk laid out for the kernel: k, v [M, N, T, D] and metadata [B, N, T] (what
+  travels the ring: metadata per batch row, not per head; expanded and its ranges recomputed on
+  arrival)."""
   k: jax.Array
   v: jax.Array
   meta: TokenMeta
@@ -238,8 +281,8 @@ class KeyTiles(NamedTuple):
 def query_tiles(cfg: TileConfig, x_BCHD, kv_heads: int, mq: TokenMeta) -> QueryTiles:
   """Lays out a query chunk (or its output cotangent: use `.q`) for the kernel."""
   n = x_BCHD.shape[1] // cfg.block_q
-  meta_N = _meta_tiles(mq, n)
-  return QueryTiles(_heads_tiles(x_BCHD, kv_heads, n), meta_N, _stats(meta_N))
+  meta_M = _per_head(_meta_tiles(mq, n), kv_heads)
+  return QueryTiles(_heads_tiles(x_BCHD, kv_heads, n), meta_M, _stats(meta_M))
 
 
 def key_tiles(cfg: TileConfig, k_BSKD, v_BSKD, mk: TokenMeta) -> KeyTiles:
@@ -249,12 +292,12 @@ def key_tiles(cfg: TileConfig, k_BSKD, v_BSKD, mk: TokenMeta) -> KeyTiles:
 
 
 def rows_tiles(cfg: TileConfig, x_BCH, kv_heads: int):
-  """Per-query statistics [B, C, H] in the layout of `query_tiles`: [N, M, R]."""
+  """Per-query statistics [B, C, H] in the layout of `query_tiles`: [M, N, R]."""
   return _rows_tiles(x_BCH, kv_heads, x_BCH.shape[1] // cfg.block_q)
 
 
 def softmax_init(qt: QueryTiles):
-  """The online-softmax state (acc [N, M, R, D], m, l [N, M, R]) before any key: it is
+  """The online-softmax state (acc [M, N, R, D], m, l [M, N, R]) before any key: it is
   carried from key chunk to key chunk (and ring step to ring step) unnormalised, so partial
   results need no normalise-and-merge in between. m is the running max of unscaled scores."""
   init = (jnp.zeros(qt.q.shape, jnp.float32), jnp.full(qt.q.shape[:-1], NEG_INF, jnp.float32),
@@ -263,106 +306,128 @@ def softmax_init(qt: QueryTiles):
 
 
 def softmax_finish(cfg: TileConfig, state):
-  """(out [N, M, R, D] f32, lse [N, M, R]) from an online-softmax state."""
+  """(out [M, N, R, D] f32, lse [M, N, R]) from an online-softmax state."""
   acc, m, l = state
   empty = l == 0
-  o_N = acc / jnp.where(empty, 1.0, l)[..., None]
-  lse_N = jnp.where(empty, NEG_INF, m * cfg.scale + jnp.log(jnp.where(empty, 1.0, l)))
-  return o_N, lse_N
+  o = acc / jnp.where(empty, 1.0, l)[..., None]
+  lse = jnp.where(empty, NEG_INF, m * cfg.scale + jnp.log(jnp.where(empty, 1.0, l)))
+  return o, lse
+
+
+def _key_side(qt: QueryTiles, kt: KeyTiles):
+  """The key chunk's metadata per head [M, N, T] and its tile ranges, and the number of kv
+  heads K (tiles are counted once per batch row, not once per head)."""
+  kh = qt.q.shape[0] // kt.meta.index.shape[0]
+  mk_M = _per_head(kt.meta, kh)
+  return mk_M, _stats(mk_M), kh
 
 
 def tiled_forward(cfg: TileConfig, qt: QueryTiles, kt: KeyTiles, state):
   """Continues the online softmax `state` (see `softmax_init`) of the query tiles over one key
-  chunk; returns (state, tiles computed)."""
-  sk_N = _stats(kt.meta)
-  kT_N = _t(kt.k)  # once per key chunk: O(S·D), against O(C·S·D) of products
+  chunk; returns (state, tiles computed, summed over batch rows).
 
-  def one_q_tile(xs):
-    q_MRD, mq_t, sq, init = xs
-    return _fwd_q_tile(cfg, q_MRD, mq_t, sq, init, kT_N, kt.v, kt.meta, sk_N)
+  One head (M) at a time, then query tiles, then key tiles: every product is a plain 2-D
+  matmul whose R×T scores (1 MiB at 512 × 512 float32) stay in a core's cache, where a batch
+  over heads would stream 8 such tiles through memory for every elementwise pass.
+  """
+  mk_M, sk_M, kh = _key_side(qt, kt)
+  kT_M = _t(kt.k)  # once per key chunk: O(S·D), against O(C·S·D) of products
 
-  state, counts = jax.lax.map(one_q_tile, tuple(qt) + (state,))
-  return state, counts.sum()
+  def one_head(xs):
+    q_NRD, mq_N, sq_N, state_N, kT_NDT, v_NTD, mk_N, sk_N = xs
+
+    def one_q_tile(xs):
+      q_RD, mq, sq, init = xs
+      return _fwd_q_tile(cfg, q_RD, mq, sq, init, kT_NDT, v_NTD, mk_N, sk_N)
+    return jax.lax.map(one_q_tile, (q_NRD, mq_N, sq_N, state_N))
+
+  state, counts = jax.lax.map(one_head, tuple(qt) + (state, kT_M, kt.v, mk_M, sk_M))
+  return state, counts.sum() // kh
 
 
 def chunk_forward(cfg: TileConfig, q_BCHD, k_BSKD, v_BSKD, mq: TokenMeta, mk: TokenMeta):
   """Attention of a query chunk to a key chunk.
 
   Returns (out_BCHD float32, normalised; lse_BCH float32, −inf where nothing is attended;
-  tiles computed, int32 scalar).
+  tiles computed, int32 scalar, summed over batch rows).
   """
   b, _, h, _ = q_BCHD.shape
   qt = query_tiles(cfg, q_BCHD, k_BSKD.shape[2], mq)
   state, count = tiled_forward(cfg, qt, key_tiles(cfg, k_BSKD, v_BSKD, mk), softmax_init(qt))
-  o_N, lse_N = softmax_finish(cfg, state)
-  return untile_heads(o_N, b, h), untile_rows(lse_N, b, h), count
+  o, lse = softmax_finish(cfg, state)
+  return untile_heads(o, b, h), untile_rows(lse, b, h), count
 
 
-def _tile_grads(cfg, q_MRD, qT_MDR, do_MRD, doT_MDR, lse_MR, delta_MR, k_MTD, kT_MDT, vT_MDT,
-                mask_BQT=None):
-  """(dq [M, R, D], dkᵀ, dvᵀ [M, D, T]) of one tile pair (FlashAttention-2's backward);
-  mask_BQT None = FULL tile.
+def _tile_grads(cfg, q_RD, qT_DR, do_RD, doT_DR, lse_R, delta_R, k_TD, kT_DT, vT_DT,
+                mask_RT=None):
+  """(dq [R, D], dkᵀ, dvᵀ [D, T]) of one tile pair (FlashAttention-2's backward);
+  mask_RT None = FULL tile.
 
   Every product is a row-major matmul of operands laid out for it (q, do, k and their
   transposes, all small R×D or T×D tiles): dvᵀ = dOᵀ·P and dkᵀ = Qᵀ·dS come out transposed
   rather than contracting P or dS over their rows, which XLA:CPU runs at half speed or after
   transposing the R×T matrix. P is computed once and reused.
   """
-  s_MRT = _scores(q_MRD, kT_MDT)
-  if mask_BQT is not None:
-    s_MRT = _masked(s_MRT, mask_BQT)
-  p_MRT = jnp.exp(s_MRT * cfg.scale - lse_MR[..., None])
-  dvT_MDT = jnp.einsum("mdr,mrt->mdt", doT_MDR, p_MRT.astype(doT_MDR.dtype),
-                       preferred_element_type=jnp.float32)
-  dp_MRT = jnp.einsum("mrd,mdt->mrt", do_MRD, vT_MDT, preferred_element_type=jnp.float32)
-  ds_MRT = p_MRT * (dp_MRT - delta_MR[..., None])  # dS / scale
-  dq_MRD = jnp.einsum("mrt,mtd->mrd", ds_MRT.astype(k_MTD.dtype), k_MTD,
-                      preferred_element_type=jnp.float32) * cfg.scale
-  dkT_MDT = jnp.einsum("mdr,mrt->mdt", qT_MDR, ds_MRT.astype(qT_MDR.dtype),
-                       preferred_element_type=jnp.float32) * cfg.scale
-  return dq_MRD, dkT_MDT, dvT_MDT
+  s_RT = _scores(q_RD, kT_DT)
+  if mask_RT is not None:
+    s_RT = jnp.where(mask_RT, s_RT, NEG_INF)
+  p_RT = jnp.exp(s_RT * cfg.scale - lse_R[:, None])
+  dvT_DT = jnp.dot(doT_DR, p_RT.astype(doT_DR.dtype), preferred_element_type=jnp.float32)
+  dp_RT = jnp.dot(do_RD, vT_DT, preferred_element_type=jnp.float32)
+  ds_RT = p_RT * (dp_RT - delta_R[:, None])  # dS / scale
+  dq_RD = jnp.dot(ds_RT.astype(k_TD.dtype), k_TD, preferred_element_type=jnp.float32) * cfg.scale
+  dkT_DT = jnp.dot(qT_DR, ds_RT.astype(qT_DR.dtype),
+                   preferred_element_type=jnp.float32) * cfg.scale
+  return dq_RD, dkT_DT, dvT_DT
 
 
-def tiled_backward(cfg: TileConfig, qt: QueryTiles, do_N, lse_N, delta_N, kt: KeyTiles,
+def tiled_backward(cfg: TileConfig, qt: QueryTiles, do_M, lse_M, delta_M, kt: KeyTiles,
                    grads=None):
   """`chunk_backward` on laid-out tiles (do like qt.q; lse, delta from `rows_tiles`, lse with
-  −inf replaced by 0): (dq like qt.q, dkᵀ, dvᵀ [N, M, D, T]), float32, added to `grads` (the
+  −inf replaced by 0): (dq like qt.q, dkᵀ, dvᵀ [M, N, D, T]), float32, added to `grads` (the
   same triple; None = zeros) in place, so the ring needs no separate accumulation. dk and dv
   stay transposed until `untile_kv_t` (see `_tile_grads`).
 
-  Key tiles outside, query tiles inside (FlashAttention-2): dk, dv of a key tile stay in the
-  loop carry and each query tile's dq is added in place into the [N, ...] dq buffer.
+  One head at a time (see `tiled_forward`); in a head, key tiles outside and query tiles
+  inside (FlashAttention-2): dk, dv of a key tile stay in the loop carry and each query tile's
+  dq is added in place into the head's [N, R, D] dq buffer.
   """
-  q_side = (jnp.arange(qt.q.shape[0]), qt.q, _t(qt.q), do_N, _t(do_N), lse_N, delta_N, qt.meta,
-            qt.stats)
-
-  def one_k_tile(dq_NMRD, xs):
-    k_MTD, v_MTD, mk, sk, dk0, dv0 = xs
-    kT_MDT, vT_MDT = _t(k_MTD), _t(v_MTD)
-
-    def step(carry, xs):
-      dkT_MDT, dvT_MDT, dq_NMRD = carry
-      i, q_MRD, qT_MDR, do_MRD, doT_MDR, lse_MR, delta_MR, mq, sq = xs
-      grads = functools.partial(_tile_grads, cfg, q_MRD, qT_MDR, do_MRD, doT_MDR, lse_MR,
-                                delta_MR, k_MTD, kT_MDT, vT_MDT)
-      skip = lambda _: (varying_like(jnp.zeros(q_MRD.shape, jnp.float32), dq_NMRD),
-                        jnp.zeros_like(dkT_MDT), jnp.zeros_like(dvT_MDT))
-      (dq, dk, dv), _ = _switch(
-          _tile_kind(cfg.spec, sq, sk), skip, grads, grads,
-          lambda: make_mask(mq.index, mq.segment, mk.index, mk.segment, cfg.spec))
-      dq_NMRD = dq_NMRD.at[i].add(dq)
-      return (dkT_MDT + dk, dvT_MDT + dv, dq_NMRD), None
-
-    (dk, dv, dq_NMRD), _ = jax.lax.scan(step, (dk0, dv0, dq_NMRD), q_side)
-    return dq_NMRD, (dk, dv)
-
+  mk_M, sk_M, _ = _key_side(qt, kt)
   if grads is None:
     zeros = lambda shape: varying_like(varying_like(jnp.zeros(shape, jnp.float32), qt.q), kt.k)
     grads = (zeros(qt.q.shape), zeros(_t(kt.k).shape), zeros(_t(kt.k).shape))
-  dq_N, dk_N, dv_N = grads
-  dq_N, (dk_N, dv_N) = jax.lax.scan(one_k_tile, dq_N,
-                                    (kt.k, kt.v, kt.meta, _stats(kt.meta), dk_N, dv_N))
-  return dq_N, dk_N, dv_N
+
+  def one_head(xs):
+    q_NRD, do_NRD, lse_NR, delta_NR, mq_N, sq_N, k_NTD, v_NTD, mk_N, sk_N, grads = xs
+    dq_NRD, dk_NDT, dv_NDT = grads
+    q_side = (jnp.arange(q_NRD.shape[0]), q_NRD, _t(q_NRD), do_NRD, _t(do_NRD), lse_NR,
+              delta_NR, mq_N, sq_N)
+
+    def one_k_tile(dq_NRD, xs):
+      k_TD, v_TD, mk, sk, dk0, dv0 = xs
+      kT_DT, vT_DT = _t(k_TD), _t(v_TD)
+
+      def step(carry, xs):
+        dkT_DT, dvT_DT, dq_NRD = carry
+        i, q_RD, qT_DR, do_RD, doT_DR, lse_R, delta_R, mq, sq = xs
+        grads = functools.partial(_tile_grads, cfg, q_RD, qT_DR, do_RD, doT_DR, lse_R, delta_R,
+                                  k_TD, kT_DT, vT_DT)
+        skip = lambda _: (varying_like(jnp.zeros(q_RD.shape, jnp.float32), dq_NRD),
+                          jnp.zeros_like(dkT_DT), jnp.zeros_like(dvT_DT))
+        (dq, dk, dv), _ = _switch(_tile_kind(cfg.spec, sq, sk), skip, grads, grads,
+                                  lambda: _mask(cfg.spec, mq, mk, q_RD.shape[0]))
+        dq_NRD = dq_NRD.at[i].add(dq)
+        return (dkT_DT + dk, dvT_DT + dv, dq_NRD), None
+
+      (dk, dv, dq_NRD), _ = jax.lax.scan(step, (dk0, dv0, dq_NRD), q_side)
+      return dq_NRD, (dk, dv)
+
+    dq_NRD, (dk_NDT, dv_NDT) = jax.lax.scan(one_k_tile, dq_NRD,
+                                            (k_NTD, v_NTD, mk_N, sk_N, dk_NDT, dv_NDT))
+    return dq_NRD, dk_NDT, dv_NDT
+
+  return jax.lax.map(one_head, (qt.q, do_M, lse_M, delta_M, qt.meta, qt.stats, kt.k, kt.v, mk_M,
+                                sk_M, grads))
 
 
 def safe_lse(lse):
@@ -379,10 +444,10 @@ def chunk_backward(cfg: TileConfig, q_BCHD, k_BSKD, v_BSKD, do_BCHD, lse_BCH, de
   b, _, h, _ = q_BCHD.shape
   kh = k_BSKD.shape[2]
   qt = query_tiles(cfg, q_BCHD, kh, mq)
-  dq_N, dkT_N, dvT_N = tiled_backward(
+  dq, dkT, dvT = tiled_backward(
       cfg, qt, query_tiles(cfg, do_BCHD, kh, mq).q, rows_tiles(cfg, safe_lse(lse_BCH), kh),
       rows_tiles(cfg, delta_BCH, kh), key_tiles(cfg, k_BSKD, v_BSKD, mk))
-  return untile_heads(dq_N, b, h), untile_kv_t(dkT_N, b), untile_kv_t(dvT_N, b)
+  return untile_heads(dq, b, h), untile_kv_t(dkT, b), untile_kv_t(dvT, b)
 
 
 def merge_partials(o_a_BCHD, lse_a_BCH, o_b_BCHD, lse_b_BCH):
@@ -434,8 +499,8 @@ def _blockwise_bwd(cfg, res, cts):
   q_BLHD, k_BLKD, v_BLKD, meta, o_BLHD, lse_BLH = res
   do_BLHD = cts[0]  # the lse output is for merging only; its cotangent is not propagated
   delta_BLH = output_delta(do_BLHD, o_BLHD)
-  dq, dk, dv = chunk_backward(cfg, q_BLHD, k_BLKD, v_BLKD, do_BLHD, lse_BLH, delta_BLH, meta,
-                              meta)
+  dq, dk, dv = chunk_backward(cfg.backward(), q_BLHD, k_BLKD, v_BLKD, do_BLHD, lse_BLH,
+                              delta_BLH, meta, meta)
   return dq.astype(q_BLHD.dtype), dk.astype(k_BLKD.dtype), dv.astype(v_BLKD.dtype), None
 
 
@@ -450,22 +515,27 @@ def natural_meta(segment_ids_BL, b: int, l: int) -> TokenMeta:
 
 
 def blockwise_attention_with_lse(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *, causal=True,
-                                 scale=None, block_q=512, block_k=512, spec=None):
+                                 scale=None, block_q=None, block_k=None, block_q_bwd=None,
+                                 block_k_bwd=None, spec=None):
   """Like `blockwise_attention` but returns (out_BLHD, lse_BLH); lse carries no gradient."""
   check_inputs(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
   b, l, _, d = q_BLHD.shape
   spec = MaskSpec(causal=causal) if spec is None else spec
-  cfg = TileConfig(spec, default_scale(d, scale), fit_block(l, block_q), fit_block(l, block_k))
+  cfg = tile_config(spec, default_scale(d, scale), l, l, block_q, block_k, block_q_bwd,
+                    block_k_bwd)
   return _blockwise(cfg, q_BLHD, k_BLKD, v_BLKD, natural_meta(segment_ids_BL, b, l))
 
 
 def blockwise_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *, causal=True, scale=None,
-                        block_q=512, block_k=512, spec=None):
+                        block_q=None, block_k=None, block_q_bwd=None, block_k_bwd=None,
+                        spec=None):
   """Memory-efficient attention on one device; same contract as `dense_attention`.
 
-  block_q, block_k: tile sizes (reduced to the largest divisor of L). Tiles the mask empties
-  are skipped. Gradients recompute tiles: memory O(L·block), not O(L²).
+  block_q × block_k: the forward's tiles, block_q_bwd × block_k_bwd the backward's (each
+  reduced to the largest divisor of L; None = defaults, see `tile_config`). Tiles the mask
+  empties are skipped. Gradients recompute tiles: memory O(L·block), not O(L²).
   """
   return blockwise_attention_with_lse(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal=causal,
                                       scale=scale, block_q=block_q, block_k=block_k,
+                                      block_q_bwd=block_q_bwd, block_k_bwd=block_k_bwd,
                                       spec=spec)[0]

@@ -128,20 +128,23 @@ def run_context_parallel(local_fn, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, *, me
 
 def context_parallel_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *, mesh, axis="seq",
                                causal=True, layout: LayoutLike = "zigzag", scale=None,
-                               block_q=512, block_k=512, spec=None):
+                               block_q=None, block_k=None, block_q_bwd=None, block_k_bwd=None,
+                               spec=None):
   """Ring attention over mesh axis `axis` on global arrays in natural order.
 
   Applies the layout, runs `ring.ring_attention` under `jax.shard_map`, and undoes the layout.
   q: [B, L, Hq, D]; k, v: [B, L, Hkv, D]; segment_ids: [B, L] int32 (0 = padding) or None;
-  layout: Layout or "contiguous" / "zigzag" / "striped". Returns out like q, equal to
-  `dense_attention` (values and gradients). Other mesh axes see the arrays replicated.
+  layout: Layout or "contiguous" / "zigzag" / "striped"; block_*: tile sizes (see
+  `ring.ring_attention`). Returns out like q, equal to `dense_attention` (values and
+  gradients). Other mesh axes see the arrays replicated.
   Raises ValueError on bad shapes, dtypes, layouts, axes or lengths the layout cannot split.
   """
   from longctx.attention.ring import ring_attention
 
   def local(q_BCHD, k_BCKD, v_BCKD, seg_BC, idx_BC):
     return ring_attention(q_BCHD, k_BCKD, v_BCKD, seg_BC, idx_BC, axis=axis, causal=causal,
-                          scale=scale, block_q=block_q, block_k=block_k, spec=spec)
+                          scale=scale, block_q=block_q, block_k=block_k,
+                          block_q_bwd=block_q_bwd, block_k_bwd=block_k_bwd, spec=spec)
 
   return run_context_parallel(local, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, mesh=mesh,
                               axis=axis, layout=layout)

@@ -10,12 +10,12 @@ XLA can overlap them. The backward is a second ring carrying K, V and the dK, dV
 which arrive back at their owner after P hops. Tiles that the mask empties are skipped inside
 `chunk_forward` / `chunk_backward`, so fully masked ring steps cost only their mask test.
 
-The ring is a `lax.scan` in which the chunk travels as S = 2 sub-chunks (S = 1 for odd C):
-S·(P − 1) steps that send a sub-chunk on, then S steps that do not. The loop so runs at least
-twice for every P ≥ 2: XLA keeps it at P = 2 too (a one-trip loop is inlined and assigned
-different buffers), and per-device memory at fixed C is the same for P = 2, 4, 8. S + 1
-sub-chunks are alive at a time and compile time does not grow with P. Q, K and V are laid
-out in kernel tiles once per layer, and the online softmax runs on across ring steps.
+The ring is one XLA loop of P − 1 steps that send the chunk on, then one step that does not
+(`_loop`: the same loop at P = 2, so per-device memory at fixed C is the same for P = 2, 4,
+8); two chunks are alive at a time and compile time does not grow with P. Whole chunks travel:
+splitting them into sub-chunks doubles the steps, each a rendezvous of all devices, and was
+~15% slower on the emulated CPU mesh (bench/RESULTS.md). Q, K and V are laid out in kernel
+tiles once per layer, and the online softmax runs on across ring steps.
 `collective_permute_bytes` reads the bytes moved from the compiled HLO, multiplying loop
 bodies by their trip counts.
 """
@@ -27,9 +27,9 @@ import re
 import jax
 import jax.numpy as jnp
 
-from longctx.attention.blockwise import (TileConfig, TokenMeta, fit_block, key_tiles,
-                                         output_delta, query_tiles, rows_tiles, safe_lse,
-                                         softmax_finish, softmax_init, tie_inputs,
+from longctx.attention.blockwise import (TileConfig, TokenMeta, key_tiles, output_delta,
+                                         query_tiles, rows_tiles, safe_lse,
+                                         softmax_finish, softmax_init, tie_inputs, tile_config,
                                          tiled_backward, tiled_forward, untile_heads, untile_kv_t,
                                          untile_rows, varying_like)
 from longctx.attention.reference import MaskSpec, check_inputs, default_scale
@@ -41,44 +41,25 @@ def _shift(tree, axis, size):
   return jax.tree.map(lambda x: jax.lax.ppermute(x, axis, perm), tree)
 
 
-def _parts(c: int) -> int:
-  """Sub-chunks each device's K/V chunk travels the ring in: 2 when C is even, else 1."""
-  return 2 if c % 2 == 0 else 1
+def _loop(body, carry, trips: int):
+  """`carry = body(carry)`, `trips` times, as one XLA loop.
 
-
-def _split(tree, parts):
-  """Splits axis 1 (the chunk) of every array of `tree` into `parts` equal sub-chunks."""
-  n = jax.tree.leaves(tree)[0].shape[1] // parts
-  return tuple(jax.tree.map(lambda x, j=j: x[:, j * n:(j + 1) * n], tree) for j in range(parts))
-
-
-def _stack(slots):
-  """Tuple of S like trees -> one tree of [S, ...] arrays (to loop over the last S steps)."""
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *slots)
-
-
-def _unstack(x_SBT):
-  """[S, B, C/S, ...] sub-chunks -> [B, C, ...]."""
-  x_BST = jnp.moveaxis(x_SBT, 0, 1)
-  return x_BST.reshape((x_BST.shape[0], -1) + x_BST.shape[3:])
-
-
-def _slots(cfg, k_BCKD, v_BCKD, meta):
-  """The chunk's K/V as S sub-chunks, each laid out once in `key_tiles` form."""
-  parts = _parts(k_BCKD.shape[1])
-  return tuple(key_tiles(cfg, *kv) for kv in _split((k_BCKD, v_BCKD, meta), parts))
+  A loop of one trip (P = 2) gets an opaque trip count: XLA would otherwise inline it and
+  assign its buffers differently, so per-device memory at fixed C would differ between P = 2
+  and P > 2. The count is 1 then, so reading bytes per trip from the HLO stays exact.
+  """
+  if trips != 1:
+    return jax.lax.scan(lambda c, _: (body(c), None), carry, None, length=trips)[0]
+  one = jax.lax.optimization_barrier(jnp.int32(1))
+  return jax.lax.fori_loop(0, one, lambda _, c: body(c), carry)
 
 
 def _ring_forward(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, meta: TokenMeta):
   """Forward ring: returns (out_BCHD float32, lse_BCH, tiles computed on this device).
 
-  The chunk travels as S sub-chunks held in S slots; each loop step attends the first slot,
-  sends it on and appends the one received. S·(P − 1) steps, then S last steps without a send:
-  every sub-chunk makes P − 1 hops, and the loop runs at least twice for every P ≥ 2, so XLA
-  keeps the same loop (and the same memory) at P = 2 as at P = 8 (a loop of one trip is
-  inlined, which changed the buffer assignment). Only S + 1 sub-chunks are alive at a time.
-  Q and K/V are laid out in tiles once, outside the loop, and the online softmax runs on across
-  ring steps unnormalised (no per-step normalise-and-merge).
+  P − 1 steps each attend the chunk held and send it on, then one last step without a send:
+  every chunk makes P − 1 hops. Q and K/V are laid out in tiles once, outside the loop, and the
+  online softmax runs on across ring steps unnormalised (no per-step normalise-and-merge).
   """
   qt = query_tiles(cfg, q_BCHD, k_BCKD.shape[2], meta)
 
@@ -87,58 +68,46 @@ def _ring_forward(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, meta: Tok
     state, n = tiled_forward(cfg, qt, kt, state)
     return state, count + n
 
-  def step(state, _):
-    carry, slots = state
-    nxt = _shift(slots[0], axis, size)  # issued before the compute that it can overlap
-    return (attend(carry, slots[0]), slots[1:] + (nxt,)), None
+  def step(carry):
+    acc, kt = carry
+    nxt = _shift(kt, axis, size)  # issued before the compute that it can overlap
+    return attend(acc, kt), nxt
 
-  parts = _parts(k_BCKD.shape[1])
   init = (softmax_init(qt), varying_like(jnp.zeros((), jnp.int32), q_BCHD))
-  slots = _slots(cfg, k_BCKD, v_BCKD, meta)
-  (carry, slots), _ = jax.lax.scan(step, (init, slots), None, length=parts * (size - 1))
-  (state, count), _ = jax.lax.scan(lambda carry, kt: (attend(carry, kt), None), carry,
-                                   _stack(slots))
-  o_N, lse_N = softmax_finish(cfg, state)
+  acc, kt = _loop(step, (init, key_tiles(cfg, k_BCKD, v_BCKD, meta)), size - 1)
+  state, count = attend(acc, kt)
+  o, lse = softmax_finish(cfg, state)
   b, _, h, _ = q_BCHD.shape
-  return untile_heads(o_N, b, h), untile_rows(lse_N, b, h), count
+  return untile_heads(o, b, h), untile_rows(lse, b, h), count
 
 
 def _ring_backward(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, meta: TokenMeta,
                    do_BCHD, lse_BCH, delta_BCH):
-  """Backward ring, in the sub-chunk slots of `_ring_forward`: dq stays; each sub-chunk of
-  (k, v, meta) hops P − 1 times and its (dk, dv) accumulators P times, back to their owner."""
+  """Backward ring: dq stays; each chunk of (k, v, meta) hops P − 1 times, as in the forward,
+  and its (dk, dv) accumulators P times, back to their owner."""
   kh = k_BCKD.shape[2]
   qt = query_tiles(cfg, q_BCHD, kh, meta)
-  do_N = query_tiles(cfg, do_BCHD, kh, meta).q
-  lse_N, delta_N = rows_tiles(cfg, safe_lse(lse_BCH), kh), rows_tiles(cfg, delta_BCH, kh)
+  do = query_tiles(cfg, do_BCHD, kh, meta).q
+  lse, delta = rows_tiles(cfg, safe_lse(lse_BCH), kh), rows_tiles(cfg, delta_BCH, kh)
 
-  def attend(dq_N, kt, dkv):
-    dq_N, dk, dv = tiled_backward(cfg, qt, do_N, lse_N, delta_N, kt, (dq_N,) + tuple(dkv))
-    return dq_N, (dk, dv)
+  def attend(dq, kt, dkv):
+    dq, dk, dv = tiled_backward(cfg, qt, do, lse, delta, kt, (dq,) + tuple(dkv))
+    return dq, (dk, dv)
 
-  def step(state, _):
-    dq_N, slots = state
-    kt, dkv = slots[0]
+  def step(carry):
+    dq, kt, dkv = carry
     kt_next = _shift(kt, axis, size)
-    dq_N, dkv = attend(dq_N, kt, dkv)
-    return (dq_N, slots[1:] + ((kt_next, _shift(dkv, axis, size)),)), None
+    dq, dkv = attend(dq, kt, dkv)
+    return dq, kt_next, _shift(dkv, axis, size)
 
-  parts = _parts(k_BCKD.shape[1])
-  slots = _slots(cfg, k_BCKD, v_BCKD, meta)
-  zeros = varying_like(jnp.zeros(jnp.swapaxes(slots[0].k, -1, -2).shape, jnp.float32), q_BCHD)
+  kt = key_tiles(cfg, k_BCKD, v_BCKD, meta)
+  zeros = varying_like(jnp.zeros(jnp.swapaxes(kt.k, -1, -2).shape, jnp.float32), q_BCHD)
   dq0 = varying_like(jnp.zeros(qt.q.shape, jnp.float32), q_BCHD)
-  slots = tuple((kt, (zeros, zeros)) for kt in slots)
-  (dq_N, slots), _ = jax.lax.scan(step, (dq0, slots), None, length=parts * (size - 1))
-
-  def last(dq_N, slot):  # the last visit of each sub-chunk: its (dk, dv) go home
-    dq_N, dkv = attend(dq_N, *slot)
-    return dq_N, (_shift(dkv, axis, size) if size > 1 else dkv)
-
-  dq_N, dkv_S = jax.lax.scan(last, dq_N, _stack(slots))
+  dq, kt, dkv = _loop(step, (dq0, kt, (zeros, zeros)), size - 1)
+  dq, dkv = attend(dq, kt, dkv)  # the last visit: the chunk's (dk, dv) go home
+  dkT, dvT = _shift(dkv, axis, size) if size > 1 else dkv
   b, _, h, _ = q_BCHD.shape
-  untile = jax.vmap(lambda x: untile_kv_t(x, b))  # dk, dv travel transposed: [S, N, M, D, T]
-  dk_BCKD, dv_BCKD = (_unstack(untile(x_S)) for x_S in dkv_S)
-  return untile_heads(dq_N, b, h), dk_BCKD, dv_BCKD
+  return untile_heads(dq, b, h), untile_kv_t(dkT, b), untile_kv_t(dvT, b)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -157,18 +126,17 @@ def _ring_fwd(cfg, axis, size, q_BCHD, k_BCKD, v_BCKD, meta):
 def _ring_bwd(cfg, axis, size, res, do_BCHD):
   q_BCHD, k_BCKD, v_BCKD, meta, o_BCHD, lse_BCH = res
   delta_BCH = output_delta(do_BCHD, o_BCHD)
-  dq, dk, dv = _ring_backward(cfg, axis, size, q_BCHD, k_BCKD, v_BCKD, meta, do_BCHD, lse_BCH,
-                              delta_BCH)
+  dq, dk, dv = _ring_backward(cfg.backward(), axis, size, q_BCHD, k_BCKD, v_BCKD, meta,
+                              do_BCHD, lse_BCH, delta_BCH)
   return dq.astype(q_BCHD.dtype), dk.astype(k_BCKD.dtype), dv.astype(v_BCKD.dtype), None
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
-def _config(q_BCHD, spec, scale, block_q, block_k) -> TileConfig:
+def _config(q_BCHD, spec, scale, blocks) -> TileConfig:
   c, d = q_BCHD.shape[1], q_BCHD.shape[3]
-  return TileConfig(spec, default_scale(d, scale), fit_block(c, block_q),
-                    fit_block(c // _parts(c), block_k))
+  return tile_config(spec, default_scale(d, scale), c, c, *blocks)
 
 
 def _meta(segment_ids_BC, index_BC):
@@ -180,15 +148,18 @@ def _meta(segment_ids_BC, index_BC):
 
 
 def ring_attention(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC, index_BC, *, axis="seq", causal=True,
-                   scale=None, block_q=512, block_k=512, spec: MaskSpec | None = None):
+                   scale=None, block_q=None, block_k=None, block_q_bwd=None, block_k_bwd=None,
+                   spec: MaskSpec | None = None):
   """Ring attention on already-permuted local chunks; call inside `jax.shard_map` over `axis`.
 
   q: [B, C, Hq, D]; k, v: [B, C, Hkv, D]; segment_ids: [B, C] int (0 = padding) or None;
   index: [B, C] int, each token's original (natural-order) index — `layouts.original_index`
   sharded like q, or document positions when segment ids separate documents (causal only).
   Returns out [B, C, Hq, D] in q.dtype, equal to the dense reference at those tokens.
-  Tiles are block_q × block_k (reduced to divisors of C and of C/2, the sub-chunk that
-  travels); with zigzag, a block dividing C/2 lets the empty half-chunk tiles be skipped.
+  Tiles are block_q × block_k in the forward, block_q_bwd × block_k_bwd in the backward
+  (reduced to divisors of C and of C/2, the sub-chunk that travels; None = defaults, see
+  `blockwise.tile_config`); with zigzag, a block dividing C/2 lets the empty half-chunk tiles
+  be skipped.
   Raises ValueError on bad shapes or dtypes.
   """
   check_inputs(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC)
@@ -196,16 +167,16 @@ def ring_attention(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC, index_BC, *, axis="se
     raise ValueError(f"index must be [B, C] = {q_BCHD.shape[:2]}; got {index_BC.shape}")
   spec = MaskSpec(causal=causal) if spec is None else spec
   size = jax.lax.axis_size(axis)
-  cfg = _config(q_BCHD, spec, scale, block_q, block_k)
+  cfg = _config(q_BCHD, spec, scale, (block_q, block_k, block_q_bwd, block_k_bwd))
   return _ring(cfg, axis, size, q_BCHD, k_BCKD, v_BCKD, _meta(segment_ids_BC, index_BC))
 
 
 def ring_tiles_computed(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC, index_BC, *, axis="seq",
-                        causal=True, block_q=512, block_k=512, spec: MaskSpec | None = None):
+                        causal=True, block_q=None, block_k=None, spec: MaskSpec | None = None):
   """Number of (query tile, key tile) blocks this device computes in the forward ring, [1]."""
   spec = MaskSpec(causal=causal) if spec is None else spec
   size = jax.lax.axis_size(axis)
-  cfg = _config(q_BCHD, spec, None, block_q, block_k)
+  cfg = _config(q_BCHD, spec, None, (block_q, block_k))
   meta = _meta(segment_ids_BC, index_BC)
   return _ring_forward(cfg, axis, size, q_BCHD, k_BCKD, v_BCKD, meta)[2][None]
 

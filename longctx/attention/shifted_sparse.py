@@ -65,31 +65,30 @@ def s2_dense_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *, group_siz
 
 
 def shifted_sparse_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *, group_size,
-                             causal=True, scale=None, block_q=512, block_k=512):
+                             causal=True, scale=None, **blocks):
   """S²-Attn on one device (blockwise, tiles outside the groups skipped); contract of
   `dense_attention` plus group_size (even, divides L). Training only: inference uses full
-  attention."""
+  attention. blocks: the tile sizes of `blockwise_attention` (block_q, block_k, block_q_bwd,
+  block_k_bwd)."""
   return apply_s2(lambda q, k, v, spec: blockwise_attention(
-      q, k, v, segment_ids_BL, scale=scale, block_q=block_q, block_k=block_k, spec=spec),
+      q, k, v, segment_ids_BL, scale=scale, spec=spec, **blocks),
                   q_BLHD, k_BLKD, v_BLKD, group_size=group_size, causal=causal)
 
 
 def shifted_sparse_ring_attention(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC, index_BC, *, length,
-                                  group_size, axis="seq", causal=True, scale=None, block_q=512,
-                                  block_k=512):
+                                  group_size, axis="seq", causal=True, scale=None, **blocks):
   """S²-Attn inside `jax.shard_map` on permuted chunks (see `ring.ring_attention`); groups are
-  taken on the original index, so they may straddle device chunks. `length` = global L."""
+  taken on the original index, so they may straddle device chunks. `length` = global L;
+  blocks: the tile sizes of `ring_attention`."""
   from longctx.attention.ring import ring_attention
   return apply_s2(lambda q, k, v, spec: ring_attention(
-      q, k, v, segment_ids_BC, index_BC, axis=axis, scale=scale, block_q=block_q,
-      block_k=block_k, spec=spec),
+      q, k, v, segment_ids_BC, index_BC, axis=axis, scale=scale, spec=spec, **blocks),
                   q_BCHD, k_BCKD, v_BCKD, group_size=group_size, causal=causal, length=length)
 
 
 def context_parallel_shifted_sparse_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *,
                                               mesh, group_size, axis="seq", causal=True,
-                                              layout="zigzag", scale=None, block_q=512,
-                                              block_k=512):
+                                              layout="zigzag", scale=None, **blocks):
   """S²-Attn over the ring on natural-order global arrays (like `context_parallel_attention`)."""
   from longctx.attention.layouts import run_context_parallel
   length = q_BLHD.shape[1]
@@ -98,7 +97,7 @@ def context_parallel_shifted_sparse_attention(q_BLHD, k_BLKD, v_BLKD, segment_id
   def local(q_BCHD, k_BCKD, v_BCKD, seg_BC, idx_BC):
     return shifted_sparse_ring_attention(q_BCHD, k_BCKD, v_BCKD, seg_BC, idx_BC, length=length,
                                          group_size=group_size, axis=axis, causal=causal,
-                                         scale=scale, block_q=block_q, block_k=block_k)
+                                         scale=scale, **blocks)
 
   return run_context_parallel(local, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, mesh=mesh,
                               axis=axis, layout=layout)

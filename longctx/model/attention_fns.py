@@ -32,19 +32,21 @@ def dense(causal: bool = True) -> AttentionFn:
   return fn
 
 
-def blockwise(causal: bool = True, block_q: int = 512, block_k: int = 512) -> AttentionFn:
+def blockwise(causal: bool = True, **blocks) -> AttentionFn:
+  """Blockwise attention on one device; blocks: its tile sizes (block_q, block_k, block_q_bwd,
+  block_k_bwd; missing or None = defaults, see `blockwise.tile_config`), as in every factory
+  here."""
   from longctx.attention import blockwise_attention
 
   def fn(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, positions_BL):
     del positions_BL
-    return blockwise_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal=causal,
-                               block_q=block_q, block_k=block_k)
+    return blockwise_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal=causal, **blocks)
   return fn
 
 
 def context_parallel(mesh: jax.sharding.Mesh, axis: str = "seq", layout: str = "zigzag", *,
                      permuted: bool = False, causal: bool = True, batch_axes=None,
-                     head_axis=None, block_q: int = 512, block_k: int = 512) -> AttentionFn:
+                     head_axis=None, **blocks) -> AttentionFn:
   """Ring attention over `axis` of `mesh`; see the module docstring for `permuted`.
 
   batch_axes / head_axis: with `permuted=True`, the mesh axes that split the rows and the heads
@@ -59,13 +61,12 @@ def context_parallel(mesh: jax.sharding.Mesh, axis: str = "seq", layout: str = "
     def natural(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, positions_BL):
       del positions_BL
       return context_parallel_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, mesh=mesh,
-                                        axis=axis, causal=causal, layout=layout)
+                                        axis=axis, causal=causal, layout=layout, **blocks)
     return natural
   if not causal:
     raise ValueError("context_parallel(permuted=True) needs causal attention: positions stand in "
                      "for the original token index only under a causal mask")
-  local = functools.partial(ring_attention, axis=axis, causal=True, block_q=block_q,
-                            block_k=block_k)
+  local = functools.partial(ring_attention, axis=axis, causal=True, **blocks)
   act, tok = P(batch_axes, axis, head_axis, None), P(batch_axes, axis)
 
   def in_layout(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, positions_BL):
@@ -84,8 +85,7 @@ def context_parallel(mesh: jax.sharding.Mesh, axis: str = "seq", layout: str = "
 # increase with the token index and segment ids keep documents apart, so positions serve as the
 # mask index in any order.
 
-def shifted_sparse(group_size: int, causal: bool = True, *, block_q: int = 512,
-                   block_k: int = 512) -> AttentionFn:
+def shifted_sparse(group_size: int, causal: bool = True, **blocks) -> AttentionFn:
   """S²-Attn on one device, rows in natural order (blockwise; tiles outside the groups skipped).
 
   group_size: G, even, dividing L; defined on positions (document-relative), see above.
@@ -94,7 +94,7 @@ def shifted_sparse(group_size: int, causal: bool = True, *, block_q: int = 512,
     raise ValueError("shifted_sparse needs causal attention: its groups are taken on positions")
   import jax.numpy as jnp
 
-  from longctx.attention.blockwise import TileConfig, TokenMeta, _blockwise, fit_block
+  from longctx.attention.blockwise import TokenMeta, _blockwise, tile_config
   from longctx.attention.reference import check_inputs, default_scale
   from longctx.attention.shifted_sparse import apply_s2
 
@@ -107,7 +107,7 @@ def shifted_sparse(group_size: int, causal: bool = True, *, block_q: int = 512,
     meta = TokenMeta(positions_BL.astype(jnp.int32), segment_ids_BL.astype(jnp.int32))
 
     def half(q, k, v, spec):
-      cfg = TileConfig(spec, default_scale(d, None), fit_block(l, block_q), fit_block(l, block_k))
+      cfg = tile_config(spec, default_scale(d, None), l, l, **blocks)
       return _blockwise(cfg, q, k, v, meta)[0]
     return apply_s2(half, q_BLHD, k_BLKD, v_BLKD, group_size=group_size, causal=True)
   return fn
@@ -115,8 +115,8 @@ def shifted_sparse(group_size: int, causal: bool = True, *, block_q: int = 512,
 
 def context_parallel_shifted_sparse(mesh: jax.sharding.Mesh, axis: str = "seq",
                                     layout: str = "zigzag", *, group_size: int, batch_axes=None,
-                                    head_axis=None, permuted: bool = True, block_q: int = 512,
-                                    block_k: int = 512) -> AttentionFn:
+                                    head_axis=None, permuted: bool = True,
+                                    **blocks) -> AttentionFn:
   """S²-Attn over the ring on `axis` of `mesh` (groups may straddle device chunks).
 
   permuted=True: the batch was put in `layout` once (layouts.permute_batch) and `positions`
@@ -145,11 +145,11 @@ def context_parallel_shifted_sparse(mesh: jax.sharding.Mesh, axis: str = "seq",
     if heads == 1:
       return shifted_sparse_ring_attention(q_BCHD, k_BCKD, v_BCKD, seg_BC, pos_BC, length=length,
                                            group_size=group_size, axis=axis, causal=True,
-                                           block_q=block_q, block_k=block_k)
+                                           **blocks)
     shift = jax.lax.select(jax.lax.axis_index(head_axis) >= heads // 2, group_size // 2, 0)
     index_BC = pos_BC + shift.astype(pos_BC.dtype)
-    return ring_attention(q_BCHD, k_BCKD, v_BCKD, seg_BC, index_BC, axis=axis, block_q=block_q,
-                          block_k=block_k, spec=MaskSpec(True, group_size, 0))
+    return ring_attention(q_BCHD, k_BCKD, v_BCKD, seg_BC, index_BC, axis=axis,
+                          spec=MaskSpec(True, group_size, 0), **blocks)
 
   def in_layout(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, positions_BL):
     check_s2(q_BLHD.shape[1], q_BLHD.shape[2], k_BLKD.shape[2], group_size)

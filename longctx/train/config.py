@@ -54,7 +54,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.init = ml_collections.ConfigDict(dict(kind="random", path=""))
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, seq=1, tensor=1))
   config.attention = ml_collections.ConfigDict(dict(
-      impl="ring", layout="zigzag", block_q=512, block_k=512))
+      impl="ring", layout="zigzag", block_q=0, block_k=0, block_q_bwd=0, block_k_bwd=0))
   config.lora = ml_collections.ConfigDict(dict(
       enabled=False, rank=8, alpha=16.0, targets="q_proj,k_proj,v_proj,o_proj",
       trainable="embed_tokens,norm", s2_group_fraction=0.25))
@@ -79,10 +79,19 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
+  """impl and layout; block_*: the attention tile sizes, forward (block_q × block_k) and
+  backward (None, 0 in a config dict = the defaults of `attention.blockwise.tile_config`)."""
   impl: AttentionImpl = AttentionImpl.RING
   layout: str = "zigzag"
-  block_q: int = 512
-  block_k: int = 512
+  block_q: int | None = None
+  block_k: int | None = None
+  block_q_bwd: int | None = None
+  block_k_bwd: int | None = None
+
+  def blocks(self) -> dict:
+    """The tile sizes as keyword arguments of the attention functions."""
+    return dict(block_q=self.block_q, block_k=self.block_k, block_q_bwd=self.block_q_bwd,
+                block_k_bwd=self.block_k_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +163,15 @@ def _positive(where: str, value: int) -> int:
   return value
 
 
+def _block(attention: ml_collections.ConfigDict, name: str) -> int | None:
+  """attention.<name>: a tile size, 0 (or absent) = the default."""
+  value = int(attention.get(name, 0) or 0)
+  if value < 0:
+    raise ValueError(f"config attention.{name}: expected a tile size > 0, or 0 for the "
+                     f"default; found {value}")
+  return value or None
+
+
 @dataclasses.dataclass(frozen=True)
 class StageSpec:
   """Everything one stage needs, typed."""
@@ -188,9 +206,10 @@ class StageSpec:
                       targets=_split(lo.targets), trainable=_split(lo.trainable),
                       s2_group_fraction=float(lo.s2_group_fraction))
     a = cd.attention
+    blocks = {name: _block(a, name) for name in ("block_q", "block_k", "block_q_bwd",
+                                                 "block_k_bwd")}
     attention = AttentionConfig(impl=parse_enum(AttentionImpl, a.impl, "attention.impl"),
-                                layout=str(a.layout), block_q=int(a.block_q),
-                                block_k=int(a.block_k))
+                                layout=str(a.layout), **blocks)
     if attention.impl is AttentionImpl.RING:
       from longctx.attention.layouts import Layout
       parse_enum(Layout, attention.layout, "attention.layout")

@@ -37,9 +37,9 @@ class Evaluator:
     if self.layout is not None:
       attention = attention_fns.context_parallel(
           mesh, "seq", self.layout, permuted=True, batch_axes=BATCH_AXES,
-          block_q=stage.attention.block_q, block_k=stage.attention.block_k)
+          **stage.attention.blocks())
     else:
-      attention = attention_fns.blockwise(True, stage.attention.block_q, stage.attention.block_k)
+      attention = attention_fns.blockwise(True, **stage.attention.blocks())
     self.model = Llama(model_cfg, attention)
     data = dataclasses.replace(stage.data, seed=stage.data.seed + 1000, num_epochs=0)
     loader = GlobalBatches(data, stage.num_shards, mesh, 1, self.layout)

@@ -126,18 +126,17 @@ def attention_fn(stage: StageSpec, mesh: Mesh):
     if s2:
       return attention_fns.context_parallel_shifted_sparse(
           mesh, "seq", a.layout, group_size=_s2_group(stage), batch_axes=BATCH_AXES,
-          permuted=True)
+          permuted=True, **a.blocks())
     m = stage.model
     tensor = mesh.shape["tensor"]
     heads = "tensor" if tensor > 1 and not m.num_heads % tensor and not m.num_kv_heads % tensor \
         else None
     return attention_fns.context_parallel(mesh, "seq", a.layout, permuted=True,
-                                          batch_axes=BATCH_AXES, head_axis=heads,
-                                          block_q=a.block_q, block_k=a.block_k)
+                                          batch_axes=BATCH_AXES, head_axis=heads, **a.blocks())
   if s2:
-    return attention_fns.shifted_sparse(_s2_group(stage))
+    return attention_fns.shifted_sparse(_s2_group(stage), **a.blocks())
   if a.impl is AttentionImpl.BLOCKWISE:
-    return attention_fns.blockwise(True, a.block_q, a.block_k)
+    return attention_fns.blockwise(True, **a.blocks())
   return attention_fns.dense(True)
 
 
