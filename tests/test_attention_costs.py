@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as PS
 
-from longctx.attention import Layout, original_index, permute, ring_attention
+from longctx.attention import Layout, original_index, ring_attention
 from longctx.attention.ring import collective_permute_bytes, ring_tiles_computed
 
 ACT, TOK = PS(None, "seq", None, None), PS(None, "seq")

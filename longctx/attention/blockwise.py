@@ -28,9 +28,10 @@ from longctx.attention.reference import (NEG_INF, MaskSpec, check_inputs, defaul
                                          make_mask)
 
 
-# Default tile sizes (query rows × keys), forward and backward apart: on XLA:CPU the forward
-# runs fastest on tall tiles and the backward on square ones (bench/RESULTS.md, "Tiles").
-BLOCK_Q, BLOCK_K = 1024, 256
+# Default tile sizes (queries × keys) of the forward and of the backward. 512 × 512: one head's
+# float32 score tile is 1 MiB and stays in a core's cache; bench/RESULTS.md ("Tiles") has the
+# sweep. The backward's can differ (FlashAttention kernels tile the two passes apart too).
+BLOCK_Q, BLOCK_K = 512, 512
 BLOCK_Q_BWD, BLOCK_K_BWD = 512, 512
 
 
