@@ -1,5 +1,6 @@
 """Attention benchmark on 8 emulated CPU devices (issue 3, item 7).
 
+    pip install -r requirements-bench.txt          # the peer, ringattention 0.1.2
     python bench/attention.py                      # L = 4k, 8k, 16k, 32k; 8 heads, D 64
     python bench/attention.py --lengths 4096 8192 --heads 4 --kv-heads 4 --head-dim 64
 

@@ -1,6 +1,7 @@
 """Tiny random HF Llama models for parity tests (built locally, nothing downloaded)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import transformers
 
@@ -41,6 +42,6 @@ def make_hf_model(name: str, seed: int = 0) -> transformers.LlamaForCausalLM:
   return model
 
 
-def hf_logits(model, tokens) -> "numpy.ndarray":
+def hf_logits(model, tokens) -> np.ndarray:
   with torch.no_grad():
     return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()

@@ -12,7 +12,6 @@ import re
 
 import nbclient
 import nbformat
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "launch", "colab", "longctx_tpu_demo.ipynb")

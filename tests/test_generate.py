@@ -5,7 +5,7 @@ import torch
 
 import longctx
 from longctx.data.tokenizers import ByteTokenizer
-from longctx.eval.generate import SamplingConfig, generate, generate_text, sample_token
+from longctx.eval.generate import SamplingConfig, generate_text, sample_token
 from tests.hf_models import CASES, make_hf_model
 
 NEW = 32
@@ -108,7 +108,6 @@ def test_generation_never_gathers_the_context(tmp_path):
   """No all-gather in the compiled generation (ring prefill + decoding) moves a sequence-long
   activation or a layer's cache onto one device: the prompt is permuted as token ids only, the
   ring passes chunks, and decoding reduces partial softmax results across devices."""
-  import jax
   from longctx.eval.generate import ContextParallel, SamplingConfig, _generate, left_pad
   make_hf_model("mha_default_abf_untied").save_pretrained(tmp_path)
   model = longctx.load_pretrained(str(tmp_path), progress=False)

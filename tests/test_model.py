@@ -1,5 +1,4 @@
 """The decoder on its own: packed documents, compute dtype, remat, logical axes, attention plug-in."""
-import functools
 
 import flax.linen as nn
 import jax

@@ -33,18 +33,23 @@ from longctx.attention.reference import (NEG_INF, MaskSpec, check_inputs, defaul
 # sweep. The backward's can differ (FlashAttention kernels tile the two passes apart too).
 BLOCK_Q, BLOCK_K = 512, 512
 BLOCK_Q_BWD, BLOCK_K_BWD = 512, 512
+# The Pallas GPU kernel's defaults: a Triton program holds its tiles in registers / shared
+# memory, so they are much smaller (FlashAttention-2's 128 × 64 forward, 64 × 64 backward).
+GPU_BLOCK_Q, GPU_BLOCK_K, GPU_BLOCK_Q_BWD, GPU_BLOCK_K_BWD = 128, 64, 64, 64
 
 
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
-  """Static settings of the inner kernel: mask, softmax scale and tile sizes (block_q ×
-  block_k in the forward; block_q_bwd × block_k_bwd in the backward, None = the forward's)."""
+  """Static settings of the inner kernel: mask, softmax scale, tile sizes (block_q ×
+  block_k in the forward; block_q_bwd × block_k_bwd in the backward, None = the forward's) and
+  which kernel computes a chunk pair (`kernels.KERNELS`)."""
   spec: MaskSpec
   scale: float
   block_q: int
   block_k: int
   block_q_bwd: int | None = None
   block_k_bwd: int | None = None
+  kernel: str = "blockwise"
 
   def backward(self) -> "TileConfig":
     """The config the backward pass tiles with."""
@@ -54,27 +59,31 @@ class TileConfig:
 
 
 def tile_config(spec: MaskSpec, scale: float, c: int, s: int, block_q=None, block_k=None,
-                block_q_bwd=None, block_k_bwd=None) -> TileConfig:
+                block_q_bwd=None, block_k_bwd=None, kernel=None) -> TileConfig:
   """The TileConfig of a C-query, S-key chunk pair, every block reduced to a divisor of its
   length (`fit_block`).
 
-  None = default: the forward's tiles default to (BLOCK_Q, BLOCK_K); the backward's to the
-  forward's where the caller set those, else to (BLOCK_Q_BWD, BLOCK_K_BWD). So
-  `block_q=block_k=128` tiles both passes at 128, and no arguments gives the tuned pairs.
+  None = default: the forward's tiles default to (BLOCK_Q, BLOCK_K) (GPU_BLOCK_* for the
+  Pallas GPU kernel); the backward's to the forward's where the caller set those, else to
+  (BLOCK_Q_BWD, BLOCK_K_BWD). So `block_q=block_k=128` tiles both passes at 128, and no
+  arguments gives the tuned pairs. kernel: a name of `kernels.KERNELS`, None = "blockwise".
   """
+  from longctx.attention.kernels import check_kernel
+  kernel = check_kernel(kernel)
+  gpu = kernel == "pallas_gpu"
   explicit = block_q is not None or block_k is not None
-  block_q = BLOCK_Q if block_q is None else block_q
-  block_k = BLOCK_K if block_k is None else block_k
+  block_q = (GPU_BLOCK_Q if gpu else BLOCK_Q) if block_q is None else block_q
+  block_k = (GPU_BLOCK_K if gpu else BLOCK_K) if block_k is None else block_k
   if block_q_bwd is None:
-    block_q_bwd = block_q if explicit else BLOCK_Q_BWD
+    block_q_bwd = block_q if explicit else (GPU_BLOCK_Q_BWD if gpu else BLOCK_Q_BWD)
   if block_k_bwd is None:
-    block_k_bwd = block_k if explicit else BLOCK_K_BWD
+    block_k_bwd = block_k if explicit else (GPU_BLOCK_K_BWD if gpu else BLOCK_K_BWD)
   for name, value in (("block_q", block_q), ("block_k", block_k), ("block_q_bwd", block_q_bwd),
                       ("block_k_bwd", block_k_bwd)):
     if int(value) < 1:
       raise ValueError(f"{name} must be a positive tile size; got {value}")
   return TileConfig(spec, scale, fit_block(c, block_q), fit_block(s, block_k),
-                    fit_block(c, block_q_bwd), fit_block(s, block_k_bwd))
+                    fit_block(c, block_q_bwd), fit_block(s, block_k_bwd), kernel)
 
 
 class TokenMeta(NamedTuple):
@@ -451,6 +460,34 @@ def chunk_backward(cfg: TileConfig, q_BCHD, k_BSKD, v_BSKD, do_BCHD, lse_BCH, de
   return untile_heads(dq, b, h), untile_kv_t(dkT, b), untile_kv_t(dvT, b)
 
 
+def _pallas_args(cfg: TileConfig, q_BCHD, k_BSKD):
+  from longctx.attention import kernels
+  from longctx.attention.kernels import pallas_gpu
+  pallas_gpu.check_blocks(q_BCHD.shape[1], k_BSKD.shape[1], q_BCHD.shape[3], cfg.block_q,
+                          cfg.block_k)
+  return pallas_gpu, dict(spec=cfg.spec, scale=cfg.scale, block_q=cfg.block_q,
+                          block_k=cfg.block_k, interpret=kernels.interpret())
+
+
+def pair_forward(cfg: TileConfig, q_BCHD, k_BSKD, v_BSKD, mq: TokenMeta, mk: TokenMeta):
+  """(out_BCHD, lse_BCH), float32, of a query chunk against a key chunk, by `cfg.kernel`."""
+  if cfg.kernel == "pallas_gpu":
+    pallas_gpu, kw = _pallas_args(cfg, q_BCHD, k_BSKD)
+    return pallas_gpu.chunk_forward(q_BCHD, k_BSKD, v_BSKD, mq, mk, **kw)
+  return chunk_forward(cfg, q_BCHD, k_BSKD, v_BSKD, mq, mk)[:2]
+
+
+def pair_backward(cfg: TileConfig, q_BCHD, k_BSKD, v_BSKD, do_BCHD, lse_BCH, delta_BCH,
+                  mq: TokenMeta, mk: TokenMeta):
+  """(dq, dk, dv), float32, of a query chunk against a key chunk, by `cfg.kernel`; lse_BCH is
+  the final log-sum-exp (see `chunk_backward`)."""
+  if cfg.kernel == "pallas_gpu":
+    pallas_gpu, kw = _pallas_args(cfg, q_BCHD, k_BSKD)
+    return pallas_gpu.chunk_backward(q_BCHD, k_BSKD, v_BSKD, do_BCHD, lse_BCH, delta_BCH, mq,
+                                     mk, **kw)
+  return chunk_backward(cfg, q_BCHD, k_BSKD, v_BSKD, do_BCHD, lse_BCH, delta_BCH, mq, mk)
+
+
 def merge_partials(o_a_BCHD, lse_a_BCH, o_b_BCHD, lse_b_BCH):
   """Merges two normalised partial attentions over disjoint key sets through their lse."""
   lse_BCH = jnp.logaddexp(lse_a_BCH, lse_b_BCH)
@@ -490,7 +527,7 @@ def _blockwise(cfg: TileConfig, q_BLHD, k_BLKD, v_BLKD, meta: TokenMeta):
 
 def _blockwise_fwd(cfg, q_BLHD, k_BLKD, v_BLKD, meta):
   q_t, k_t, v_t, meta_t = tie_inputs((q_BLHD, k_BLKD, v_BLKD, meta))
-  o_BLHD, lse_BLH, _ = chunk_forward(cfg, q_t, k_t, v_t, meta_t, meta_t)
+  o_BLHD, lse_BLH = pair_forward(cfg, q_t, k_t, v_t, meta_t, meta_t)
   out = (o_BLHD.astype(q_BLHD.dtype), lse_BLH)
   # the untied inputs: a scan forwards residuals that are its own inputs instead of stacking them
   return out, (q_BLHD, k_BLKD, v_BLKD, meta, out[0], lse_BLH)
@@ -500,8 +537,8 @@ def _blockwise_bwd(cfg, res, cts):
   q_BLHD, k_BLKD, v_BLKD, meta, o_BLHD, lse_BLH = res
   do_BLHD = cts[0]  # the lse output is for merging only; its cotangent is not propagated
   delta_BLH = output_delta(do_BLHD, o_BLHD)
-  dq, dk, dv = chunk_backward(cfg.backward(), q_BLHD, k_BLKD, v_BLKD, do_BLHD, lse_BLH,
-                              delta_BLH, meta, meta)
+  dq, dk, dv = pair_backward(cfg.backward(), q_BLHD, k_BLKD, v_BLKD, do_BLHD, lse_BLH,
+                             delta_BLH, meta, meta)
   return dq.astype(q_BLHD.dtype), dk.astype(k_BLKD.dtype), dv.astype(v_BLKD.dtype), None
 
 
@@ -517,26 +554,27 @@ def natural_meta(segment_ids_BL, b: int, l: int) -> TokenMeta:
 
 def blockwise_attention_with_lse(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *, causal=True,
                                  scale=None, block_q=None, block_k=None, block_q_bwd=None,
-                                 block_k_bwd=None, spec=None):
+                                 block_k_bwd=None, spec=None, kernel=None):
   """Like `blockwise_attention` but returns (out_BLHD, lse_BLH); lse carries no gradient."""
   check_inputs(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
   b, l, _, d = q_BLHD.shape
   spec = MaskSpec(causal=causal) if spec is None else spec
   cfg = tile_config(spec, default_scale(d, scale), l, l, block_q, block_k, block_q_bwd,
-                    block_k_bwd)
+                    block_k_bwd, kernel)
   return _blockwise(cfg, q_BLHD, k_BLKD, v_BLKD, natural_meta(segment_ids_BL, b, l))
 
 
 def blockwise_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *, causal=True, scale=None,
                         block_q=None, block_k=None, block_q_bwd=None, block_k_bwd=None,
-                        spec=None):
+                        spec=None, kernel=None):
   """Memory-efficient attention on one device; same contract as `dense_attention`.
 
   block_q × block_k: the forward's tiles, block_q_bwd × block_k_bwd the backward's (each
   reduced to the largest divisor of L; None = defaults, see `tile_config`). Tiles the mask
   empties are skipped. Gradients recompute tiles: memory O(L·block), not O(L²).
+  kernel: the inner kernel (`kernels.KERNELS`; None = "blockwise", pure JAX).
   """
   return blockwise_attention_with_lse(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal=causal,
                                       scale=scale, block_q=block_q, block_k=block_k,
                                       block_q_bwd=block_q_bwd, block_k_bwd=block_k_bwd,
-                                      spec=spec)[0]
+                                      spec=spec, kernel=kernel)[0]

@@ -101,9 +101,9 @@ def unpermute_batch(batch: Mapping[str, jax.Array], layout: LayoutLike, num_devi
 
 
 def run_context_parallel(local_fn, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, *, mesh, axis,
-                         layout: LayoutLike):
+                         layout: LayoutLike, check_vma: bool = True):
   """Permutes natural-order arrays into `layout`, runs `local_fn` under `jax.shard_map` over
-  `axis`, and unpermutes its output.
+  `axis` (with `check_vma`), and unpermutes its output.
 
   local_fn(q_BCHD, k_BCKD, v_BCKD, seg_BC, index_BC) -> out_BCHD runs on each device's chunk.
   """
@@ -122,29 +122,31 @@ def run_context_parallel(local_fn, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, *, me
   q, k, v, seg = (permute(x, layout, size) for x in (q_BLHD, k_BLKD, v_BLKD, seg_BL))
   act, tok = P(None, axis, None, None), P(None, axis)
   out = jax.shard_map(local_fn, mesh=mesh, in_specs=(act, act, act, tok, tok), out_specs=act,
-                      check_vma=True)(q, k, v, seg, original_index(layout, b, l, size))
+                      check_vma=check_vma)(q, k, v, seg, original_index(layout, b, l, size))
   return unpermute(out, layout, size)
 
 
 def context_parallel_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *, mesh, axis="seq",
                                causal=True, layout: LayoutLike = "zigzag", scale=None,
                                block_q=None, block_k=None, block_q_bwd=None, block_k_bwd=None,
-                               spec=None):
+                               spec=None, kernel=None):
   """Ring attention over mesh axis `axis` on global arrays in natural order.
 
   Applies the layout, runs `ring.ring_attention` under `jax.shard_map`, and undoes the layout.
   q: [B, L, Hq, D]; k, v: [B, L, Hkv, D]; segment_ids: [B, L] int32 (0 = padding) or None;
-  layout: Layout or "contiguous" / "zigzag" / "striped"; block_*: tile sizes (see
-  `ring.ring_attention`). Returns out like q, equal to `dense_attention` (values and
-  gradients). Other mesh axes see the arrays replicated.
+  layout: Layout or "contiguous" / "zigzag" / "striped"; block_*: tile sizes and kernel: the
+  inner kernel (see `ring.ring_attention`). Returns out like q, equal to `dense_attention`
+  (values and gradients). Other mesh axes see the arrays replicated.
   Raises ValueError on bad shapes, dtypes, layouts, axes or lengths the layout cannot split.
   """
+  from longctx.attention.kernels import check_vma
   from longctx.attention.ring import ring_attention
 
   def local(q_BCHD, k_BCKD, v_BCKD, seg_BC, idx_BC):
     return ring_attention(q_BCHD, k_BCKD, v_BCKD, seg_BC, idx_BC, axis=axis, causal=causal,
                           scale=scale, block_q=block_q, block_k=block_k,
-                          block_q_bwd=block_q_bwd, block_k_bwd=block_k_bwd, spec=spec)
+                          block_q_bwd=block_q_bwd, block_k_bwd=block_k_bwd, spec=spec,
+                          kernel=kernel)
 
   return run_context_parallel(local, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, mesh=mesh,
-                              axis=axis, layout=layout)
+                              axis=axis, layout=layout, check_vma=check_vma(kernel))

@@ -27,7 +27,8 @@ import re
 import jax
 import jax.numpy as jnp
 
-from longctx.attention.blockwise import (TileConfig, TokenMeta, key_tiles, output_delta,
+from longctx.attention.blockwise import (TileConfig, TokenMeta, key_tiles, merge_partials,
+                                         output_delta, pair_backward, pair_forward,
                                          query_tiles, rows_tiles, safe_lse,
                                          softmax_finish, softmax_init, tie_inputs, tile_config,
                                          tiled_backward, tiled_forward, untile_heads, untile_kv_t,
@@ -54,13 +55,40 @@ def _loop(body, carry, trips: int):
   return jax.lax.fori_loop(0, one, lambda _, c: body(c), carry)
 
 
+def _forward_ring(attend, init, kt, axis, size):
+  """P − 1 steps each attend the chunk held and send it on, then one last step without a send:
+  every chunk makes P − 1 hops. `attend(state, kt) -> state`."""
+  def step(carry):
+    state, kt = carry
+    nxt = _shift(kt, axis, size)  # issued before the compute that it can overlap
+    return attend(state, kt), nxt
+
+  state, kt = _loop(step, (init, kt), size - 1)
+  return attend(state, kt)
+
+
+def _backward_ring(attend, dq, kt, dkv, axis, size):
+  """dq stays; each chunk `kt` hops P − 1 times, as in the forward, and its (dk, dv)
+  accumulators P times, back to their owner. `attend(dq, kt, dkv) -> (dq, dkv)`."""
+  def step(carry):
+    dq, kt, dkv = carry
+    kt_next = _shift(kt, axis, size)
+    dq, dkv = attend(dq, kt, dkv)
+    return dq, kt_next, _shift(dkv, axis, size)
+
+  dq, kt, dkv = _loop(step, (dq, kt, dkv), size - 1)
+  dq, dkv = attend(dq, kt, dkv)  # the last visit: the chunk's (dk, dv) go home
+  return dq, (_shift(dkv, axis, size) if size > 1 else dkv)
+
+
 def _ring_forward(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, meta: TokenMeta):
   """Forward ring: returns (out_BCHD float32, lse_BCH, tiles computed on this device).
 
-  P − 1 steps each attend the chunk held and send it on, then one last step without a send:
-  every chunk makes P − 1 hops. Q and K/V are laid out in tiles once, outside the loop, and the
-  online softmax runs on across ring steps unnormalised (no per-step normalise-and-merge).
+  Q and K/V are laid out in tiles once, outside the loop, and the online softmax runs on
+  across ring steps unnormalised (no per-step normalise-and-merge).
   """
+  if cfg.kernel != "blockwise":
+    return _ring_forward_pairs(cfg, axis, size, q_BCHD, k_BCKD, v_BCKD, meta)
   qt = query_tiles(cfg, q_BCHD, k_BCKD.shape[2], meta)
 
   def attend(carry, kt):
@@ -68,14 +96,8 @@ def _ring_forward(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, meta: Tok
     state, n = tiled_forward(cfg, qt, kt, state)
     return state, count + n
 
-  def step(carry):
-    acc, kt = carry
-    nxt = _shift(kt, axis, size)  # issued before the compute that it can overlap
-    return attend(acc, kt), nxt
-
   init = (softmax_init(qt), varying_like(jnp.zeros((), jnp.int32), q_BCHD))
-  acc, kt = _loop(step, (init, key_tiles(cfg, k_BCKD, v_BCKD, meta)), size - 1)
-  state, count = attend(acc, kt)
+  state, count = _forward_ring(attend, init, key_tiles(cfg, k_BCKD, v_BCKD, meta), axis, size)
   o, lse = softmax_finish(cfg, state)
   b, _, h, _ = q_BCHD.shape
   return untile_heads(o, b, h), untile_rows(lse, b, h), count
@@ -83,8 +105,10 @@ def _ring_forward(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, meta: Tok
 
 def _ring_backward(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, meta: TokenMeta,
                    do_BCHD, lse_BCH, delta_BCH):
-  """Backward ring: dq stays; each chunk of (k, v, meta) hops P − 1 times, as in the forward,
-  and its (dk, dv) accumulators P times, back to their owner."""
+  """Backward ring: (dq, dk, dv) float32 of this device's chunk."""
+  if cfg.kernel != "blockwise":
+    return _ring_backward_pairs(cfg, axis, size, q_BCHD, k_BCKD, v_BCKD, meta, do_BCHD,
+                                lse_BCH, delta_BCH)
   kh = k_BCKD.shape[2]
   qt = query_tiles(cfg, q_BCHD, kh, meta)
   do = query_tiles(cfg, do_BCHD, kh, meta).q
@@ -94,20 +118,42 @@ def _ring_backward(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, meta: To
     dq, dk, dv = tiled_backward(cfg, qt, do, lse, delta, kt, (dq,) + tuple(dkv))
     return dq, (dk, dv)
 
-  def step(carry):
-    dq, kt, dkv = carry
-    kt_next = _shift(kt, axis, size)
-    dq, dkv = attend(dq, kt, dkv)
-    return dq, kt_next, _shift(dkv, axis, size)
-
   kt = key_tiles(cfg, k_BCKD, v_BCKD, meta)
   zeros = varying_like(jnp.zeros(jnp.swapaxes(kt.k, -1, -2).shape, jnp.float32), q_BCHD)
   dq0 = varying_like(jnp.zeros(qt.q.shape, jnp.float32), q_BCHD)
-  dq, kt, dkv = _loop(step, (dq0, kt, (zeros, zeros)), size - 1)
-  dq, dkv = attend(dq, kt, dkv)  # the last visit: the chunk's (dk, dv) go home
-  dkT, dvT = _shift(dkv, axis, size) if size > 1 else dkv
+  dq, (dkT, dvT) = _backward_ring(attend, dq0, kt, (zeros, zeros), axis, size)
   b, _, h, _ = q_BCHD.shape
   return untile_heads(dq, b, h), untile_kv_t(dkT, b), untile_kv_t(dvT, b)
+
+
+def _ring_forward_pairs(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, meta: TokenMeta):
+  """The forward ring for a kernel that attends whole chunk pairs (`blockwise.pair_forward`,
+  e.g. Pallas GPU): each step's normalised output merges through the lse. Tiles computed are
+  not counted (−1)."""
+  def attend(state, kt):
+    k, v, mk = kt
+    o_s, lse_s = pair_forward(cfg, q_BCHD, k, v, meta, mk)
+    return merge_partials(*state, o_s, lse_s)
+
+  b, c, h, _ = q_BCHD.shape
+  init = (varying_like(jnp.zeros(q_BCHD.shape, jnp.float32), q_BCHD),
+          varying_like(jnp.full((b, c, h), -jnp.inf, jnp.float32), q_BCHD))
+  o, lse = _forward_ring(attend, init, (k_BCKD, v_BCKD, meta), axis, size)
+  return o, lse, jnp.int32(-1)
+
+
+def _ring_backward_pairs(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, meta: TokenMeta,
+                         do_BCHD, lse_BCH, delta_BCH):
+  """The backward ring for a chunk-pair kernel (`blockwise.pair_backward`)."""
+  def attend(dq, kt, dkv):
+    k, v, mk = kt
+    dq_s, dk_s, dv_s = pair_backward(cfg, q_BCHD, k, v, do_BCHD, lse_BCH, delta_BCH, meta, mk)
+    return dq + dq_s, (dkv[0] + dk_s, dkv[1] + dv_s)
+
+  zeros = varying_like(jnp.zeros(k_BCKD.shape, jnp.float32), q_BCHD)
+  dq0 = varying_like(jnp.zeros(q_BCHD.shape, jnp.float32), q_BCHD)
+  dq, (dk, dv) = _backward_ring(attend, dq0, (k_BCKD, v_BCKD, meta), (zeros, zeros), axis, size)
+  return dq, dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -134,9 +180,9 @@ def _ring_bwd(cfg, axis, size, res, do_BCHD):
 _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
-def _config(q_BCHD, spec, scale, blocks) -> TileConfig:
+def _config(q_BCHD, spec, scale, blocks, kernel=None) -> TileConfig:
   c, d = q_BCHD.shape[1], q_BCHD.shape[3]
-  return tile_config(spec, default_scale(d, scale), c, c, *blocks)
+  return tile_config(spec, default_scale(d, scale), c, c, *blocks, kernel=kernel)
 
 
 def _meta(segment_ids_BC, index_BC):
@@ -149,7 +195,7 @@ def _meta(segment_ids_BC, index_BC):
 
 def ring_attention(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC, index_BC, *, axis="seq", causal=True,
                    scale=None, block_q=None, block_k=None, block_q_bwd=None, block_k_bwd=None,
-                   spec: MaskSpec | None = None):
+                   spec: MaskSpec | None = None, kernel=None):
   """Ring attention on already-permuted local chunks; call inside `jax.shard_map` over `axis`.
 
   q: [B, C, Hq, D]; k, v: [B, C, Hkv, D]; segment_ids: [B, C] int (0 = padding) or None;
@@ -157,9 +203,9 @@ def ring_attention(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC, index_BC, *, axis="se
   sharded like q, or document positions when segment ids separate documents (causal only).
   Returns out [B, C, Hq, D] in q.dtype, equal to the dense reference at those tokens.
   Tiles are block_q × block_k in the forward, block_q_bwd × block_k_bwd in the backward
-  (reduced to divisors of C and of C/2, the sub-chunk that travels; None = defaults, see
-  `blockwise.tile_config`); with zigzag, a block dividing C/2 lets the empty half-chunk tiles
-  be skipped.
+  (reduced to divisors of C; None = defaults, see `blockwise.tile_config`); with zigzag, a
+  block dividing C/2 lets the empty half-chunk tiles be skipped. kernel: the inner kernel of
+  each ring step (`kernels.KERNELS`; None = "blockwise", pure JAX).
   Raises ValueError on bad shapes or dtypes.
   """
   check_inputs(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC)
@@ -167,7 +213,7 @@ def ring_attention(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC, index_BC, *, axis="se
     raise ValueError(f"index must be [B, C] = {q_BCHD.shape[:2]}; got {index_BC.shape}")
   spec = MaskSpec(causal=causal) if spec is None else spec
   size = jax.lax.axis_size(axis)
-  cfg = _config(q_BCHD, spec, scale, (block_q, block_k, block_q_bwd, block_k_bwd))
+  cfg = _config(q_BCHD, spec, scale, (block_q, block_k, block_q_bwd, block_k_bwd), kernel)
   return _ring(cfg, axis, size, q_BCHD, k_BCKD, v_BCKD, _meta(segment_ids_BC, index_BC))
 
 

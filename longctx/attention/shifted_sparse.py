@@ -90,6 +90,7 @@ def context_parallel_shifted_sparse_attention(q_BLHD, k_BLKD, v_BLKD, segment_id
                                               mesh, group_size, axis="seq", causal=True,
                                               layout="zigzag", scale=None, **blocks):
   """S²-Attn over the ring on natural-order global arrays (like `context_parallel_attention`)."""
+  from longctx.attention.kernels import check_vma
   from longctx.attention.layouts import run_context_parallel
   length = q_BLHD.shape[1]
   check_s2(length, q_BLHD.shape[2], k_BLKD.shape[2], group_size)
@@ -100,4 +101,4 @@ def context_parallel_shifted_sparse_attention(q_BLHD, k_BLKD, v_BLKD, segment_id
                                          scale=scale, **blocks)
 
   return run_context_parallel(local, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, mesh=mesh,
-                              axis=axis, layout=layout)
+                              axis=axis, layout=layout, check_vma=check_vma(blocks.get("kernel")))

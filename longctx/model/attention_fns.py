@@ -20,6 +20,8 @@ from typing import Callable
 
 import jax
 
+from longctx.attention.kernels import check_vma
+
 AttentionFn = Callable[..., jax.Array]
 
 
@@ -71,7 +73,8 @@ def context_parallel(mesh: jax.sharding.Mesh, axis: str = "seq", layout: str = "
 
   def in_layout(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, positions_BL):
     return jax.shard_map(lambda q, k, v, s, i: local(q, k, v, s, i), mesh=mesh,
-                         in_specs=(act, act, act, tok, tok), out_specs=act)(
+                         in_specs=(act, act, act, tok, tok), out_specs=act,
+                         check_vma=check_vma(blocks.get("kernel")))(
                              q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, positions_BL)
   return in_layout
 
@@ -158,7 +161,8 @@ def context_parallel_shifted_sparse(mesh: jax.sharding.Mesh, axis: str = "seq",
                        f"({q_BLHD.shape[2]}) and the kv heads ({k_BLKD.shape[2]})")
     fn = functools.partial(local, length=q_BLHD.shape[1])
     return jax.shard_map(lambda q, k, v, s, i: fn(q, k, v, s, i), mesh=mesh,
-                         in_specs=(act, act, act, tok, tok), out_specs=act)(
+                         in_specs=(act, act, act, tok, tok), out_specs=act,
+                         check_vma=check_vma(blocks.get("kernel")))(
                              q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, positions_BL)
   if permuted:
     return in_layout

@@ -54,7 +54,8 @@ def default_config() -> ml_collections.ConfigDict:
   config.init = ml_collections.ConfigDict(dict(kind="random", path=""))
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, seq=1, tensor=1))
   config.attention = ml_collections.ConfigDict(dict(
-      impl="ring", layout="zigzag", block_q=0, block_k=0, block_q_bwd=0, block_k_bwd=0))
+      impl="ring", layout="zigzag", block_q=0, block_k=0, block_q_bwd=0, block_k_bwd=0,
+      kernel="blockwise"))
   config.lora = ml_collections.ConfigDict(dict(
       enabled=False, rank=8, alpha=16.0, targets="q_proj,k_proj,v_proj,o_proj",
       trainable="embed_tokens,norm", s2_group_fraction=0.25))
@@ -80,18 +81,21 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
   """impl and layout; block_*: the attention tile sizes, forward (block_q × block_k) and
-  backward (None, 0 in a config dict = the defaults of `attention.blockwise.tile_config`)."""
+  backward (None, 0 in a config dict = the defaults of `attention.blockwise.tile_config`);
+  kernel: the inner kernel (`attention.kernels.KERNELS`: "blockwise", or "pallas_gpu" on GPU).
+  """
   impl: AttentionImpl = AttentionImpl.RING
   layout: str = "zigzag"
   block_q: int | None = None
   block_k: int | None = None
   block_q_bwd: int | None = None
   block_k_bwd: int | None = None
+  kernel: str = "blockwise"
 
   def blocks(self) -> dict:
-    """The tile sizes as keyword arguments of the attention functions."""
+    """The tile sizes and the kernel as keyword arguments of the attention functions."""
     return dict(block_q=self.block_q, block_k=self.block_k, block_q_bwd=self.block_q_bwd,
-                block_k_bwd=self.block_k_bwd)
+                block_k_bwd=self.block_k_bwd, kernel=self.kernel)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +176,15 @@ def _block(attention: ml_collections.ConfigDict, name: str) -> int | None:
   return value or None
 
 
+def _kernel(attention: ml_collections.ConfigDict) -> str:
+  """attention.kernel, validated (absent = "blockwise")."""
+  from longctx.attention.kernels import check_kernel
+  try:
+    return check_kernel(attention.get("kernel", None))
+  except (ValueError, NotImplementedError) as e:
+    raise ValueError(f"config attention.kernel: {e}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class StageSpec:
   """Everything one stage needs, typed."""
@@ -209,7 +222,7 @@ class StageSpec:
     blocks = {name: _block(a, name) for name in ("block_q", "block_k", "block_q_bwd",
                                                  "block_k_bwd")}
     attention = AttentionConfig(impl=parse_enum(AttentionImpl, a.impl, "attention.impl"),
-                                layout=str(a.layout), **blocks)
+                                layout=str(a.layout), kernel=_kernel(a), **blocks)
     if attention.impl is AttentionImpl.RING:
       from longctx.attention.layouts import Layout
       parse_enum(Layout, attention.layout, "attention.layout")

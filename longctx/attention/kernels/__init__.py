@@ -1,77 +1,60 @@
 """Inner attention kernels by platform (issue 3, item 6).
 
-The ring (ring.py) and blockwise attention need an inner kernel with this contract:
+Blockwise and ring attention compute each (query chunk, key chunk) pair with an inner kernel
+chosen by name (`TileConfig.kernel`, the `kernel=` argument of the attention functions,
+`attention.kernel` in a training config):
 
-    forward(cfg, q_BCHD, k_BSKD, v_BSKD, meta_q, meta_k) -> (out_BCHD f32, lse_BCH f32, tiles)
-    backward(cfg, q, k, v, do, lse, delta, meta_q, meta_k) -> (dq, dk, dv) float32
+  "blockwise"   pure-JAX tiled online softmax (attention/blockwise.py); every platform; the
+                default, and what CI runs.
+  "pallas_gpu"  Pallas (Triton) FlashAttention-2 kernels (pallas_gpu.py): forward, dq and dk/dv,
+                with the lse the ring merges through, masks from segment ids / original
+                indices / S² groups, empty blocks skipped, GQA without repeating K/V. On a GPU
+                it compiles through Triton; on any other backend it runs in Pallas' interpreter
+                (slow: for tests). Its values and gradients are tested against the dense oracle
+                in interpret mode, and its lowering to Triton for CUDA is tested on CPU; it has
+                not yet run on a GPU, so it is opt-in, not picked automatically.
 
-i.e. it must return the log-sum-exp (so partial results merge across ring steps) and take the
-final lse in the backward. The pure-JAX tiled kernel in blockwise.py meets it everywhere and is
-the only one registered today. Pallas (GPU / TPU splash with residuals) and cuDNN
-(`jax.nn.dot_product_attention`, which does not expose the lse the merge needs) are named here
-so that a config can ask for them, but they are NOT implemented: asking for them raises, and
-`select_backend` picks the blockwise fallback on every platform. Nothing here has run on a GPU
-or TPU.
+Not implemented: a TPU kernel (Pallas splash attention with residuals: its masks are static,
+while a ring step's mask depends on the device and step) and cuDNN through
+`jax.nn.dot_product_attention` (it does not return the lse that the ring's merge needs).
 """
 from __future__ import annotations
 
-import enum
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Optional
 
 import jax
 
-from longctx.attention.blockwise import chunk_backward, chunk_forward
+KERNELS = ("blockwise", "pallas_gpu")
+_PLANNED = {"pallas_tpu": "no TPU kernel yet (splash attention's masks are static; see "
+                          "longctx.attention.kernels)",
+            "cudnn": "jax.nn.dot_product_attention does not return the lse the ring merges"}
 
 
-class Backend(enum.Enum):
-  """Which inner kernel computes one (query chunk, key chunk) block."""
-  BLOCKWISE = "blockwise"    # pure JAX, tiled online softmax; every platform
-  PALLAS_GPU = "pallas_gpu"  # not implemented yet
-  PALLAS_TPU = "pallas_tpu"  # not implemented yet (splash attention with residuals)
+def check_kernel(name: Optional[str]) -> str:
+  """The kernel name, validated (None = "blockwise"). Raises ValueError for an unknown name and
+  NotImplementedError for a planned kernel that does not exist yet."""
+  if name is None:
+    return "blockwise"
+  name = str(name).lower()
+  if name in KERNELS:
+    return name
+  if name in _PLANNED:
+    raise NotImplementedError(f"attention kernel {name!r}: {_PLANNED[name]}; available: "
+                              f"{list(KERNELS)}")
+  raise ValueError(f"unknown attention kernel {name!r}; expected one of {list(KERNELS)}")
 
 
-class ChunkKernel(NamedTuple):
-  forward: Callable
-  backward: Callable
-
-
-_REGISTRY = {Backend.BLOCKWISE: ChunkKernel(chunk_forward, chunk_backward)}
-
-# What each platform would prefer, best first; the first registered one is used.
-_PREFERENCE = {
-    "gpu": (Backend.PALLAS_GPU, Backend.BLOCKWISE),
-    "cuda": (Backend.PALLAS_GPU, Backend.BLOCKWISE),
-    "tpu": (Backend.PALLAS_TPU, Backend.BLOCKWISE),
-}
-
-
-def select_backend(platform: Optional[str] = None) -> Backend:
-  """The best registered backend for `platform` (default: the default JAX backend)."""
+def interpret(platform: Optional[str] = None) -> bool:
+  """Whether the Pallas GPU kernel runs interpreted: on every backend but a GPU."""
   platform = jax.default_backend() if platform is None else platform
-  for backend in _PREFERENCE.get(platform, (Backend.BLOCKWISE,)):
-    if backend in _REGISTRY:
-      return backend
-  return Backend.BLOCKWISE
+  return platform not in ("gpu", "cuda", "rocm")
 
 
-def get_kernel(backend: Union[Backend, str, None] = None) -> ChunkKernel:
-  """The kernel of `backend` (a Backend or its name; None = `select_backend()`).
-
-  Raises ValueError for an unknown name and NotImplementedError for a backend that has no
-  kernel yet.
-  """
-  if backend is None:
-    backend = select_backend()
-  if not isinstance(backend, Backend):
-    try:
-      backend = Backend(str(backend).lower())
-    except ValueError:
-      raise ValueError(f"unknown attention backend {backend!r}; expected one of "
-                       f"{[b.value for b in Backend]}") from None
-  if backend not in _REGISTRY:
-    raise NotImplementedError(f"attention backend {backend.value} has no kernel yet; use "
-                              f"{Backend.BLOCKWISE.value}")
-  return _REGISTRY[backend]
+def check_vma(kernel: Optional[str]) -> bool:
+  """The `check_vma` a `jax.shard_map` around attention with `kernel` can use: False only for
+  the Pallas GPU kernel run interpreted (off GPU), because Pallas' interpreter loses the
+  varying-axes types of its loop carries (JAX 0.10) and shard_map's check then refuses them."""
+  return not (check_kernel(kernel) == "pallas_gpu" and interpret())
 
 
-__all__ = ["Backend", "ChunkKernel", "get_kernel", "select_backend"]
+__all__ = ["KERNELS", "check_kernel", "check_vma", "interpret"]

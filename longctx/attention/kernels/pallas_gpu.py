@@ -1,0 +1,219 @@
+"""Pallas (Triton) flash-attention kernels for NVIDIA GPUs, in the chunk contract of the ring.
+
+Legend: B batch, C query chunk, S key chunk, H query heads, K kv heads, G = H / K, D head dim.
+
+`chunk_forward` attends a query chunk to a key chunk and returns the normalised output and the
+log-sum-exp, float32, so partial results over several key chunks merge (`merge_partials`);
+`chunk_backward` takes the *final* lse and delta = Σ_d do·o and returns (dq, dk, dv) float32.
+The mask is `reference.make_mask` on each (query block, key block): segment ids, causal by each
+token's original index (so any ring layout and any ring step), and S²-Attn groups; a key block
+that the mask empties for the whole query block is skipped (`lax.cond`). GQA: the forward and
+dq kernels read kv head h // G; the dk/dv kernel runs per kv head and sums its G query heads, so
+K/V are never repeated.
+
+Three kernels, as in FlashAttention-2: forward (grid C/bq × B × H, loop over key blocks), dq
+(same grid) and dk/dv (grid S/bk × B × K, loops over the G heads and the query blocks). Dots take
+bfloat16 or float32 inputs and accumulate in float32 (float32 at `Precision.HIGHEST`, i.e. no
+TF32, so values match the fallback within the tests' tolerance).
+
+`interpret=True` runs the same kernels through Pallas' interpreter on any backend: that is how
+CI (CPU only) checks their values and gradients against the dense oracle. Triton needs power-of-
+two block sizes and head dim; `check_blocks` says so before a GPU compile would fail.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from longctx.attention.reference import MaskSpec
+
+_NEG = -1e30  # finite "minus infinity" for masked scores: exp underflows to 0, no inf − inf
+
+
+def _dot(a, b, trans_a=False, trans_b=False):
+  prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=prec)
+
+
+def _block_mask(spec: MaskSpec, iq, sq, ik, sk):
+  """[bq, bk] allowed pairs from 1-D original indices and segment ids (`make_mask` in 2-D)."""
+  mask = (sq[:, None] == sk[None, :]) & (sq[:, None] != 0)
+  if spec.causal:
+    mask &= ik[None, :] <= iq[:, None]
+  if spec.group_size is not None:  # indices are ≥ 0: truncating division is floor division
+    gq = lax.div(iq + spec.group_shift, spec.group_size)
+    gk = lax.div(ik + spec.group_shift, spec.group_size)
+    mask &= gq[:, None] == gk[None, :]
+  return mask
+
+
+def _any(mask):
+  return jnp.max(mask.astype(jnp.int32)) > 0
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, iq_ref, sq_ref, ik_ref, sk_ref, o_ref, lse_ref, *,
+                    spec, scale, block_k):
+  q = q_ref[...]
+  iq, sq = iq_ref[...], sq_ref[...]
+  bq, d = q.shape
+
+  def body(j, carry):
+    ks = pl.ds(j * block_k, block_k)
+    mask = _block_mask(spec, iq, sq, ik_ref[ks], sk_ref[ks])
+
+    def attend(carry):
+      acc, m, l = carry
+      k, v = k_ref[ks, :], v_ref[ks, :]
+      s = jnp.where(mask, _dot(q, k, trans_b=True) * scale, _NEG)
+      m_new = jnp.maximum(m, jnp.max(s, axis=1))
+      p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+      corr = jnp.exp(m - m_new)
+      return (acc * corr[:, None] + _dot(p.astype(v.dtype), v), m_new,
+              l * corr + jnp.sum(p, axis=1))
+    return lax.cond(_any(mask), attend, lambda c: c, carry)
+
+  init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), _NEG, jnp.float32),
+          jnp.zeros((bq,), jnp.float32))
+  acc, m, l = lax.fori_loop(0, k_ref.shape[0] // block_k, body, init)
+  seen = l > 0
+  o_ref[...] = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None], 0.0)
+  lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, iq_ref, sq_ref, ik_ref, sk_ref,
+               dq_ref, *, spec, scale, block_k):
+  q, do = q_ref[...], do_ref[...]
+  lse, delta = lse_ref[...], delta_ref[...]
+  iq, sq = iq_ref[...], sq_ref[...]
+
+  def body(j, dq):
+    ks = pl.ds(j * block_k, block_k)
+    mask = _block_mask(spec, iq, sq, ik_ref[ks], sk_ref[ks])
+
+    def grad(dq):
+      k, v = k_ref[ks, :], v_ref[ks, :]
+      p = jnp.where(mask, jnp.exp(_dot(q, k, trans_b=True) * scale - lse[:, None]), 0.0)
+      ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+      return dq + _dot(ds.astype(k.dtype), k) * scale
+    return lax.cond(_any(mask), grad, lambda x: x, dq)
+
+  dq = lax.fori_loop(0, k_ref.shape[0] // block_k, body, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = dq
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, iq_ref, sq_ref, ik_ref, sk_ref,
+                dk_ref, dv_ref, *, spec, scale, block_q, groups):
+  k, v = k_ref[...], v_ref[...]
+  ik, sk = ik_ref[...], sk_ref[...]
+
+  def body(i, carry, g):
+    qs = pl.ds(i * block_q, block_q)
+    mask = _block_mask(spec, iq_ref[qs], sq_ref[qs], ik, sk)
+
+    def grad(carry):
+      dk, dv = carry
+      q, do = q_ref[qs, g, :], do_ref[qs, g, :]
+      lse, delta = lse_ref[g, qs], delta_ref[g, qs]
+      p = jnp.where(mask, jnp.exp(_dot(q, k, trans_b=True) * scale - lse[:, None]), 0.0)
+      dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
+      ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+      return dk + _dot(ds.astype(q.dtype), q, trans_a=True) * scale, dv
+    return lax.cond(_any(mask), grad, lambda c: c, carry)
+
+  carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+  for g in range(groups):  # static: a 2-D load per query head of this kv head's group
+    carry = lax.fori_loop(0, q_ref.shape[0] // block_q, functools.partial(body, g=g), carry)
+  dk_ref[...], dv_ref[...] = carry
+
+
+def _out(shape, like):
+  """A float32 output shape that varies over the same mesh axes as `like` (inside
+  `jax.shard_map` with check_vma, pallas_call needs to be told)."""
+  mat = getattr(jax.typeof(like), "manual_axis_type", None)
+  if mat is None:
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+  return jax.ShapeDtypeStruct(shape, jnp.float32, manual_axis_type=mat)
+
+
+def _params(d):
+  return plgpu.CompilerParams(num_warps=4 if d <= 64 else 8, num_stages=2)
+
+
+def check_blocks(c: int, s: int, d: int, block_q: int, block_k: int):
+  """Raises ValueError unless the blocks divide the chunks and Triton can take the shapes."""
+  for name, n, blk in (("block_q", c, block_q), ("block_k", s, block_k)):
+    if n % blk:
+      raise ValueError(f"pallas_gpu kernel: {name}={blk} must divide the chunk length {n}")
+    if blk & (blk - 1) or blk < 16:
+      raise ValueError(f"pallas_gpu kernel: {name}={blk} must be a power of two >= 16 (Triton)")
+  if d & (d - 1) or d < 16:
+    raise ValueError(f"pallas_gpu kernel: head_dim={d} must be a power of two >= 16 (Triton)")
+
+
+def chunk_forward(q_BCHD, k_BSKD, v_BSKD, mq, mk, *, spec: MaskSpec, scale: float, block_q: int,
+                  block_k: int, interpret: bool = False):
+  """(out_BCHD, lse_BCH), float32, of a query chunk attending a key chunk (mq, mk: TokenMeta)."""
+  b, c, h, d = q_BCHD.shape
+  s, kh = k_BSKD.shape[1], k_BSKD.shape[2]
+  g = h // kh
+  kernel = functools.partial(_forward_kernel, spec=spec, scale=scale, block_k=block_k)
+  qspec = pl.BlockSpec((None, block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0))
+  kvspec = pl.BlockSpec((None, s, None, d), lambda i, bi, hi: (bi, 0, hi // g, 0))
+  mqspec = pl.BlockSpec((None, block_q), lambda i, bi, hi: (bi, i))
+  mkspec = pl.BlockSpec((None, s), lambda i, bi, hi: (bi, 0))
+  o, lse_BHC = pl.pallas_call(
+      kernel, grid=(c // block_q, b, h),
+      in_specs=[qspec, kvspec, kvspec, mqspec, mqspec, mkspec, mkspec],
+      out_specs=[qspec, pl.BlockSpec((None, None, block_q), lambda i, bi, hi: (bi, hi, i))],
+      out_shape=[_out((b, c, h, d), q_BCHD), _out((b, h, c), q_BCHD)],
+      compiler_params=_params(d), interpret=interpret, name="longctx_flash_forward",
+  )(q_BCHD, k_BSKD, v_BSKD, mq.index, mq.segment, mk.index, mk.segment)
+  return o, jnp.swapaxes(lse_BHC, 1, 2)
+
+
+def chunk_backward(q_BCHD, k_BSKD, v_BSKD, do_BCHD, lse_BCH, delta_BCH, mq, mk, *,
+                   spec: MaskSpec, scale: float, block_q: int, block_k: int,
+                   interpret: bool = False):
+  """(dq_BCHD, dk_BSKD, dv_BSKD), float32; lse_BCH is the final lse (−inf rows allowed)."""
+  b, c, h, d = q_BCHD.shape
+  s, kh = k_BSKD.shape[1], k_BSKD.shape[2]
+  g = h // kh
+  do_BCHD = do_BCHD.astype(q_BCHD.dtype)
+  lse_BHC = jnp.swapaxes(jnp.where(jnp.isneginf(lse_BCH), 0.0, lse_BCH), 1, 2)
+  delta_BHC = jnp.swapaxes(delta_BCH.astype(jnp.float32), 1, 2)
+  metas = (mq.index, mq.segment, mk.index, mk.segment)
+
+  qspec = pl.BlockSpec((None, block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0))
+  kvspec = pl.BlockSpec((None, s, None, d), lambda i, bi, hi: (bi, 0, hi // g, 0))
+  rowspec = pl.BlockSpec((None, None, block_q), lambda i, bi, hi: (bi, hi, i))
+  mqspec = pl.BlockSpec((None, block_q), lambda i, bi, hi: (bi, i))
+  mkspec = pl.BlockSpec((None, s), lambda i, bi, hi: (bi, 0))
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, spec=spec, scale=scale, block_k=block_k),
+      grid=(c // block_q, b, h),
+      in_specs=[qspec, kvspec, kvspec, qspec, rowspec, rowspec, mqspec, mqspec, mkspec, mkspec],
+      out_specs=qspec, out_shape=_out((b, c, h, d), q_BCHD),
+      compiler_params=_params(d), interpret=interpret, name="longctx_flash_dq",
+  )(q_BCHD, k_BSKD, v_BSKD, do_BCHD, lse_BHC, delta_BHC, *metas)
+
+  # dk/dv: one program per (key block, batch row, kv head); it reads the G query heads of its
+  # group (heads kv·G .. kv·G + G − 1) whole along C
+  qgspec = pl.BlockSpec((None, c, g, d), lambda j, bi, ki: (bi, 0, ki, 0))
+  rowgspec = pl.BlockSpec((None, g, c), lambda j, bi, ki: (bi, ki, 0))
+  kspec = pl.BlockSpec((None, block_k, None, d), lambda j, bi, ki: (bi, j, ki, 0))
+  mqall = pl.BlockSpec((None, c), lambda j, bi, ki: (bi, 0))
+  mkblk = pl.BlockSpec((None, block_k), lambda j, bi, ki: (bi, j))
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, spec=spec, scale=scale, block_q=block_q, groups=g),
+      grid=(s // block_k, b, kh),
+      in_specs=[qgspec, kspec, kspec, qgspec, rowgspec, rowgspec, mqall, mqall, mkblk, mkblk],
+      out_specs=[kspec, kspec],
+      out_shape=[_out((b, s, kh, d), q_BCHD)] * 2,
+      compiler_params=_params(d), interpret=interpret, name="longctx_flash_dkv",
+  )(q_BCHD, k_BSKD, v_BSKD, do_BCHD, lse_BHC, delta_BHC, *metas)
+  return dq, dk, dv
