@@ -3,6 +3,7 @@
     pip install -r requirements-bench.txt          # the peer, ringattention 0.1.2
     python bench/attention.py                      # L = 4k, 8k, 16k, 32k; 8 heads, D 64
     python bench/attention.py --lengths 4096 8192 --heads 4 --kv-heads 4 --head-dim 64
+    python bench/attention.py --tile-sweep 512x512/512x512 256x256/256x256   # tiles, 1 device
 
 For each L: forward+backward time of our ring (contiguous, zigzag, striped), blockwise on one
 device, dense (while its L² scores fit), and the peer `ringattention` (PyPI, haoliuhl; MHA only;
@@ -97,8 +98,21 @@ def peer_fn(peer, mesh, block, grad=True):
 
 
 def blocks_of(block):
-  """Tile arguments of our attention: the library defaults (None) or block × block."""
+  """Tile arguments of our attention: the library defaults (None), block × block (an int), or
+  a dict of tile arguments (`parse_tiles`)."""
+  if isinstance(block, dict):
+    return block
   return {} if block is None else dict(block_q=block, block_k=block)
+
+
+def parse_tiles(text):
+  """"512x512/256x256" -> forward 512 × 512, backward 256 × 256 tile arguments."""
+  try:
+    (bq, bk), (bqb, bkb) = (map(int, half.split("x")) for half in text.split("/"))
+  except ValueError:
+    raise SystemExit(f"--tile-sweep: expected QxK/QxK (forward/backward), e.g. 512x512/512x512; "
+                     f"found {text!r}") from None
+  return dict(block_q=bq, block_k=bk, block_q_bwd=bqb, block_k_bwd=bkb)
 
 
 def blockwise_fn(block, grad=True):
@@ -157,22 +171,40 @@ def tiles_row(mesh, l, h, kh, d, block):
   return out
 
 
-def single_device_worker(lengths, h, kh, d, block, repeats):
-  """In the child process (one CPU device): blockwise fwd+bwd and fwd seconds and the matmul
-  yardstick around them, per L, printed as one JSON line."""
-  rng = np.random.default_rng(0)
+def memory_at_fixed_chunk(c, h, kh, d, block, sizes=(2, 4, 8)):
+  """Per-device compiled bytes of the ring's fwd+bwd (zigzag) at chunk c for each P: the
+  memory criterion (within 5% from P = 2 to 8). Compile only."""
   out = {}
+  for p in sizes:
+    mesh = Mesh(np.array(jax.devices()[:p]), ("seq",))
+    q = jax.ShapeDtypeStruct((1, c * p, h, d), jnp.float32)
+    kv = jax.ShapeDtypeStruct((1, c * p, kh, d), jnp.float32)
+    tok = jax.ShapeDtypeStruct((1, c * p), jnp.int32)
+    compiled = jax.jit(ring_fn(mesh, Layout.ZIGZAG, block)).lower(q, kv, kv, tok, tok).compile()
+    m = compiled.memory_analysis()
+    out[p] = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+  return out
+
+
+def single_device_worker(lengths, h, kh, d, blocks, repeats):
+  """In the child process (one CPU device): blockwise fwd+bwd and fwd seconds and the matmul
+  yardstick around them, per L and per tile setting in `blocks`, printed as one JSON line."""
+  rng = np.random.default_rng(0)
+  out = []
   for l in lengths:
     a = tuple(jnp.asarray(rng.normal(size=(1, l, n, d)), jnp.float32) for n in (h, kh, kh))
-    mm_before = matmul_flops_per_s()
-    _, secs, mem = timed(jax.jit(blockwise_fn(block)), a, repeats)
-    fsecs = best_time(jax.jit(blockwise_fn(block, grad=False)).lower(*a).compile(), a, repeats)
-    out[l] = dict(secs=secs, fsecs=fsecs, mem=mem, matmul=max(mm_before, matmul_flops_per_s()))
+    for block in blocks:
+      mm_before = matmul_flops_per_s()
+      _, secs, mem = timed(jax.jit(blockwise_fn(block)), a, repeats)
+      fsecs = best_time(jax.jit(blockwise_fn(block, grad=False)).lower(*a).compile(), a, repeats)
+      out.append(dict(l=l, secs=secs, fsecs=fsecs, mem=mem,
+                      matmul=max(mm_before, matmul_flops_per_s())))
   print(json.dumps(out))
 
 
-def run_single_device(lengths, args):
-  """Runs `single_device_worker` in a child process without the 8-device emulation flag."""
+def run_single_device(lengths, args, sweep=()):
+  """Runs `single_device_worker` in a child process without the 8-device emulation flag: one
+  result per L (our tiles), or per tile setting of `sweep` at each L."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(_FLAG, "").strip()
   cmd = [sys.executable, os.path.abspath(__file__), _WORKER, "--lengths", *map(str, lengths),
@@ -180,8 +212,22 @@ def run_single_device(lengths, args):
          str(args.head_dim), "--repeats", str(args.repeats)]
   if args.block is not None:
     cmd += ["--block", str(args.block)]
+  if sweep:
+    cmd += ["--tile-sweep", *sweep]
   done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-  return {int(l): r for l, r in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def tile_sweep(args):
+  """Blockwise fwd+bwd in a 1-device process at the criterion L for each --tile-sweep setting."""
+  l, h, d = args.criterion_len, args.heads, args.head_dim
+  print(f"# blockwise, 1-device process, L={l}, Hq={h} Hkv={args.kv_heads} D={d}, float32 "
+        f"causal, best of {args.repeats}")
+  print("| tiles fwd / bwd | fwd+bwd s | fwd s | GFLOP/s | matmul GFLOP/s (same process) |")
+  print("|---|---|---|---|---|")
+  for text, r in zip(args.tile_sweep, run_single_device([l], args, args.tile_sweep)):
+    print(f"| {text} | {r['secs']:.2f} | {r['fsecs']:.2f} | {flops(l, h, d) / r['secs'] / 1e9:.1f} "
+          f"| {r['matmul'] / 1e9:.1f} |", flush=True)
 
 
 def main():
@@ -200,13 +246,22 @@ def main():
   ap.add_argument("--blockwise-max-len", type=int, default=16384)
   ap.add_argument("--repeats", type=int, default=2, help="timed executions; the best is shown")
   ap.add_argument("--dense-max-len", type=int, default=8192)
+  ap.add_argument("--fixed-chunks", type=int, nargs="*", default=[2048, 8192],
+                  help="chunks c at which per-device ring memory is compiled for P = 2, 4, 8")
   ap.add_argument("--criterion-len", type=int, default=16384,
                   help="L of the issue's speed criterion (ring vs peer, blockwise vs matmul)")
+  ap.add_argument("--tile-sweep", nargs="+", default=[], metavar="QxK/QxK",
+                  help="only time blockwise at the criterion L in a 1-device process for each "
+                       "forward/backward tile setting, e.g. 512x512/512x512 1024x512/512x512")
   ap.add_argument(_WORKER, action="store_true", help=argparse.SUPPRESS)
   args = ap.parse_args()
   h, kh, d, block = args.heads, args.kv_heads, args.head_dim, args.block
   if getattr(args, _WORKER.strip("-").replace("-", "_")):
-    single_device_worker(args.lengths, h, kh, d, block, args.repeats)
+    blocks = [parse_tiles(t) for t in args.tile_sweep] or [block]
+    single_device_worker(args.lengths, h, kh, d, blocks, args.repeats)
+    return
+  if args.tile_sweep:
+    tile_sweep(args)
     return
   p = 8
   mesh = Mesh(np.array(jax.devices()[:p]), ("seq",))
@@ -268,7 +323,8 @@ def main():
       print(f"| {l} | {name} | {secs:.2f} | {ftxt} | {flops(l, h, d) / secs / 1e9:.1f} | "
             f"{mem / 2 ** 20:.1f} | {cp:.2f} |", flush=True)
     summary.append((l, times))
-  single = run_single_device([l for l in args.lengths if l <= args.blockwise_max_len], args)
+  single = {r["l"]: r for r in run_single_device(
+      [l for l in args.lengths if l <= args.blockwise_max_len], args)}
   for l, r in single.items():
     print(f"| {l} | blockwise, 1-device process | {r['secs']:.2f} | {r['fsecs']:.2f} | "
           f"{(r['secs'] - r['fsecs']) / r['fsecs']:.2f} | {flops(l, h, d) / r['secs'] / 1e9:.1f} | "
@@ -298,6 +354,13 @@ def main():
         "layout: per device, max/mean")
   for name, (tiles_, ratio) in tiles_row(mesh, l, h, kh, d, block).items():
     print(f"# {name}: {tiles_}  max/mean {ratio:.3f}")
+  if args.fixed_chunks:
+    print("\n# per-device compiled MiB of the ring (zigzag, fwd+bwd) at fixed chunk c: "
+          "c: P=2, P=4, P=8, max/min")
+  for c in args.fixed_chunks:
+    mem = memory_at_fixed_chunk(c, h, kh, d, block)
+    print(f"# c={c}: " + ", ".join(f"{m / 2 ** 20:.1f}" for m in mem.values())
+          + f", max/min {max(mem.values()) / min(mem.values()):.3f}")
 
 
 if __name__ == "__main__":
