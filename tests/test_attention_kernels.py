@@ -4,7 +4,10 @@ not its Triton compile); its lowering to Triton for CUDA is checked on the CPU t
 
 Legend: B batch, L sequence, C chunk, H query heads, K kv heads, D head dim, P devices.
 """
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -165,3 +168,15 @@ def test_pallas_lowers_to_triton_for_cuda():
   text = jax.jit(step).trace(q, kv, kv, jax.ShapeDtypeStruct((b, l), jnp.int32)).lower(
       lowering_platforms=("cuda",)).as_text()
   assert len(re.findall(r"xla\.gpu\.triton", text)) == 3
+
+
+def test_gpu_check_script_runs_interpreted():
+  """bench/attention_gpu.py (the check to run on a GPU) works end to end, here interpreted."""
+  done = subprocess.run(
+      [sys.executable, "bench/attention_gpu.py", "--lengths", "128", "--heads", "4",
+       "--kv-heads", "2", "--head-dim", "16", "--no-timing"],
+      capture_output=True, text=True, timeout=600,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert done.returncode == 0, done.stdout + done.stderr
+  assert "# check: PASS" in done.stdout

@@ -12,7 +12,8 @@ chosen by name (`TileConfig.kernel`, the `kernel=` argument of the attention fun
                 it compiles through Triton; on any other backend it runs in Pallas' interpreter
                 (slow: for tests). Its values and gradients are tested against the dense oracle
                 in interpret mode, and its lowering to Triton for CUDA is tested on CPU; it has
-                not yet run on a GPU, so it is opt-in, not picked automatically.
+                not yet run on a GPU, so it is opt-in, not picked automatically. On a GPU,
+                `python bench/attention_gpu.py` checks and times it.
 
 Not implemented: a TPU kernel (Pallas splash attention with residuals: its masks are static,
 while a ring step's mask depends on the device and step) and cuDNN through
