@@ -27,7 +27,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import types
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -47,6 +46,7 @@ from longctx.attention import (Layout, blockwise_attention, dense_attention,  # 
                                original_index, ring_attention)
 from longctx.attention.blockwise import BLOCK_K, BLOCK_K_BWD, BLOCK_Q, BLOCK_Q_BWD  # noqa: E402
 from longctx.attention.ring import collective_permute_bytes, ring_tiles_computed  # noqa: E402
+from timing import best_seconds  # noqa: E402  (bench/timing.py)
 
 ACT, TOK = PS(None, "seq", None, None), PS(None, "seq")
 
@@ -126,34 +126,14 @@ def timed(jitted, args, repeats):
   m = compiled.memory_analysis()
   mem = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
   jax.block_until_ready(args)
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    best = min(best, time.perf_counter() - t)
-  return compiled, best, mem
+  return compiled, best_seconds(compiled, args, repeats), mem
 
 
 def matmul_flops_per_s(n=2048, repeats=3):
   """Best FLOP/s of a float32 n x n matmul on one device (the speed criterion's yardstick)."""
   a = jnp.ones((n, n), jnp.float32)
   f = jax.jit(lambda a: a @ a).lower(a).compile()
-  jax.block_until_ready(f(a))
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(f(a))
-    best = min(best, time.perf_counter() - t)
-  return 2 * n ** 3 / best
-
-
-def best_time(compiled, args, repeats):
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    best = min(best, time.perf_counter() - t)
-  return best
+  return 2 * n ** 3 / best_seconds(f, (a,), repeats, warmup=True)
 
 
 def tiles_row(mesh, l, h, kh, d, block):
@@ -196,7 +176,7 @@ def single_device_worker(lengths, h, kh, d, blocks, repeats):
     for block in blocks:
       mm_before = matmul_flops_per_s()
       _, secs, mem = timed(jax.jit(blockwise_fn(block)), a, repeats)
-      fsecs = best_time(jax.jit(blockwise_fn(block, grad=False)).lower(*a).compile(), a, repeats)
+      fsecs = best_seconds(jax.jit(blockwise_fn(block, grad=False)).lower(*a).compile(), a, repeats)
       out.append(dict(l=l, secs=secs, fsecs=fsecs, mem=mem,
                       matmul=max(mm_before, matmul_flops_per_s())))
   print(json.dumps(out))
@@ -311,7 +291,7 @@ def main():
       try:
         mm_before = matmul_flops_per_s() if name.startswith("blockwise") else None
         compiled, secs, mem = timed(fn, a, args.repeats)
-        fsecs = best_time(fwd.lower(*a).compile(), a, args.repeats) if fwd is not None else None
+        fsecs = best_seconds(fwd.lower(*a).compile(), a, args.repeats) if fwd is not None else None
         if mm_before is not None:  # the yardstick, measured around the run: the larger counts
           times["matmul"] = max(mm_before, matmul_flops_per_s())
       except Exception as e:  # noqa: BLE001 - report and go on with the other implementations
@@ -333,20 +313,21 @@ def main():
         "chunk); blockwise >= 50% of the float32 2048^2 matmul FLOP/s measured around it in the "
         "same process (larger of before/after)")
   for l, times in summary:
-    line = f"# L={l}:"
+    parts = []
     peers = {n: t for n, t in times.items() if n.startswith("peer")}
     if "ring zigzag" in times and peers:
       best = min(peers, key=peers.get)
-      line += f" {best} / ring zigzag = {peers[best] / times['ring zigzag']:.2f}x"
+      parts.append(f"{best} / ring zigzag = {peers[best] / times['ring zigzag']:.2f}x")
     if "blockwise 1 of 8 emulated devices" in times:
       bw = flops(l, h, d) / times["blockwise 1 of 8 emulated devices"]
-      line += (f"; blockwise on 1 of 8 emulated devices {bw / 1e9:.1f} GFLOP/s vs matmul "
-               f"{times['matmul'] / 1e9:.1f} = {100 * bw / times['matmul']:.0f}%")
+      parts.append(f"blockwise on 1 of 8 emulated devices {bw / 1e9:.1f} GFLOP/s vs matmul "
+                   f"{times['matmul'] / 1e9:.1f} = {100 * bw / times['matmul']:.0f}%")
     if l in single:
       r = single[l]
       bw = flops(l, h, d) / r["secs"]
-      line += (f"; in a 1-device process {bw / 1e9:.1f} GFLOP/s vs matmul "
-               f"{r['matmul'] / 1e9:.1f} = {100 * bw / r['matmul']:.0f}%")
+      parts.append(f"in a 1-device process {bw / 1e9:.1f} GFLOP/s vs matmul "
+                   f"{r['matmul'] / 1e9:.1f} = {100 * bw / r['matmul']:.0f}%")
+    line = f"# L={l}: " + "; ".join(parts)
     line += "  <- criterion L" if l == args.criterion_len else ""
     print(line)
   l = args.lengths[0]

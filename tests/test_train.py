@@ -104,17 +104,20 @@ def test_loss_and_grads_do_not_depend_on_mesh_or_layout(mesh_sizes, layout):
     np.testing.assert_allclose(g, ref, rtol=0, atol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
-def test_pallas_gpu_kernel_in_the_trainer(monkeypatch):
-  """attention.kernel = "pallas_gpu" reaches every ring step of the model (interpreted on CPU)."""
-  from longctx.attention.kernels import pallas_gpu
+def test_pallas_kernel_in_the_trainer(monkeypatch):
+  """attention.kernel = "pallas_gpu" reaches every ring step of the model (interpreted on CPU;
+  the TPU kernel shares the dispatch but needs chunks of ≥ 128, longer than this test's)."""
+  from longctx.attention.kernels import pallas_gpu as module
+  kernel, block = "pallas_gpu", 16
   calls = []
   for name in ("chunk_forward", "chunk_backward"):
-    fn = getattr(pallas_gpu, name)
-    monkeypatch.setattr(pallas_gpu, name, lambda *a, _fn=fn, _n=name, **k: (
+    fn = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, _fn=fn, _n=name, **k: (
         calls.append(_n), _fn(*a, **k))[1])
   ref_loss, ref_grads = _reference_grads()
-  loss, grads, _ = _grads_on({"data": 2, "seq": 4}, AttentionConfig(
-      AttentionImpl.RING, "zigzag", 64, 64, kernel="pallas_gpu"))
+  with pytest.warns(UserWarning, match="Pallas' interpreter"):
+    loss, grads, _ = _grads_on({"data": 2, "seq": 4}, AttentionConfig(
+        AttentionImpl.RING, "zigzag", block, block, kernel=kernel))
   assert set(calls) == {"chunk_forward", "chunk_backward"}
   assert abs(loss - ref_loss) <= 1e-5
   for path, g in jax.tree_util.tree_leaves_with_path(grads):
@@ -125,6 +128,9 @@ def test_pallas_gpu_kernel_in_the_trainer(monkeypatch):
 def test_unknown_attention_kernel(tmp_path):
   with pytest.raises(ValueError, match="config attention.kernel: unknown attention kernel"):
     loop.run(tiny_config({"attention.kernel": "flash9000"}), str(tmp_path), log=lambda *_: None)
+  with pytest.raises(ValueError, match="attention.kernel='pallas_gpu' needs attention.impl='ring'"):
+    loop.run(tiny_config({"attention.kernel": "pallas_gpu", "attention.impl": "blockwise"}),
+             str(tmp_path), log=lambda *_: None)
 
 
 def test_micro_batches_do_not_change_loss_or_grads():

@@ -36,6 +36,9 @@ BLOCK_Q_BWD, BLOCK_K_BWD = 512, 512
 # The Pallas GPU kernel's defaults: a Triton program holds its tiles in registers / shared
 # memory, so they are much smaller (FlashAttention-2's 128 × 64 forward, 64 × 64 backward).
 GPU_BLOCK_Q, GPU_BLOCK_K, GPU_BLOCK_Q_BWD, GPU_BLOCK_K_BWD = 128, 64, 64, 64
+# The Pallas TPU kernel's: multiples of 128 (lanes); a 512 × 512 float32 score block is 1 MiB
+# of VMEM, as in splash attention's default blocks.
+TPU_BLOCK_Q, TPU_BLOCK_K, TPU_BLOCK_Q_BWD, TPU_BLOCK_K_BWD = 512, 512, 512, 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,27 +66,31 @@ def tile_config(spec: MaskSpec, scale: float, c: int, s: int, block_q=None, bloc
   """The TileConfig of a C-query, S-key chunk pair, every block reduced to a divisor of its
   length (`fit_block`).
 
-  None = default: the forward's tiles default to (BLOCK_Q, BLOCK_K) (GPU_BLOCK_* for the
-  Pallas GPU kernel); the backward's to the forward's where the caller set those, else to
+  None = default: the forward's tiles default to (BLOCK_Q, BLOCK_K) (GPU_BLOCK_* / TPU_BLOCK_*
+  for the Pallas kernels); the backward's to the forward's where the caller set those, else to
   (BLOCK_Q_BWD, BLOCK_K_BWD). So `block_q=block_k=128` tiles both passes at 128, and no
   arguments gives the tuned pairs. kernel: a name of `kernels.KERNELS`, None = "blockwise".
   """
   from longctx.attention.kernels import check_kernel
   kernel = check_kernel(kernel)
-  gpu = kernel == "pallas_gpu"
+  defaults = {"pallas_gpu": (GPU_BLOCK_Q, GPU_BLOCK_K, GPU_BLOCK_Q_BWD, GPU_BLOCK_K_BWD),
+              "pallas_tpu": (TPU_BLOCK_Q, TPU_BLOCK_K, TPU_BLOCK_Q_BWD, TPU_BLOCK_K_BWD)}.get(
+                  kernel, (BLOCK_Q, BLOCK_K, BLOCK_Q_BWD, BLOCK_K_BWD))
   explicit = block_q is not None or block_k is not None
-  block_q = (GPU_BLOCK_Q if gpu else BLOCK_Q) if block_q is None else block_q
-  block_k = (GPU_BLOCK_K if gpu else BLOCK_K) if block_k is None else block_k
+  block_q = defaults[0] if block_q is None else block_q
+  block_k = defaults[1] if block_k is None else block_k
   if block_q_bwd is None:
-    block_q_bwd = block_q if explicit else (GPU_BLOCK_Q_BWD if gpu else BLOCK_Q_BWD)
+    block_q_bwd = block_q if explicit else defaults[2]
   if block_k_bwd is None:
-    block_k_bwd = block_k if explicit else (GPU_BLOCK_K_BWD if gpu else BLOCK_K_BWD)
+    block_k_bwd = block_k if explicit else defaults[3]
   for name, value in (("block_q", block_q), ("block_k", block_k), ("block_q_bwd", block_q_bwd),
                       ("block_k_bwd", block_k_bwd)):
     if int(value) < 1:
       raise ValueError(f"{name} must be a positive tile size; got {value}")
-  return TileConfig(spec, scale, fit_block(c, block_q), fit_block(s, block_k),
-                    fit_block(c, block_q_bwd), fit_block(s, block_k_bwd), kernel)
+  fit = functools.partial(fit_block, step={"pallas_tpu": 128}.get(kernel, 1),
+                          power_of_two=kernel == "pallas_gpu")
+  return TileConfig(spec, scale, fit(c, block_q), fit(s, block_k), fit(c, block_q_bwd),
+                    fit(s, block_k_bwd), kernel)
 
 
 class TokenMeta(NamedTuple):
@@ -92,11 +99,14 @@ class TokenMeta(NamedTuple):
   segment: jax.Array
 
 
-def fit_block(length: int, block: int) -> int:
-  """The largest tile size <= block that divides length."""
+def fit_block(length: int, block: int, step: int = 1, power_of_two: bool = False) -> int:
+  """The largest tile size <= block that divides length, is a multiple of `step` and, if
+  asked, a power of two (what the Pallas TPU / GPU kernels need). If none is, `block` reduced
+  to `length`, for the kernel's own check to report."""
   block = max(1, min(block, length))
-  while length % block:
-    block -= 1
+  for size in range(block - block % step, 0, -step):
+    if not length % size and (not power_of_two or not size & (size - 1)):
+      return size
   return block
 
 
@@ -144,9 +154,9 @@ def _stats(meta: TokenMeta) -> TileStats:
                    meta.segment.max(-1))
 
 
-def _tile_kind(spec: MaskSpec, sq: TileStats, sk: TileStats):
-  """SKIP, FULL or MASKED for one tile pair of one head, from the tiles' index and segment
-  ranges (scalars).
+def tile_full_empty(spec: MaskSpec, sq: TileStats, sk: TileStats):
+  """(full, empty), booleans, of one tile pair of one head, from the tiles' index and segment
+  ranges (scalars); the Pallas kernels use it too.
 
   Both tests are sufficient conditions, so a tile called empty is empty and one called full is
   full (see `reference.make_mask`); anything else is MASKED and builds its mask. In causal
@@ -163,6 +173,12 @@ def _tile_kind(spec: MaskSpec, sq: TileStats, sk: TileStats):
                                   for x in (sq.lo, sq.hi, sk.lo, sk.hi))
     full &= (gq_lo == gq_hi) & (gk_lo == gk_hi) & (gq_lo == gk_lo)
     empty |= (gq_hi < gk_lo) | (gk_hi < gq_lo)
+  return full, empty
+
+
+def _tile_kind(spec: MaskSpec, sq: TileStats, sk: TileStats):
+  """SKIP, FULL or MASKED from `tile_full_empty`."""
+  full, empty = tile_full_empty(spec, sq, sk)
   return jnp.where(full, FULL, jnp.where(empty, SKIP, MASKED))
 
 
@@ -460,20 +476,25 @@ def chunk_backward(cfg: TileConfig, q_BCHD, k_BSKD, v_BSKD, do_BCHD, lse_BCH, de
   return untile_heads(dq, b, h), untile_kv_t(dkT, b), untile_kv_t(dvT, b)
 
 
-def _pallas_args(cfg: TileConfig, q_BCHD, k_BSKD):
+def _pallas(cfg: TileConfig, q_BCHD, k_BSKD):
+  """The Pallas kernel module of `cfg.kernel` and its keyword arguments; checks the blocks."""
   from longctx.attention import kernels
-  from longctx.attention.kernels import pallas_gpu
-  pallas_gpu.check_blocks(q_BCHD.shape[1], k_BSKD.shape[1], q_BCHD.shape[3], cfg.block_q,
-                          cfg.block_k)
-  return pallas_gpu, dict(spec=cfg.spec, scale=cfg.scale, block_q=cfg.block_q,
-                          block_k=cfg.block_k, interpret=kernels.interpret())
+  c, s, d = q_BCHD.shape[1], k_BSKD.shape[1], q_BCHD.shape[3]
+  if cfg.kernel == "pallas_gpu":
+    from longctx.attention.kernels import pallas_gpu as module
+    module.check_blocks(c, s, d, cfg.block_q, cfg.block_k)
+  else:
+    from longctx.attention.kernels import pallas_tpu as module
+    module.check_blocks(c, s, cfg.block_q, cfg.block_k)
+  return module, dict(spec=cfg.spec, scale=cfg.scale, block_q=cfg.block_q, block_k=cfg.block_k,
+                      interpret=kernels.interpret(cfg.kernel))
 
 
 def pair_forward(cfg: TileConfig, q_BCHD, k_BSKD, v_BSKD, mq: TokenMeta, mk: TokenMeta):
   """(out_BCHD, lse_BCH), float32, of a query chunk against a key chunk, by `cfg.kernel`."""
-  if cfg.kernel == "pallas_gpu":
-    pallas_gpu, kw = _pallas_args(cfg, q_BCHD, k_BSKD)
-    return pallas_gpu.chunk_forward(q_BCHD, k_BSKD, v_BSKD, mq, mk, **kw)
+  if cfg.kernel != "blockwise":
+    module, kw = _pallas(cfg, q_BCHD, k_BSKD)
+    return module.chunk_forward(q_BCHD, k_BSKD, v_BSKD, mq, mk, **kw)
   return chunk_forward(cfg, q_BCHD, k_BSKD, v_BSKD, mq, mk)[:2]
 
 
@@ -481,10 +502,10 @@ def pair_backward(cfg: TileConfig, q_BCHD, k_BSKD, v_BSKD, do_BCHD, lse_BCH, del
                   mq: TokenMeta, mk: TokenMeta):
   """(dq, dk, dv), float32, of a query chunk against a key chunk, by `cfg.kernel`; lse_BCH is
   the final log-sum-exp (see `chunk_backward`)."""
-  if cfg.kernel == "pallas_gpu":
-    pallas_gpu, kw = _pallas_args(cfg, q_BCHD, k_BSKD)
-    return pallas_gpu.chunk_backward(q_BCHD, k_BSKD, v_BSKD, do_BCHD, lse_BCH, delta_BCH, mq,
-                                     mk, **kw)
+  if cfg.kernel != "blockwise":
+    module, kw = _pallas(cfg, q_BCHD, k_BSKD)
+    return module.chunk_backward(q_BCHD, k_BSKD, v_BSKD, do_BCHD, lse_BCH, delta_BCH, mq, mk,
+                                 **kw)
   return chunk_backward(cfg, q_BCHD, k_BSKD, v_BSKD, do_BCHD, lse_BCH, delta_BCH, mq, mk)
 
 

@@ -31,11 +31,18 @@ class MaskSpec:
 
   causal: keys after the query (by original index) are masked.
   group_size: if set, queries attend only keys in the same group (idx + group_shift) // group_size.
-  group_shift: offset of the group boundaries (S²-Attn's shifted half uses group_size // 2).
+  group_shift: offset of the group boundaries (S²-Attn's shifted half uses group_size // 2),
+  ≥ 0: with indices ≥ 0 too, the Pallas kernels' truncating division equals floor division.
   """
   causal: bool = True
   group_size: Optional[int] = None
   group_shift: int = 0
+
+  def __post_init__(self):
+    if self.group_size is not None and self.group_size < 1:
+      raise ValueError(f"MaskSpec.group_size must be ≥ 1; found {self.group_size}")
+    if self.group_shift < 0:
+      raise ValueError(f"MaskSpec.group_shift must be ≥ 0; found {self.group_shift}")
 
 
 def make_mask(idx_q_BQ, seg_q_BQ, idx_s_BS, seg_s_BS, spec: MaskSpec):

@@ -8,14 +8,18 @@ log-sum-exp, and passes K, V (at K heads) with their segment ids and indices to 
 by `lax.ppermute`. The send of the next chunk is issued before the current chunk's compute, so
 XLA can overlap them. The backward is a second ring carrying K, V and the dK, dV accumulators,
 which arrive back at their owner after P hops. Tiles that the mask empties are skipped inside
-`chunk_forward` / `chunk_backward`, so fully masked ring steps cost only their mask test.
+the kernel, so fully masked ring steps cost only their range tests.
 
 The ring is one XLA loop of P − 1 steps that send the chunk on, then one step that does not
 (`_loop`: the same loop at P = 2, so per-device memory at fixed C is the same for P = 2, 4,
 8); two chunks are alive at a time and compile time does not grow with P. Whole chunks travel:
 splitting them into sub-chunks doubles the steps, each a rendezvous of all devices, and was
-~15% slower on the emulated CPU mesh (bench/RESULTS.md). Q, K and V are laid out in kernel
-tiles once per layer, and the online softmax runs on across ring steps.
+~15% slower on the emulated CPU mesh (bench/RESULTS.md).
+
+Two inner-kernel paths share that loop (`_forward_ring`, `_backward_ring`). The pure-JAX
+kernel ("blockwise") lays Q, K and V out in tiles once per layer and runs the online softmax
+on across ring steps, unnormalised. A Pallas kernel (`kernels`) attends a whole chunk pair per
+step and returns a normalised output and its lse, merged step by step (`merge_partials`).
 `collective_permute_bytes` reads the bytes moved from the compiled HLO, multiplying loop
 bodies by their trip counts.
 """
@@ -127,9 +131,10 @@ def _ring_backward(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, meta: To
 
 
 def _ring_forward_pairs(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, meta: TokenMeta):
-  """The forward ring for a kernel that attends whole chunk pairs (`blockwise.pair_forward`,
-  e.g. Pallas GPU): each step's normalised output merges through the lse. Tiles computed are
-  not counted (−1)."""
+  """The forward ring for a kernel that attends whole chunk pairs (`blockwise.pair_forward`:
+  the Pallas kernels): each step's normalised output merges through the lse. The third result,
+  tiles computed, is −1: these kernels do not count them (`ring_tiles_computed` uses the
+  pure-JAX kernel)."""
   def attend(state, kt):
     k, v, mk = kt
     o_s, lse_s = pair_forward(cfg, q_BCHD, k, v, meta, mk)

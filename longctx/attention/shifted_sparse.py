@@ -68,8 +68,8 @@ def shifted_sparse_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *, gro
                              causal=True, scale=None, **blocks):
   """S²-Attn on one device (blockwise, tiles outside the groups skipped); contract of
   `dense_attention` plus group_size (even, divides L). Training only: inference uses full
-  attention. blocks: the tile sizes of `blockwise_attention` (block_q, block_k, block_q_bwd,
-  block_k_bwd)."""
+  attention. blocks: the tile sizes and kernel of `blockwise_attention` (block_q, block_k,
+  block_q_bwd, block_k_bwd, kernel)."""
   return apply_s2(lambda q, k, v, spec: blockwise_attention(
       q, k, v, segment_ids_BL, scale=scale, spec=spec, **blocks),
                   q_BLHD, k_BLKD, v_BLKD, group_size=group_size, causal=causal)
@@ -79,7 +79,7 @@ def shifted_sparse_ring_attention(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC, index_
                                   group_size, axis="seq", causal=True, scale=None, **blocks):
   """S²-Attn inside `jax.shard_map` on permuted chunks (see `ring.ring_attention`); groups are
   taken on the original index, so they may straddle device chunks. `length` = global L;
-  blocks: the tile sizes of `ring_attention`."""
+  blocks: the tile sizes and kernel of `ring_attention`."""
   from longctx.attention.ring import ring_attention
   return apply_s2(lambda q, k, v, spec: ring_attention(
       q, k, v, segment_ids_BC, index_BC, axis=axis, scale=scale, spec=spec, **blocks),

@@ -92,10 +92,12 @@ class AttentionConfig:
   block_k_bwd: int | None = None
   kernel: str = "blockwise"
 
-  def blocks(self) -> dict:
-    """The tile sizes and the kernel as keyword arguments of the attention functions."""
-    return dict(block_q=self.block_q, block_k=self.block_k, block_q_bwd=self.block_q_bwd,
-                block_k_bwd=self.block_k_bwd, kernel=self.kernel)
+  def blocks(self, kernel: bool = True) -> dict:
+    """The tile sizes and (unless kernel=False: the pure-JAX fallback) the kernel as keyword
+    arguments of the attention functions."""
+    out = dict(block_q=self.block_q, block_k=self.block_k, block_q_bwd=self.block_q_bwd,
+               block_k_bwd=self.block_k_bwd)
+    return dict(out, kernel=self.kernel) if kernel else out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,6 +228,11 @@ class StageSpec:
     if attention.impl is AttentionImpl.RING:
       from longctx.attention.layouts import Layout
       parse_enum(Layout, attention.layout, "attention.layout")
+    elif attention.kernel != "blockwise":
+      # under plain jit XLA cannot split a Pallas call over the data / tensor axes: it would
+      # gather the global batch onto every device; the ring runs it inside shard_map
+      raise ValueError(f"config attention.kernel={attention.kernel!r} needs attention.impl="
+                       f"'ring' (found {attention.impl.value!r}); use kernel='blockwise'")
     return cls(name=name, model=model, data=DataConfig.from_config_dict(cd.data),
                num_shards=_positive("data.num_shards", int(cd.data.num_shards)), train=train,
                lora=lora, attention=attention, eval=EvalConfig.from_config(cd.get("eval")))

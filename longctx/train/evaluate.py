@@ -38,8 +38,8 @@ class Evaluator:
       attention = attention_fns.context_parallel(
           mesh, "seq", self.layout, permuted=True, batch_axes=BATCH_AXES,
           **stage.attention.blocks())
-    else:
-      attention = attention_fns.blockwise(True, **stage.attention.blocks())
+    else:  # plain jit: the pure-JAX kernel (a Pallas call would be gathered, see config)
+      attention = attention_fns.blockwise(True, **stage.attention.blocks(kernel=False))
     self.model = Llama(model_cfg, attention)
     data = dataclasses.replace(stage.data, seed=stage.data.seed + 1000, num_epochs=0)
     loader = GlobalBatches(data, stage.num_shards, mesh, 1, self.layout)

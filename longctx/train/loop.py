@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import time
+import warnings
 from typing import Callable
 
 import flax.linen as nn
@@ -121,6 +122,10 @@ def model_config(stage: StageSpec) -> ModelConfig:
 
 def attention_fn(stage: StageSpec, mesh: Mesh):
   a = stage.attention
+  from longctx.attention.kernels import interpret
+  if a.kernel != "blockwise" and interpret(a.kernel):
+    warnings.warn(f"attention.kernel={a.kernel!r} on {jax.default_backend()}: it runs in Pallas' "
+                  "interpreter, which is for tests and very slow", stacklevel=2)
   s2 = stage.lora.enabled and stage.lora.s2_group_fraction > 0
   if a.impl is AttentionImpl.RING:
     if s2:

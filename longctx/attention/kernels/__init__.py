@@ -6,18 +6,22 @@ chosen by name (`TileConfig.kernel`, the `kernel=` argument of the attention fun
 
   "blockwise"   pure-JAX tiled online softmax (attention/blockwise.py); every platform; the
                 default, and what CI runs.
-  "pallas_gpu"  Pallas (Triton) FlashAttention-2 kernels (pallas_gpu.py): forward, dq and dk/dv,
-                with the lse the ring merges through, masks from segment ids / original
-                indices / S² groups, empty blocks skipped, GQA without repeating K/V. On a GPU
-                it compiles through Triton; on any other backend it runs in Pallas' interpreter
-                (slow: for tests). Its values and gradients are tested against the dense oracle
-                in interpret mode, and its lowering to Triton for CUDA is tested on CPU; it has
-                not yet run on a GPU, so it is opt-in, not picked automatically. On a GPU,
-                `python bench/attention_gpu.py` checks and times it.
+  "pallas_gpu"  Pallas (Triton) FlashAttention-2 kernels (pallas_gpu.py): forward, dq and dk/dv.
+  "pallas_tpu"  Pallas (Mosaic) flash kernels (pallas_tpu.py): the same three, with TPU
+                layouts and block skipping from scalar-prefetched block ranges.
 
-Not implemented: a TPU kernel (Pallas splash attention with residuals: its masks are static,
-while a ring step's mask depends on the device and step) and cuDNN through
-`jax.nn.dot_product_attention` (it does not return the lse that the ring's merge needs).
+Both Pallas kernels return the lse the ring merges through, build their masks from segment
+ids / original indices / S² groups (`block_mask`, so every ring layout and step), skip the
+blocks the mask empties and do GQA without repeating K/V. On their platform they compile
+(Triton / Mosaic); on any other backend they run in Pallas' interpreter (slow: for tests).
+Their values and gradients are tested against the dense oracle and the pure-JAX kernel in
+interpret mode, and their lowering for CUDA / TPU is tested on CPU; neither has run on a GPU
+or TPU yet, so they are opt-in, never picked automatically. On a GPU,
+`python bench/attention_gpu.py` checks and times pallas_gpu.
+
+Not implemented: cuDNN through `jax.nn.dot_product_attention` (it does not return the lse that
+the ring's merge needs) and splash attention (its masks are static, while a ring step's mask
+depends on the device and the step).
 """
 from __future__ import annotations
 
@@ -25,10 +29,11 @@ from typing import Optional
 
 import jax
 
-KERNELS = ("blockwise", "pallas_gpu")
-_PLANNED = {"pallas_tpu": "no TPU kernel yet (splash attention's masks are static; see "
-                          "longctx.attention.kernels)",
-            "cudnn": "jax.nn.dot_product_attention does not return the lse the ring merges"}
+KERNELS = ("blockwise", "pallas_gpu", "pallas_tpu")
+_PLATFORMS = {"pallas_gpu": ("gpu", "cuda", "rocm"), "pallas_tpu": ("tpu",)}
+_PLANNED = {"cudnn": "jax.nn.dot_product_attention does not return the lse the ring merges",
+            "splash": "splash attention's masks are static; a ring step's mask is not (use "
+                      "pallas_tpu)"}
 
 
 def check_kernel(name: Optional[str]) -> str:
@@ -45,17 +50,33 @@ def check_kernel(name: Optional[str]) -> str:
   raise ValueError(f"unknown attention kernel {name!r}; expected one of {list(KERNELS)}")
 
 
-def interpret(platform: Optional[str] = None) -> bool:
-  """Whether the Pallas GPU kernel runs interpreted: on every backend but a GPU."""
+def block_mask(spec, iq_Q1, sq_Q1, ik_1T, sk_1T):
+  """[Q, T] allowed pairs of a query block and a key block from their original indices and
+  segment ids, given as a column [Q, 1] and a row [1, T] (`reference.make_mask` inside a
+  Pallas kernel). Indices are ≥ 0, so truncating division is floor division."""
+  from jax import lax
+  mask = (sq_Q1 == sk_1T) & (sq_Q1 != 0)
+  if spec.causal:
+    mask &= ik_1T <= iq_Q1
+  if spec.group_size is not None:
+    gq = lax.div(iq_Q1 + spec.group_shift, spec.group_size)
+    gk = lax.div(ik_1T + spec.group_shift, spec.group_size)
+    mask &= gq == gk
+  return mask
+
+
+def interpret(kernel: str = "pallas_gpu", platform: Optional[str] = None) -> bool:
+  """Whether a Pallas kernel runs interpreted: on every backend but its own."""
   platform = jax.default_backend() if platform is None else platform
-  return platform not in ("gpu", "cuda", "rocm")
+  return platform not in _PLATFORMS[check_kernel(kernel)]
 
 
 def check_vma(kernel: Optional[str]) -> bool:
   """The `check_vma` a `jax.shard_map` around attention with `kernel` can use: False only for
-  the Pallas GPU kernel run interpreted (off GPU), because Pallas' interpreter loses the
+  a Pallas kernel run interpreted (off its platform), because Pallas' interpreter loses the
   varying-axes types of its loop carries (JAX 0.10) and shard_map's check then refuses them."""
-  return not (check_kernel(kernel) == "pallas_gpu" and interpret())
+  kernel = check_kernel(kernel)
+  return not (kernel in _PLATFORMS and interpret(kernel))
 
 
-__all__ = ["KERNELS", "check_kernel", "check_vma", "interpret"]
+__all__ = ["KERNELS", "block_mask", "check_kernel", "check_vma", "interpret"]

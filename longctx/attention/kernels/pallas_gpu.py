@@ -5,16 +5,20 @@ Legend: B batch, C query chunk, S key chunk, H query heads, K kv heads, G = H / 
 `chunk_forward` attends a query chunk to a key chunk and returns the normalised output and the
 log-sum-exp, float32, so partial results over several key chunks merge (`merge_partials`);
 `chunk_backward` takes the *final* lse and delta = Σ_d do·o and returns (dq, dk, dv) float32.
-The mask is `reference.make_mask` on each (query block, key block): segment ids, causal by each
-token's original index (so any ring layout and any ring step), and S²-Attn groups; a key block
-that the mask empties for the whole query block is skipped (`lax.cond`). GQA: the forward and
-dq kernels read kv head h // G; the dk/dv kernel runs per kv head and sums its G query heads, so
-K/V are never repeated.
+The mask is `reference.make_mask` on each (query block, key block) (`kernels.block_mask`):
+segment ids, causal by each token's original index (so any ring layout and any ring step), and
+S²-Attn groups. A block pair is first classified from the ranges of its metadata
+(`blockwise.tile_full_empty`, 1-D reductions); one the mask certainly empties is skipped
+(`lax.cond`) before its mask or any load of K/V. GQA: the forward and dq kernels read kv head
+h // G; the dk/dv kernel runs per kv head and sums its G query heads under one mask, so K/V are
+never repeated.
 
 Three kernels, as in FlashAttention-2: forward (grid C/bq × B × H, loop over key blocks), dq
-(same grid) and dk/dv (grid S/bk × B × K, loops over the G heads and the query blocks). Dots take
-bfloat16 or float32 inputs and accumulate in float32 (float32 at `Precision.HIGHEST`, i.e. no
-TF32, so values match the fallback within the tests' tolerance).
+(same grid) and dk/dv (grid S/bk × B × K, loop over query blocks, the G heads unrolled). Dots
+take bfloat16 or float32 inputs and accumulate in float32 (float32 at `Precision.HIGHEST`:
+IEEE, no TF32 and no tensor cores, so float32 values match the fallback within the tests'
+tolerance but run much slower than bfloat16). Not yet measured on a GPU: whether Triton's
+pipeliner prefetches the K/V loads inside the skip branch is open.
 
 `interpret=True` runs the same kernels through Pallas' interpreter on any backend: that is how
 CI (CPU only) checks their values and gradients against the dense oracle. Triton needs power-of-
@@ -30,6 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from longctx.attention.kernels import block_mask
 from longctx.attention.reference import MaskSpec
 
 _NEG = -1e30  # finite "minus infinity" for masked scores: exp underflows to 0, no inf − inf
@@ -40,34 +45,33 @@ def _dot(a, b, trans_a=False, trans_b=False):
   return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=prec)
 
 
-def _block_mask(spec: MaskSpec, iq, sq, ik, sk):
-  """[bq, bk] allowed pairs from 1-D original indices and segment ids (`make_mask` in 2-D)."""
-  mask = (sq[:, None] == sk[None, :]) & (sq[:, None] != 0)
-  if spec.causal:
-    mask &= ik[None, :] <= iq[:, None]
-  if spec.group_size is not None:  # indices are ≥ 0: truncating division is floor division
-    gq = lax.div(iq + spec.group_shift, spec.group_size)
-    gk = lax.div(ik + spec.group_shift, spec.group_size)
-    mask &= gq[:, None] == gk[None, :]
-  return mask
+def _ranges(index, segment):
+  """TileStats of a block from its 1-D metadata: cheap reductions over block_q or block_k
+  tokens, so a block pair is classified before any [bq, bk] work."""
+  from longctx.attention.blockwise import TileStats
+  return TileStats(jnp.min(index), jnp.max(index), jnp.min(segment), jnp.max(segment))
 
 
-def _any(mask):
-  return jnp.max(mask.astype(jnp.int32)) > 0
+def _run(spec, rq, rk):
+  """False when the ranges prove a block pair empty (`blockwise.tile_full_empty`)."""
+  from longctx.attention.blockwise import tile_full_empty
+  return jnp.logical_not(tile_full_empty(spec, rq, rk)[1])
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, iq_ref, sq_ref, ik_ref, sk_ref, o_ref, lse_ref, *,
                     spec, scale, block_k):
   q = q_ref[...]
   iq, sq = iq_ref[...], sq_ref[...]
+  rq = _ranges(iq, sq)
   bq, d = q.shape
 
   def body(j, carry):
     ks = pl.ds(j * block_k, block_k)
-    mask = _block_mask(spec, iq, sq, ik_ref[ks], sk_ref[ks])
+    ik, sk = ik_ref[ks], sk_ref[ks]
 
     def attend(carry):
       acc, m, l = carry
+      mask = block_mask(spec, iq[:, None], sq[:, None], ik[None, :], sk[None, :])
       k, v = k_ref[ks, :], v_ref[ks, :]
       s = jnp.where(mask, _dot(q, k, trans_b=True) * scale, _NEG)
       m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -75,7 +79,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, iq_ref, sq_ref, ik_ref, sk_ref, o_ref, 
       corr = jnp.exp(m - m_new)
       return (acc * corr[:, None] + _dot(p.astype(v.dtype), v), m_new,
               l * corr + jnp.sum(p, axis=1))
-    return lax.cond(_any(mask), attend, lambda c: c, carry)
+    return lax.cond(_run(spec, rq, _ranges(ik, sk)), attend, lambda c: c, carry)
 
   init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), _NEG, jnp.float32),
           jnp.zeros((bq,), jnp.float32))
@@ -90,17 +94,19 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, iq_ref, sq_ref, 
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
   iq, sq = iq_ref[...], sq_ref[...]
+  rq = _ranges(iq, sq)
 
   def body(j, dq):
     ks = pl.ds(j * block_k, block_k)
-    mask = _block_mask(spec, iq, sq, ik_ref[ks], sk_ref[ks])
+    ik, sk = ik_ref[ks], sk_ref[ks]
 
     def grad(dq):
+      mask = block_mask(spec, iq[:, None], sq[:, None], ik[None, :], sk[None, :])
       k, v = k_ref[ks, :], v_ref[ks, :]
       p = jnp.where(mask, jnp.exp(_dot(q, k, trans_b=True) * scale - lse[:, None]), 0.0)
       ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
       return dq + _dot(ds.astype(k.dtype), k) * scale
-    return lax.cond(_any(mask), grad, lambda x: x, dq)
+    return lax.cond(_run(spec, rq, _ranges(ik, sk)), grad, lambda x: x, dq)
 
   dq = lax.fori_loop(0, k_ref.shape[0] // block_k, body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = dq
@@ -110,25 +116,27 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, iq_ref, sq_ref,
                 dk_ref, dv_ref, *, spec, scale, block_q, groups):
   k, v = k_ref[...], v_ref[...]
   ik, sk = ik_ref[...], sk_ref[...]
+  rk = _ranges(ik, sk)
 
-  def body(i, carry, g):
+  def body(i, carry):
     qs = pl.ds(i * block_q, block_q)
-    mask = _block_mask(spec, iq_ref[qs], sq_ref[qs], ik, sk)
+    iq, sq = iq_ref[qs], sq_ref[qs]
 
     def grad(carry):
+      mask = block_mask(spec, iq[:, None], sq[:, None], ik[None, :], sk[None, :])
       dk, dv = carry
-      q, do = q_ref[qs, g, :], do_ref[qs, g, :]
-      lse, delta = lse_ref[g, qs], delta_ref[g, qs]
-      p = jnp.where(mask, jnp.exp(_dot(q, k, trans_b=True) * scale - lse[:, None]), 0.0)
-      dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
-      ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
-      return dk + _dot(ds.astype(q.dtype), q, trans_a=True) * scale, dv
-    return lax.cond(_any(mask), grad, lambda c: c, carry)
+      for g in range(groups):  # static: the kv head's G query heads share the mask
+        q, do = q_ref[qs, g, :], do_ref[qs, g, :]
+        lse, delta = lse_ref[g, qs], delta_ref[g, qs]
+        p = jnp.where(mask, jnp.exp(_dot(q, k, trans_b=True) * scale - lse[:, None]), 0.0)
+        dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
+        ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+        dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True) * scale
+      return dk, dv
+    return lax.cond(_run(spec, _ranges(iq, sq), rk), grad, lambda c: c, carry)
 
   carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-  for g in range(groups):  # static: a 2-D load per query head of this kv head's group
-    carry = lax.fori_loop(0, q_ref.shape[0] // block_q, functools.partial(body, g=g), carry)
-  dk_ref[...], dv_ref[...] = carry
+  dk_ref[...], dv_ref[...] = lax.fori_loop(0, q_ref.shape[0] // block_q, body, carry)
 
 
 def _out(shape, like):
