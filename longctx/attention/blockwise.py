@@ -24,6 +24,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from longctx.attention import kernels
 from longctx.attention.reference import (NEG_INF, MaskSpec, check_inputs, default_scale,
                                          make_mask)
 
@@ -71,8 +72,7 @@ def tile_config(spec: MaskSpec, scale: float, c: int, s: int, block_q=None, bloc
   (BLOCK_Q_BWD, BLOCK_K_BWD). So `block_q=block_k=128` tiles both passes at 128, and no
   arguments gives the tuned pairs. kernel: a name of `kernels.KERNELS`, None = "blockwise".
   """
-  from longctx.attention.kernels import check_kernel
-  kernel = check_kernel(kernel)
+  kernel = kernels.check_kernel(kernel)
   defaults = {"pallas_gpu": (GPU_BLOCK_Q, GPU_BLOCK_K, GPU_BLOCK_Q_BWD, GPU_BLOCK_K_BWD),
               "pallas_tpu": (TPU_BLOCK_Q, TPU_BLOCK_K, TPU_BLOCK_Q_BWD, TPU_BLOCK_K_BWD)}.get(
                   kernel, (BLOCK_Q, BLOCK_K, BLOCK_Q_BWD, BLOCK_K_BWD))
@@ -476,39 +476,6 @@ def chunk_backward(cfg: TileConfig, q_BCHD, k_BSKD, v_BSKD, do_BCHD, lse_BCH, de
   return untile_heads(dq, b, h), untile_kv_t(dkT, b), untile_kv_t(dvT, b)
 
 
-def _pallas(cfg: TileConfig, q_BCHD, k_BSKD):
-  """The Pallas kernel module of `cfg.kernel` and its keyword arguments; checks the blocks."""
-  from longctx.attention import kernels
-  c, s, d = q_BCHD.shape[1], k_BSKD.shape[1], q_BCHD.shape[3]
-  if cfg.kernel == "pallas_gpu":
-    from longctx.attention.kernels import pallas_gpu as module
-    module.check_blocks(c, s, d, cfg.block_q, cfg.block_k)
-  else:
-    from longctx.attention.kernels import pallas_tpu as module
-    module.check_blocks(c, s, cfg.block_q, cfg.block_k)
-  return module, dict(spec=cfg.spec, scale=cfg.scale, block_q=cfg.block_q, block_k=cfg.block_k,
-                      interpret=kernels.interpret(cfg.kernel))
-
-
-def pair_forward(cfg: TileConfig, q_BCHD, k_BSKD, v_BSKD, mq: TokenMeta, mk: TokenMeta):
-  """(out_BCHD, lse_BCH), float32, of a query chunk against a key chunk, by `cfg.kernel`."""
-  if cfg.kernel != "blockwise":
-    module, kw = _pallas(cfg, q_BCHD, k_BSKD)
-    return module.chunk_forward(q_BCHD, k_BSKD, v_BSKD, mq, mk, **kw)
-  return chunk_forward(cfg, q_BCHD, k_BSKD, v_BSKD, mq, mk)[:2]
-
-
-def pair_backward(cfg: TileConfig, q_BCHD, k_BSKD, v_BSKD, do_BCHD, lse_BCH, delta_BCH,
-                  mq: TokenMeta, mk: TokenMeta):
-  """(dq, dk, dv), float32, of a query chunk against a key chunk, by `cfg.kernel`; lse_BCH is
-  the final log-sum-exp (see `chunk_backward`)."""
-  if cfg.kernel != "blockwise":
-    module, kw = _pallas(cfg, q_BCHD, k_BSKD)
-    return module.chunk_backward(q_BCHD, k_BSKD, v_BSKD, do_BCHD, lse_BCH, delta_BCH, mq, mk,
-                                 **kw)
-  return chunk_backward(cfg, q_BCHD, k_BSKD, v_BSKD, do_BCHD, lse_BCH, delta_BCH, mq, mk)
-
-
 def merge_partials(o_a_BCHD, lse_a_BCH, o_b_BCHD, lse_b_BCH):
   """Merges two normalised partial attentions over disjoint key sets through their lse."""
   lse_BCH = jnp.logaddexp(lse_a_BCH, lse_b_BCH)
@@ -548,7 +515,7 @@ def _blockwise(cfg: TileConfig, q_BLHD, k_BLKD, v_BLKD, meta: TokenMeta):
 
 def _blockwise_fwd(cfg, q_BLHD, k_BLKD, v_BLKD, meta):
   q_t, k_t, v_t, meta_t = tie_inputs((q_BLHD, k_BLKD, v_BLKD, meta))
-  o_BLHD, lse_BLH = pair_forward(cfg, q_t, k_t, v_t, meta_t, meta_t)
+  o_BLHD, lse_BLH = kernels.pair_forward(cfg, q_t, k_t, v_t, meta_t, meta_t)
   out = (o_BLHD.astype(q_BLHD.dtype), lse_BLH)
   # the untied inputs: a scan forwards residuals that are its own inputs instead of stacking them
   return out, (q_BLHD, k_BLKD, v_BLKD, meta, out[0], lse_BLH)
@@ -558,8 +525,8 @@ def _blockwise_bwd(cfg, res, cts):
   q_BLHD, k_BLKD, v_BLKD, meta, o_BLHD, lse_BLH = res
   do_BLHD = cts[0]  # the lse output is for merging only; its cotangent is not propagated
   delta_BLH = output_delta(do_BLHD, o_BLHD)
-  dq, dk, dv = pair_backward(cfg.backward(), q_BLHD, k_BLKD, v_BLKD, do_BLHD, lse_BLH,
-                             delta_BLH, meta, meta)
+  dq, dk, dv = kernels.pair_backward(cfg.backward(), q_BLHD, k_BLKD, v_BLKD, do_BLHD, lse_BLH,
+                                     delta_BLH, meta, meta)
   return dq.astype(q_BLHD.dtype), dk.astype(k_BLKD.dtype), dv.astype(v_BLKD.dtype), None
 
 

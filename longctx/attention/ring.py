@@ -32,11 +32,11 @@ import jax
 import jax.numpy as jnp
 
 from longctx.attention.blockwise import (TileConfig, TokenMeta, key_tiles, merge_partials,
-                                         output_delta, pair_backward, pair_forward,
-                                         query_tiles, rows_tiles, safe_lse,
+                                         output_delta, query_tiles, rows_tiles, safe_lse,
                                          softmax_finish, softmax_init, tie_inputs, tile_config,
                                          tiled_backward, tiled_forward, untile_heads, untile_kv_t,
                                          untile_rows, varying_like)
+from longctx.attention.kernels import pair_backward, pair_forward
 from longctx.attention.reference import MaskSpec, check_inputs, default_scale
 
 
@@ -131,7 +131,7 @@ def _ring_backward(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, meta: To
 
 
 def _ring_forward_pairs(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, meta: TokenMeta):
-  """The forward ring for a kernel that attends whole chunk pairs (`blockwise.pair_forward`:
+  """The forward ring for a kernel that attends whole chunk pairs (`kernels.pair_forward`:
   the Pallas kernels): each step's normalised output merges through the lse. The third result,
   tiles computed, is −1: these kernels do not count them (`ring_tiles_computed` uses the
   pure-JAX kernel)."""
@@ -149,7 +149,7 @@ def _ring_forward_pairs(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, met
 
 def _ring_backward_pairs(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, meta: TokenMeta,
                          do_BCHD, lse_BCH, delta_BCH):
-  """The backward ring for a chunk-pair kernel (`blockwise.pair_backward`)."""
+  """The backward ring for a chunk-pair kernel (`kernels.pair_backward`)."""
   def attend(dq, kt, dkv):
     k, v, mk = kt
     dq_s, dk_s, dv_s = pair_backward(cfg, q_BCHD, k, v, do_BCHD, lse_BCH, delta_BCH, meta, mk)

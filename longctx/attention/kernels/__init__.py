@@ -10,7 +10,9 @@ chosen by name (`TileConfig.kernel`, the `kernel=` argument of the attention fun
   "pallas_tpu"  Pallas (Mosaic) flash kernels (pallas_tpu.py): the same three, with TPU
                 layouts and block skipping from scalar-prefetched block ranges.
 
-Both Pallas kernels return the lse the ring merges through, build their masks from segment
+`pair_forward` / `pair_backward` run one chunk pair with the kernel a `TileConfig` names;
+blockwise attention and the ring call them. Both Pallas kernels return the lse the ring merges
+through, build their masks from segment
 ids / original indices / S² groups (`block_mask`, so every ring layout and step), skip the
 blocks the mask empties and do GQA without repeating K/V. On their platform they compile
 (Triton / Mosaic); on any other backend they run in Pallas' interpreter (slow: for tests).
@@ -79,4 +81,39 @@ def check_vma(kernel: Optional[str]) -> bool:
   return not (kernel in _PLATFORMS and interpret(kernel))
 
 
-__all__ = ["KERNELS", "block_mask", "check_kernel", "check_vma", "interpret"]
+def _pallas(cfg, q_BCHD, k_BSKD):
+  """The Pallas kernel module of `cfg.kernel` and its keyword arguments; checks the blocks."""
+  c, s, d = q_BCHD.shape[1], k_BSKD.shape[1], q_BCHD.shape[3]
+  if cfg.kernel == "pallas_gpu":
+    from longctx.attention.kernels import pallas_gpu as module
+    module.check_blocks(c, s, d, cfg.block_q, cfg.block_k)
+  else:
+    from longctx.attention.kernels import pallas_tpu as module
+    module.check_blocks(c, s, cfg.block_q, cfg.block_k)
+  return module, dict(spec=cfg.spec, scale=cfg.scale, block_q=cfg.block_q, block_k=cfg.block_k,
+                      interpret=interpret(cfg.kernel))
+
+
+def pair_forward(cfg, q_BCHD, k_BSKD, v_BSKD, mq, mk):
+  """(out_BCHD, lse_BCH), float32, of a query chunk against a key chunk (metadata mq, mk:
+  `blockwise.TokenMeta`), by `cfg.kernel` (cfg: `blockwise.TileConfig`)."""
+  if cfg.kernel != "blockwise":
+    module, kw = _pallas(cfg, q_BCHD, k_BSKD)
+    return module.chunk_forward(q_BCHD, k_BSKD, v_BSKD, mq, mk, **kw)
+  from longctx.attention.blockwise import chunk_forward
+  return chunk_forward(cfg, q_BCHD, k_BSKD, v_BSKD, mq, mk)[:2]
+
+
+def pair_backward(cfg, q_BCHD, k_BSKD, v_BSKD, do_BCHD, lse_BCH, delta_BCH, mq, mk):
+  """(dq, dk, dv), float32, of a query chunk against a key chunk, by `cfg.kernel`; lse_BCH is
+  the final log-sum-exp (see `blockwise.chunk_backward`)."""
+  if cfg.kernel != "blockwise":
+    module, kw = _pallas(cfg, q_BCHD, k_BSKD)
+    return module.chunk_backward(q_BCHD, k_BSKD, v_BSKD, do_BCHD, lse_BCH, delta_BCH, mq, mk,
+                                 **kw)
+  from longctx.attention.blockwise import chunk_backward
+  return chunk_backward(cfg, q_BCHD, k_BSKD, v_BSKD, do_BCHD, lse_BCH, delta_BCH, mq, mk)
+
+
+__all__ = ["KERNELS", "block_mask", "check_kernel", "check_vma", "interpret", "pair_backward",
+           "pair_forward"]
