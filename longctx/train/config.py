@@ -82,7 +82,8 @@ class MeshConfig:
 class AttentionConfig:
   """impl and layout; block_*: the attention tile sizes, forward (block_q × block_k) and
   backward (None, 0 in a config dict = the defaults of `attention.blockwise.tile_config`);
-  kernel: the inner kernel (`attention.kernels.KERNELS`: "blockwise", or "pallas_gpu" on GPU).
+  kernel: the inner kernel (`attention.kernels.KERNELS`: "blockwise"; "pallas_gpu" on GPUs,
+  "pallas_tpu" on TPUs, with impl "ring" only).
   """
   impl: AttentionImpl = AttentionImpl.RING
   layout: str = "zigzag"
