@@ -210,7 +210,7 @@ def tile_sweep(args):
           f"| {r['matmul'] / 1e9:.1f} |", flush=True)
 
 
-def main():
+def parse_args():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
   ap.add_argument("--heads", type=int, default=8)
@@ -234,81 +234,66 @@ def main():
                   help="only time blockwise at the criterion L in a 1-device process for each "
                        "forward/backward tile setting, e.g. 512x512/512x512 1024x512/512x512")
   ap.add_argument(_WORKER, action="store_true", help=argparse.SUPPRESS)
-  args = ap.parse_args()
-  h, kh, d, block = args.heads, args.kv_heads, args.head_dim, args.block
-  if getattr(args, _WORKER.strip("-").replace("-", "_")):
-    blocks = [parse_tiles(t) for t in args.tile_sweep] or [block]
-    single_device_worker(args.lengths, h, kh, d, blocks, args.repeats)
-    return
-  if args.tile_sweep:
-    tile_sweep(args)
-    return
-  p = 8
-  mesh = Mesh(np.array(jax.devices()[:p]), ("seq",))
-  peer = load_peer() if h == kh else None
-  if h != kh:
-    print("# peer ringattention skipped: it cannot do GQA (Hq != Hkv)")
-  tiles = (f"{BLOCK_Q}x{BLOCK_K} fwd, {BLOCK_Q_BWD}x{BLOCK_K_BWD} bwd (defaults)" if block is None
-           else f"{block}x{block}")
-  print(f"# devices: {len(jax.devices())} x {jax.devices()[0].platform}; Hq={h} Hkv={kh} D={d} "
-        f"B=1 float32 causal; ours: tiles {tiles}; peer: chunks {args.peer_blocks}; "
-        f"best of {args.repeats}")
-  print("| L | impl | fwd+bwd s | fwd s | bwd/fwd | GFLOP/s (fwd+bwd) | per-device MiB | "
-        "permute MiB (fwd+bwd) |")
-  print("|---|---|---|---|---|---|---|---|")
-  rng = np.random.default_rng(0)
-  summary = []
-  for l in args.lengths:
-    q = jnp.asarray(rng.normal(size=(1, l, h, d)), jnp.float32)
-    k = jnp.asarray(rng.normal(size=(1, l, kh, d)), jnp.float32)
-    v = jnp.asarray(rng.normal(size=(1, l, kh, d)), jnp.float32)
-    seg = jnp.ones((1, l), jnp.int32)
-    shard = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
-    runs = []  # (name, fwd+bwd fn, fwd fn or None, args, is_ring)
-    for layout in Layout:
-      qp, kp, vp = (jnp.take(x, layout.permutation(l, p), axis=1) for x in (q, k, v))
-      a = (shard(qp, ACT), shard(kp, ACT), shard(vp, ACT), shard(seg, TOK),
-           shard(original_index(layout, 1, l, p), TOK))
-      fwd = jax.jit(ring_fn(mesh, layout, block, grad=False)) if layout is Layout.ZIGZAG else None
-      runs.append((f"ring {layout.value}", jax.jit(ring_fn(mesh, layout, block)), fwd, a, True))
-    if peer is not None:
-      a = (shard(q, ACT), shard(k, ACT), shard(v, ACT), shard(seg, TOK))
-      for pb in (args.peer_blocks if l == args.criterion_len else args.peer_blocks[:1]):
-        runs.append((f"peer ringattention (chunk {pb})", jax.jit(peer_fn(peer, mesh, pb)),
-                     jax.jit(peer_fn(peer, mesh, pb, grad=False)), a, True))
-    one = jax.devices()[0]
-    a1 = tuple(jax.device_put(x, one) for x in (q, k, v))
-    if l <= args.blockwise_max_len:
-      runs.append(("blockwise 1 of 8 emulated devices", jax.jit(blockwise_fn(block)),
-                   jax.jit(blockwise_fn(block, grad=False)), a1, False))
-    if l <= args.dense_max_len:
-      runs.append(("dense 1 device", jax.jit(jax.grad(loss_of(dense_attention), (0, 1, 2))), None,
-                   a1, False))
-    times = {}
-    for name, fn, fwd, a, is_ring in runs:
-      if l > args.full_max_len and not name.startswith(("ring zigzag", "peer", "blockwise")):
-        continue
-      try:
-        mm_before = matmul_flops_per_s() if name.startswith("blockwise") else None
-        compiled, secs, mem = timed(fn, a, args.repeats)
-        fsecs = best_seconds(fwd.lower(*a).compile(), a, args.repeats) if fwd is not None else None
-        if mm_before is not None:  # the yardstick, measured around the run: the larger counts
-          times["matmul"] = max(mm_before, matmul_flops_per_s())
-      except Exception as e:  # noqa: BLE001 - report and go on with the other implementations
-        print(f"| {l} | {name} | failed: {type(e).__name__}: {str(e)[:120]} | | | | | |")
-        continue
-      times[name] = secs
-      cp = collective_permute_bytes(compiled.as_text()) / 2 ** 20 if is_ring else 0.0
-      ftxt = f"{fsecs:.2f} | {(secs - fsecs) / fsecs:.2f}" if fsecs else " | "
-      print(f"| {l} | {name} | {secs:.2f} | {ftxt} | {flops(l, h, d) / secs / 1e9:.1f} | "
-            f"{mem / 2 ** 20:.1f} | {cp:.2f} |", flush=True)
-    summary.append((l, times))
-  single = {r["l"]: r for r in run_single_device(
-      [l for l in args.lengths if l <= args.blockwise_max_len], args)}
-  for l, r in single.items():
-    print(f"| {l} | blockwise, 1-device process | {r['secs']:.2f} | {r['fsecs']:.2f} | "
-          f"{(r['secs'] - r['fsecs']) / r['fsecs']:.2f} | {flops(l, h, d) / r['secs'] / 1e9:.1f} | "
-          f"{r['mem'] / 2 ** 20:.1f} | 0.00 |", flush=True)
+  return ap.parse_args()
+
+
+def runs_at(l, args, mesh, peer, rng):
+  """The implementations timed at length l: (name, fwd+bwd fn, fwd fn or None, args, is_ring)."""
+  h, kh, d, block, p = args.heads, args.kv_heads, args.head_dim, args.block, mesh.shape["seq"]
+  q = jnp.asarray(rng.normal(size=(1, l, h, d)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(1, l, kh, d)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(1, l, kh, d)), jnp.float32)
+  seg = jnp.ones((1, l), jnp.int32)
+  shard = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+  runs = []
+  for layout in Layout:
+    qp, kp, vp = (jnp.take(x, layout.permutation(l, p), axis=1) for x in (q, k, v))
+    a = (shard(qp, ACT), shard(kp, ACT), shard(vp, ACT), shard(seg, TOK),
+         shard(original_index(layout, 1, l, p), TOK))
+    fwd = jax.jit(ring_fn(mesh, layout, block, grad=False)) if layout is Layout.ZIGZAG else None
+    runs.append((f"ring {layout.value}", jax.jit(ring_fn(mesh, layout, block)), fwd, a, True))
+  if peer is not None:
+    a = (shard(q, ACT), shard(k, ACT), shard(v, ACT), shard(seg, TOK))
+    for pb in (args.peer_blocks if l == args.criterion_len else args.peer_blocks[:1]):
+      runs.append((f"peer ringattention (chunk {pb})", jax.jit(peer_fn(peer, mesh, pb)),
+                   jax.jit(peer_fn(peer, mesh, pb, grad=False)), a, True))
+  a1 = tuple(jax.device_put(x, jax.devices()[0]) for x in (q, k, v))
+  if l <= args.blockwise_max_len:
+    runs.append(("blockwise 1 of 8 emulated devices", jax.jit(blockwise_fn(block)),
+                 jax.jit(blockwise_fn(block, grad=False)), a1, False))
+  if l <= args.dense_max_len:
+    runs.append(("dense 1 device", jax.jit(jax.grad(loss_of(dense_attention), (0, 1, 2))), None,
+                 a1, False))
+  if l > args.full_max_len:
+    runs = [r for r in runs if r[0].startswith(("ring zigzag", "peer", "blockwise"))]
+  return runs
+
+
+def measure(l, runs, args):
+  """Times each run, prints its table row; returns {name: fwd+bwd seconds, "matmul": FLOP/s}."""
+  times = {}
+  for name, fn, fwd, a, is_ring in runs:
+    try:
+      mm_before = matmul_flops_per_s() if name.startswith("blockwise") else None
+      compiled, secs, mem = timed(fn, a, args.repeats)
+      fsecs = best_seconds(fwd.lower(*a).compile(), a, args.repeats) if fwd is not None else None
+      if mm_before is not None:  # the yardstick, measured around the run: the larger counts
+        times["matmul"] = max(mm_before, matmul_flops_per_s())
+    except Exception as e:  # noqa: BLE001 - report and go on with the other implementations
+      print(f"| {l} | {name} | failed: {type(e).__name__}: {str(e)[:120]} | | | | | |")
+      continue
+    times[name] = secs
+    cp = collective_permute_bytes(compiled.as_text()) / 2 ** 20 if is_ring else 0.0
+    ftxt = f"{fsecs:.2f} | {(secs - fsecs) / fsecs:.2f}" if fsecs else " | "
+    print(f"| {l} | {name} | {secs:.2f} | {ftxt} | "
+          f"{flops(l, args.heads, args.head_dim) / secs / 1e9:.1f} | {mem / 2 ** 20:.1f} | "
+          f"{cp:.2f} |", flush=True)
+  return times
+
+
+def criterion_lines(summary, single, args):
+  """The issue's speed criterion per L, from the table's timings and the 1-device runs."""
+  h, d = args.heads, args.head_dim
   print("\n# speed criterion (issue 3): ring fwd+bwd >= 1.5x faster than the peer (its best "
         "chunk); blockwise >= 50% of the float32 2048^2 matmul FLOP/s measured around it in the "
         "same process (larger of before/after)")
@@ -327,9 +312,41 @@ def main():
       bw = flops(l, h, d) / r["secs"]
       parts.append(f"in a 1-device process {bw / 1e9:.1f} GFLOP/s vs matmul "
                    f"{r['matmul'] / 1e9:.1f} = {100 * bw / r['matmul']:.0f}%")
-    line = f"# L={l}: " + "; ".join(parts)
-    line += "  <- criterion L" if l == args.criterion_len else ""
-    print(line)
+    print(f"# L={l}: " + "; ".join(parts)
+          + ("  <- criterion L" if l == args.criterion_len else ""))
+
+
+def main():
+  args = parse_args()
+  h, kh, d, block = args.heads, args.kv_heads, args.head_dim, args.block
+  if getattr(args, _WORKER.strip("-").replace("-", "_")):
+    blocks = [parse_tiles(t) for t in args.tile_sweep] or [block]
+    single_device_worker(args.lengths, h, kh, d, blocks, args.repeats)
+    return
+  if args.tile_sweep:
+    tile_sweep(args)
+    return
+  mesh = Mesh(np.array(jax.devices()[:8]), ("seq",))
+  peer = load_peer() if h == kh else None
+  if h != kh:
+    print("# peer ringattention skipped: it cannot do GQA (Hq != Hkv)")
+  tiles = (f"{BLOCK_Q}x{BLOCK_K} fwd, {BLOCK_Q_BWD}x{BLOCK_K_BWD} bwd (defaults)" if block is None
+           else f"{block}x{block}")
+  print(f"# devices: {len(jax.devices())} x {jax.devices()[0].platform}; Hq={h} Hkv={kh} D={d} "
+        f"B=1 float32 causal; ours: tiles {tiles}; peer: chunks {args.peer_blocks}; "
+        f"best of {args.repeats}")
+  print("| L | impl | fwd+bwd s | fwd s | bwd/fwd | GFLOP/s (fwd+bwd) | per-device MiB | "
+        "permute MiB (fwd+bwd) |")
+  print("|---|---|---|---|---|---|---|---|")
+  rng = np.random.default_rng(0)
+  summary = [(l, measure(l, runs_at(l, args, mesh, peer, rng), args)) for l in args.lengths]
+  single = {r["l"]: r for r in run_single_device(
+      [l for l in args.lengths if l <= args.blockwise_max_len], args)}
+  for l, r in single.items():
+    print(f"| {l} | blockwise, 1-device process | {r['secs']:.2f} | {r['fsecs']:.2f} | "
+          f"{(r['secs'] - r['fsecs']) / r['fsecs']:.2f} | {flops(l, h, d) / r['secs'] / 1e9:.1f} | "
+          f"{r['mem'] / 2 ** 20:.1f} | 0.00 |", flush=True)
+  criterion_lines(summary, single, args)
   l = args.lengths[0]
   print(f"\n# tiles computed per device (forward, causal, L={l}, tiles {tiles}): "
         "layout: per device, max/mean")
@@ -342,7 +359,6 @@ def main():
     mem = memory_at_fixed_chunk(c, h, kh, d, block)
     print(f"# c={c}: " + ", ".join(f"{m / 2 ** 20:.1f}" for m in mem.values())
           + f", max/min {max(mem.values()) / min(mem.values()):.3f}")
-
 
 if __name__ == "__main__":
   main()
