@@ -110,7 +110,7 @@ def test_pallas_kernel_in_the_trainer(monkeypatch):
   from longctx.attention.kernels import pallas_gpu as module
   kernel, block = "pallas_gpu", 16
   calls = []
-  for name in ("chunk_forward", "chunk_backward"):
+  for name in ("forward_for", "backward_for"):
     fn = getattr(module, name)
     monkeypatch.setattr(module, name, lambda *a, _fn=fn, _n=name, **k: (
         calls.append(_n), _fn(*a, **k))[1])
@@ -118,7 +118,7 @@ def test_pallas_kernel_in_the_trainer(monkeypatch):
   with pytest.warns(UserWarning, match="Pallas' interpreter"):
     loss, grads, _ = _grads_on({"data": 2, "seq": 4}, AttentionConfig(
         AttentionImpl.RING, "zigzag", block, block, kernel=kernel))
-  assert set(calls) == {"chunk_forward", "chunk_backward"}
+  assert set(calls) == {"forward_for", "backward_for"}
   assert abs(loss - ref_loss) <= 1e-5
   for path, g in jax.tree_util.tree_leaves_with_path(grads):
     ref = dict(jax.tree_util.tree_leaves_with_path(ref_grads))[path]

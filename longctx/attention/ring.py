@@ -36,7 +36,7 @@ from longctx.attention.blockwise import (TileConfig, TokenMeta, key_tiles, merge
                                          softmax_finish, softmax_init, tie_inputs, tile_config,
                                          tiled_backward, tiled_forward, untile_heads, untile_kv_t,
                                          untile_rows, varying_like)
-from longctx.attention.kernels import pair_backward, pair_forward
+from longctx.attention.kernels import query_backward, query_forward
 from longctx.attention.reference import MaskSpec, check_inputs, default_scale
 
 
@@ -131,14 +131,14 @@ def _ring_backward(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, meta: To
 
 
 def _ring_forward_pairs(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, meta: TokenMeta):
-  """The forward ring for a kernel that attends whole chunk pairs (`kernels.pair_forward`:
+  """The forward ring for a kernel that attends whole chunk pairs (`kernels.query_forward`:
   the Pallas kernels): each step's normalised output merges through the lse. The third result,
   tiles computed, is −1: these kernels do not count them (`ring_tiles_computed` uses the
   pure-JAX kernel)."""
+  attend_kv = query_forward(cfg, q_BCHD, meta)  # the query side laid out once, not per step
+
   def attend(state, kt):
-    k, v, mk = kt
-    o_s, lse_s = pair_forward(cfg, q_BCHD, k, v, meta, mk)
-    return merge_partials(*state, o_s, lse_s)
+    return merge_partials(*state, *attend_kv(*kt))
 
   b, c, h, _ = q_BCHD.shape
   init = (varying_like(jnp.zeros(q_BCHD.shape, jnp.float32), q_BCHD),
@@ -149,10 +149,11 @@ def _ring_forward_pairs(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, met
 
 def _ring_backward_pairs(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, meta: TokenMeta,
                          do_BCHD, lse_BCH, delta_BCH):
-  """The backward ring for a chunk-pair kernel (`kernels.pair_backward`)."""
+  """The backward ring for a chunk-pair kernel (`kernels.query_backward`)."""
+  grads_kv = query_backward(cfg, q_BCHD, do_BCHD, lse_BCH, delta_BCH, meta)  # laid out once
+
   def attend(dq, kt, dkv):
-    k, v, mk = kt
-    dq_s, dk_s, dv_s = pair_backward(cfg, q_BCHD, k, v, do_BCHD, lse_BCH, delta_BCH, meta, mk)
+    dq_s, dk_s, dv_s = grads_kv(*kt)
     return dq + dq_s, (dkv[0] + dk_s, dkv[1] + dv_s)
 
   zeros = varying_like(jnp.zeros(k_BCKD.shape, jnp.float32), q_BCHD)

@@ -10,12 +10,14 @@ chosen by name (`TileConfig.kernel`, the `kernel=` argument of the attention fun
   "pallas_tpu"  Pallas (Mosaic) flash kernels (pallas_tpu.py): the same three, with TPU
                 layouts and block skipping from scalar-prefetched block ranges.
 
-`pair_forward` / `pair_backward` run one chunk pair with the kernel a `TileConfig` names;
-blockwise attention and the ring call them. Both Pallas kernels return the lse the ring merges
-through, build their masks from segment
-ids / original indices / S² groups (`block_mask`, so every ring layout and step), skip the
-blocks the mask empties and do GQA without repeating K/V. On their platform they compile
-(Triton / Mosaic); on any other backend they run in Pallas' interpreter (slow: for tests).
+`query_forward` / `query_backward` lay out a query chunk (and its cotangent and statistics)
+once for the kernel a `TileConfig` names and return a function of a key chunk, so the ring
+does that work once per layer, not once per step; `pair_forward` / `pair_backward` are the
+one-shot forms blockwise attention uses. Both Pallas kernels return the lse the ring merges
+through, build their masks from segment ids / original indices / S² groups (`block_mask`, so
+every ring layout and step), skip the blocks the mask empties and do GQA without repeating K/V.
+On their platform they compile (Triton / Mosaic); on any other backend they run in Pallas'
+interpreter (slow: for tests).
 Their values and gradients are tested against the dense oracle and the pure-JAX kernel in
 interpret mode, and their lowering for CUDA / TPU is tested on CPU; neither has run on a GPU
 or TPU yet, so they are opt-in, never picked automatically. On a GPU,
@@ -81,39 +83,59 @@ def check_vma(kernel: Optional[str]) -> bool:
   return not (kernel in _PLATFORMS and interpret(kernel))
 
 
-def _pallas(cfg, q_BCHD, k_BSKD):
-  """The Pallas kernel module of `cfg.kernel` and its keyword arguments; checks the blocks."""
-  c, s, d = q_BCHD.shape[1], k_BSKD.shape[1], q_BCHD.shape[3]
+def out_struct(shape, like):
+  """A float32 pallas_call output shape that varies over the same mesh axes as `like` (inside
+  `jax.shard_map` with check_vma, pallas_call needs to be told)."""
+  import jax.numpy as jnp
+  mat = getattr(jax.typeof(like), "manual_axis_type", None)
+  if mat is None:
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+  return jax.ShapeDtypeStruct(shape, jnp.float32, manual_axis_type=mat)
+
+
+def _pallas(cfg, q_BCHD):
+  """The Pallas kernel module of `cfg.kernel` and its keyword arguments; checks the blocks
+  (key chunks are as long as query chunks: self-attention)."""
+  c, d = q_BCHD.shape[1], q_BCHD.shape[3]
   if cfg.kernel == "pallas_gpu":
     from longctx.attention.kernels import pallas_gpu as module
-    module.check_blocks(c, s, d, cfg.block_q, cfg.block_k)
+    module.check_blocks(c, c, d, cfg.block_q, cfg.block_k)
   else:
     from longctx.attention.kernels import pallas_tpu as module
-    module.check_blocks(c, s, cfg.block_q, cfg.block_k)
+    module.check_blocks(c, c, cfg.block_q, cfg.block_k)
   return module, dict(spec=cfg.spec, scale=cfg.scale, block_q=cfg.block_q, block_k=cfg.block_k,
                       interpret=interpret(cfg.kernel))
 
 
-def pair_forward(cfg, q_BCHD, k_BSKD, v_BSKD, mq, mk):
-  """(out_BCHD, lse_BCH), float32, of a query chunk against a key chunk (metadata mq, mk:
-  `blockwise.TokenMeta`), by `cfg.kernel` (cfg: `blockwise.TileConfig`)."""
+def query_forward(cfg, q_BCHD, mq):
+  """attend(k_BSKD, v_BSKD, mk) -> (out_BCHD, lse_BCH), float32, of this query chunk (metadata
+  mq: `blockwise.TokenMeta`) against a key chunk, by `cfg.kernel` (`blockwise.TileConfig`)."""
   if cfg.kernel != "blockwise":
-    module, kw = _pallas(cfg, q_BCHD, k_BSKD)
-    return module.chunk_forward(q_BCHD, k_BSKD, v_BSKD, mq, mk, **kw)
+    module, kw = _pallas(cfg, q_BCHD)
+    return module.forward_for(q_BCHD, mq, **kw)
   from longctx.attention.blockwise import chunk_forward
-  return chunk_forward(cfg, q_BCHD, k_BSKD, v_BSKD, mq, mk)[:2]
+  return lambda k, v, mk: chunk_forward(cfg, q_BCHD, k, v, mq, mk)[:2]
+
+
+def query_backward(cfg, q_BCHD, do_BCHD, lse_BCH, delta_BCH, mq):
+  """grads(k_BSKD, v_BSKD, mk) -> (dq, dk, dv), float32, of this query chunk against a key
+  chunk, by `cfg.kernel`; lse_BCH is the final log-sum-exp (see `blockwise.chunk_backward`)."""
+  if cfg.kernel != "blockwise":
+    module, kw = _pallas(cfg, q_BCHD)
+    return module.backward_for(q_BCHD, do_BCHD, lse_BCH, delta_BCH, mq, **kw)
+  from longctx.attention.blockwise import chunk_backward
+  return lambda k, v, mk: chunk_backward(cfg, q_BCHD, k, v, do_BCHD, lse_BCH, delta_BCH, mq, mk)
+
+
+def pair_forward(cfg, q_BCHD, k_BSKD, v_BSKD, mq, mk):
+  """(out_BCHD, lse_BCH), float32, of a query chunk against a key chunk (`query_forward`)."""
+  return query_forward(cfg, q_BCHD, mq)(k_BSKD, v_BSKD, mk)
 
 
 def pair_backward(cfg, q_BCHD, k_BSKD, v_BSKD, do_BCHD, lse_BCH, delta_BCH, mq, mk):
-  """(dq, dk, dv), float32, of a query chunk against a key chunk, by `cfg.kernel`; lse_BCH is
-  the final log-sum-exp (see `blockwise.chunk_backward`)."""
-  if cfg.kernel != "blockwise":
-    module, kw = _pallas(cfg, q_BCHD, k_BSKD)
-    return module.chunk_backward(q_BCHD, k_BSKD, v_BSKD, do_BCHD, lse_BCH, delta_BCH, mq, mk,
-                                 **kw)
-  from longctx.attention.blockwise import chunk_backward
-  return chunk_backward(cfg, q_BCHD, k_BSKD, v_BSKD, do_BCHD, lse_BCH, delta_BCH, mq, mk)
+  """(dq, dk, dv), float32, of a query chunk against a key chunk (`query_backward`)."""
+  return query_backward(cfg, q_BCHD, do_BCHD, lse_BCH, delta_BCH, mq)(k_BSKD, v_BSKD, mk)
 
 
-__all__ = ["KERNELS", "block_mask", "check_kernel", "check_vma", "interpret", "pair_backward",
-           "pair_forward"]
+__all__ = ["KERNELS", "block_mask", "check_kernel", "check_vma", "interpret", "out_struct",
+           "pair_backward", "pair_forward", "query_backward", "query_forward"]

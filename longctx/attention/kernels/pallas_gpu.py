@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from longctx.attention.kernels import block_mask
+from longctx.attention.kernels import block_mask, out_struct as _out
 from longctx.attention.reference import MaskSpec
 
 _NEG = -1e30  # finite "minus infinity" for masked scores: exp underflows to 0, no inf − inf
@@ -139,15 +138,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, iq_ref, sq_ref,
   dk_ref[...], dv_ref[...] = lax.fori_loop(0, q_ref.shape[0] // block_q, body, carry)
 
 
-def _out(shape, like):
-  """A float32 output shape that varies over the same mesh axes as `like` (inside
-  `jax.shard_map` with check_vma, pallas_call needs to be told)."""
-  mat = getattr(jax.typeof(like), "manual_axis_type", None)
-  if mat is None:
-    return jax.ShapeDtypeStruct(shape, jnp.float32)
-  return jax.ShapeDtypeStruct(shape, jnp.float32, manual_axis_type=mat)
-
-
 def _params(d):
   return plgpu.CompilerParams(num_warps=4 if d <= 64 else 8, num_stages=2)
 
@@ -163,65 +153,83 @@ def check_blocks(c: int, s: int, d: int, block_q: int, block_k: int):
     raise ValueError(f"pallas_gpu kernel: head_dim={d} must be a power of two >= 16 (Triton)")
 
 
-def chunk_forward(q_BCHD, k_BSKD, v_BSKD, mq, mk, *, spec: MaskSpec, scale: float, block_q: int,
-                  block_k: int, interpret: bool = False):
-  """(out_BCHD, lse_BCH), float32, of a query chunk attending a key chunk (mq, mk: TokenMeta)."""
+def forward_for(q_BCHD, mq, *, spec: MaskSpec, scale: float, block_q: int, block_k: int,
+                interpret: bool = False):
+  """attend(k_BSKD, v_BSKD, mk) -> (out_BCHD, lse_BCH), float32, of this query chunk (mq, mk:
+  TokenMeta) against a key chunk."""
   b, c, h, d = q_BCHD.shape
-  s, kh = k_BSKD.shape[1], k_BSKD.shape[2]
-  g = h // kh
   kernel = functools.partial(_forward_kernel, spec=spec, scale=scale, block_k=block_k)
   qspec = pl.BlockSpec((None, block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0))
-  kvspec = pl.BlockSpec((None, s, None, d), lambda i, bi, hi: (bi, 0, hi // g, 0))
   mqspec = pl.BlockSpec((None, block_q), lambda i, bi, hi: (bi, i))
-  mkspec = pl.BlockSpec((None, s), lambda i, bi, hi: (bi, 0))
-  o, lse_BHC = pl.pallas_call(
-      kernel, grid=(c // block_q, b, h),
-      in_specs=[qspec, kvspec, kvspec, mqspec, mqspec, mkspec, mkspec],
-      out_specs=[qspec, pl.BlockSpec((None, None, block_q), lambda i, bi, hi: (bi, hi, i))],
-      out_shape=[_out((b, c, h, d), q_BCHD), _out((b, h, c), q_BCHD)],
-      compiler_params=_params(d), interpret=interpret, name="longctx_flash_forward",
-  )(q_BCHD, k_BSKD, v_BSKD, mq.index, mq.segment, mk.index, mk.segment)
-  return o, jnp.swapaxes(lse_BHC, 1, 2)
+
+  def attend(k_BSKD, v_BSKD, mk):
+    s, kh = k_BSKD.shape[1], k_BSKD.shape[2]
+    g = h // kh
+    kvspec = pl.BlockSpec((None, s, None, d), lambda i, bi, hi: (bi, 0, hi // g, 0))
+    mkspec = pl.BlockSpec((None, s), lambda i, bi, hi: (bi, 0))
+    o, lse_BHC = pl.pallas_call(
+        kernel, grid=(c // block_q, b, h),
+        in_specs=[qspec, kvspec, kvspec, mqspec, mqspec, mkspec, mkspec],
+        out_specs=[qspec, pl.BlockSpec((None, None, block_q), lambda i, bi, hi: (bi, hi, i))],
+        out_shape=[_out((b, c, h, d), q_BCHD), _out((b, h, c), q_BCHD)],
+        compiler_params=_params(d), interpret=interpret, name="longctx_flash_forward",
+    )(q_BCHD, k_BSKD, v_BSKD, mq.index, mq.segment, mk.index, mk.segment)
+    return o, jnp.swapaxes(lse_BHC, 1, 2)
+  return attend
 
 
-def chunk_backward(q_BCHD, k_BSKD, v_BSKD, do_BCHD, lse_BCH, delta_BCH, mq, mk, *,
-                   spec: MaskSpec, scale: float, block_q: int, block_k: int,
-                   interpret: bool = False):
-  """(dq_BCHD, dk_BSKD, dv_BSKD), float32; lse_BCH is the final lse (−inf rows allowed)."""
+def backward_for(q_BCHD, do_BCHD, lse_BCH, delta_BCH, mq, *, spec: MaskSpec, scale: float,
+                 block_q: int, block_k: int, interpret: bool = False):
+  """grads(k_BSKD, v_BSKD, mk) -> (dq_BCHD, dk_BSKD, dv_BSKD), float32, of this query chunk
+  against a key chunk; lse_BCH is the final lse (−inf rows allowed). The query side (do in q's
+  dtype, lse and delta head-major) is prepared once, here."""
   b, c, h, d = q_BCHD.shape
-  s, kh = k_BSKD.shape[1], k_BSKD.shape[2]
-  g = h // kh
   do_BCHD = do_BCHD.astype(q_BCHD.dtype)
   lse_BHC = jnp.swapaxes(jnp.where(jnp.isneginf(lse_BCH), 0.0, lse_BCH), 1, 2)
   delta_BHC = jnp.swapaxes(delta_BCH.astype(jnp.float32), 1, 2)
-  metas = (mq.index, mq.segment, mk.index, mk.segment)
-
   qspec = pl.BlockSpec((None, block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0))
-  kvspec = pl.BlockSpec((None, s, None, d), lambda i, bi, hi: (bi, 0, hi // g, 0))
   rowspec = pl.BlockSpec((None, None, block_q), lambda i, bi, hi: (bi, hi, i))
   mqspec = pl.BlockSpec((None, block_q), lambda i, bi, hi: (bi, i))
-  mkspec = pl.BlockSpec((None, s), lambda i, bi, hi: (bi, 0))
-  dq = pl.pallas_call(
-      functools.partial(_dq_kernel, spec=spec, scale=scale, block_k=block_k),
-      grid=(c // block_q, b, h),
-      in_specs=[qspec, kvspec, kvspec, qspec, rowspec, rowspec, mqspec, mqspec, mkspec, mkspec],
-      out_specs=qspec, out_shape=_out((b, c, h, d), q_BCHD),
-      compiler_params=_params(d), interpret=interpret, name="longctx_flash_dq",
-  )(q_BCHD, k_BSKD, v_BSKD, do_BCHD, lse_BHC, delta_BHC, *metas)
-
-  # dk/dv: one program per (key block, batch row, kv head); it reads the G query heads of its
-  # group (heads kv·G .. kv·G + G − 1) whole along C
-  qgspec = pl.BlockSpec((None, c, g, d), lambda j, bi, ki: (bi, 0, ki, 0))
-  rowgspec = pl.BlockSpec((None, g, c), lambda j, bi, ki: (bi, ki, 0))
-  kspec = pl.BlockSpec((None, block_k, None, d), lambda j, bi, ki: (bi, j, ki, 0))
   mqall = pl.BlockSpec((None, c), lambda j, bi, ki: (bi, 0))
-  mkblk = pl.BlockSpec((None, block_k), lambda j, bi, ki: (bi, j))
-  dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, spec=spec, scale=scale, block_q=block_q, groups=g),
-      grid=(s // block_k, b, kh),
-      in_specs=[qgspec, kspec, kspec, qgspec, rowgspec, rowgspec, mqall, mqall, mkblk, mkblk],
-      out_specs=[kspec, kspec],
-      out_shape=[_out((b, s, kh, d), q_BCHD)] * 2,
-      compiler_params=_params(d), interpret=interpret, name="longctx_flash_dkv",
-  )(q_BCHD, k_BSKD, v_BSKD, do_BCHD, lse_BHC, delta_BHC, *metas)
-  return dq, dk, dv
+
+  def grads(k_BSKD, v_BSKD, mk):
+    s, kh = k_BSKD.shape[1], k_BSKD.shape[2]
+    g = h // kh
+    metas = (mq.index, mq.segment, mk.index, mk.segment)
+    kvspec = pl.BlockSpec((None, s, None, d), lambda i, bi, hi: (bi, 0, hi // g, 0))
+    mkspec = pl.BlockSpec((None, s), lambda i, bi, hi: (bi, 0))
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, spec=spec, scale=scale, block_k=block_k),
+        grid=(c // block_q, b, h),
+        in_specs=[qspec, kvspec, kvspec, qspec, rowspec, rowspec, mqspec, mqspec, mkspec,
+                  mkspec],
+        out_specs=qspec, out_shape=_out((b, c, h, d), q_BCHD),
+        compiler_params=_params(d), interpret=interpret, name="longctx_flash_dq",
+    )(q_BCHD, k_BSKD, v_BSKD, do_BCHD, lse_BHC, delta_BHC, *metas)
+
+    # dk/dv: one program per (key block, batch row, kv head); it reads the G query heads of its
+    # group (heads kv·G .. kv·G + G − 1) whole along C
+    qgspec = pl.BlockSpec((None, c, g, d), lambda j, bi, ki: (bi, 0, ki, 0))
+    rowgspec = pl.BlockSpec((None, g, c), lambda j, bi, ki: (bi, ki, 0))
+    kspec = pl.BlockSpec((None, block_k, None, d), lambda j, bi, ki: (bi, j, ki, 0))
+    mkblk = pl.BlockSpec((None, block_k), lambda j, bi, ki: (bi, j))
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, spec=spec, scale=scale, block_q=block_q, groups=g),
+        grid=(s // block_k, b, kh),
+        in_specs=[qgspec, kspec, kspec, qgspec, rowgspec, rowgspec, mqall, mqall, mkblk, mkblk],
+        out_specs=[kspec, kspec],
+        out_shape=[_out((b, s, kh, d), q_BCHD)] * 2,
+        compiler_params=_params(d), interpret=interpret, name="longctx_flash_dkv",
+    )(q_BCHD, k_BSKD, v_BSKD, do_BCHD, lse_BHC, delta_BHC, *metas)
+    return dq, dk, dv
+  return grads
+
+
+def chunk_forward(q_BCHD, k_BSKD, v_BSKD, mq, mk, **kw):
+  """(out_BCHD, lse_BCH), float32, of a query chunk attending a key chunk (`forward_for`)."""
+  return forward_for(q_BCHD, mq, **kw)(k_BSKD, v_BSKD, mk)
+
+
+def chunk_backward(q_BCHD, k_BSKD, v_BSKD, do_BCHD, lse_BCH, delta_BCH, mq, mk, **kw):
+  """(dq_BCHD, dk_BSKD, dv_BSKD), float32 (`backward_for`)."""
+  return backward_for(q_BCHD, do_BCHD, lse_BCH, delta_BCH, mq, **kw)(k_BSKD, v_BSKD, mk)

@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from longctx.attention.kernels import block_mask
+from longctx.attention.kernels import block_mask, out_struct as _out
 from longctx.attention.reference import MaskSpec
 
 LANES, SUBLANES = 128, 8
@@ -171,13 +170,6 @@ def _rows(x_BCH):
   return jnp.broadcast_to(x[..., None], x.shape + (LANES,))
 
 
-def _out(shape, like):
-  mat = getattr(jax.typeof(like), "manual_axis_type", None)
-  if mat is None:
-    return jax.ShapeDtypeStruct(shape, jnp.float32)
-  return jax.ShapeDtypeStruct(shape, jnp.float32, manual_axis_type=mat)
-
-
 def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, interpret, name):
   return pl.pallas_call(
       kernel,
@@ -189,70 +181,92 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, interpret, name
       interpret=interpret, name=name)
 
 
-def chunk_forward(q_BCHD, k_BSKD, v_BSKD, mq, mk, *, spec: MaskSpec, scale: float, block_q: int,
-                  block_k: int, interpret: bool = False):
-  """(out_BCHD, lse_BCH), float32, of a query chunk attending a key chunk (mq, mk: TokenMeta)."""
+def forward_for(q_BCHD, mq, *, spec: MaskSpec, scale: float, block_q: int, block_k: int,
+                interpret: bool = False):
+  """attend(k_BSKD, v_BSKD, mk) -> (out_BCHD, lse_BCH), float32, of this query chunk (mq, mk:
+  TokenMeta) against a key chunk. The query side (head-major q, lane-replicated metadata,
+  block ranges) is laid out once, here."""
   b, c, h, d = q_BCHD.shape
-  s, kh = k_BSKD.shape[1], k_BSKD.shape[2]
-  g, bq, bk = h // kh, block_q, block_k
-  q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q_BCHD, k_BSKD, v_BSKD))
-  qspec = pl.BlockSpec((None, None, bq, d), lambda bi, hi, i, j, *_: (bi, hi, i, 0))
-  kvspec = pl.BlockSpec((None, None, bk, d), lambda bi, hi, i, j, *_: (bi, hi // g, j, 0))
+  bq, bk = block_q, block_k
+  q, sq, iq, gq = (jnp.swapaxes(q_BCHD, 1, 2), _block_stats(mq, bq), _lanes(mq.index),
+                   _lanes(mq.segment))
   mqspec = pl.BlockSpec((None, bq, LANES), lambda bi, hi, i, j, *_: (bi, i, 0))
   mkspec = pl.BlockSpec((None, SUBLANES, bk), lambda bi, hi, i, j, *_: (bi, 0, j))
+  qspec = pl.BlockSpec((None, None, bq, d), lambda bi, hi, i, j, *_: (bi, hi, i, 0))
   rowspec = pl.BlockSpec((None, None, bq, LANES), lambda bi, hi, i, j, *_: (bi, hi, i, 0))
-  o, lse = _call(
-      functools.partial(_forward_kernel, spec=spec, scale=scale), (b, h, c // bq, s // bk),
-      [qspec, kvspec, kvspec, mqspec, mqspec, mkspec, mkspec], [qspec, rowspec],
-      [_out((b, h, c, d), q_BCHD), _out((b, h, c, LANES), q_BCHD)],
-      [pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
-       pltpu.VMEM((bq, d), jnp.float32)], interpret, "longctx_tpu_flash_forward",
-  )(_block_stats(mq, bq), _block_stats(mk, bk), q, k, v, _lanes(mq.index), _lanes(mq.segment),
-    _sublanes(mk.index), _sublanes(mk.segment))
-  return jnp.swapaxes(o, 1, 2), jnp.swapaxes(lse[..., 0], 1, 2)
+
+  def attend(k_BSKD, v_BSKD, mk):
+    s, kh = k_BSKD.shape[1], k_BSKD.shape[2]
+    g = h // kh
+    kvspec = pl.BlockSpec((None, None, bk, d), lambda bi, hi, i, j, *_: (bi, hi // g, j, 0))
+    o, lse = _call(
+        functools.partial(_forward_kernel, spec=spec, scale=scale), (b, h, c // bq, s // bk),
+        [qspec, kvspec, kvspec, mqspec, mqspec, mkspec, mkspec], [qspec, rowspec],
+        [_out((b, h, c, d), q_BCHD), _out((b, h, c, LANES), q_BCHD)],
+        [pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
+         pltpu.VMEM((bq, d), jnp.float32)], interpret, "longctx_tpu_flash_forward",
+    )(sq, _block_stats(mk, bk), q, jnp.swapaxes(k_BSKD, 1, 2), jnp.swapaxes(v_BSKD, 1, 2), iq,
+      gq, _sublanes(mk.index), _sublanes(mk.segment))
+    return jnp.swapaxes(o, 1, 2), jnp.swapaxes(lse[..., 0], 1, 2)
+  return attend
 
 
-def chunk_backward(q_BCHD, k_BSKD, v_BSKD, do_BCHD, lse_BCH, delta_BCH, mq, mk, *,
-                   spec: MaskSpec, scale: float, block_q: int, block_k: int,
-                   interpret: bool = False):
-  """(dq_BCHD, dk_BSKD, dv_BSKD), float32; lse_BCH is the final lse (−inf rows allowed)."""
+def backward_for(q_BCHD, do_BCHD, lse_BCH, delta_BCH, mq, *, spec: MaskSpec, scale: float,
+                 block_q: int, block_k: int, interpret: bool = False):
+  """grads(k_BSKD, v_BSKD, mk) -> (dq_BCHD, dk_BSKD, dv_BSKD), float32, of this query chunk
+  against a key chunk; lse_BCH is the final lse (−inf rows allowed). The query side (head-major
+  q and do, lane-replicated lse, delta and metadata, block ranges) is laid out once, here."""
   b, c, h, d = q_BCHD.shape
-  s, kh = k_BSKD.shape[1], k_BSKD.shape[2]
-  g, bq, bk = h // kh, block_q, block_k
-  nq, nk = c // bq, s // bk
-  q, k, v, do = (jnp.swapaxes(x, 1, 2) for x in (q_BCHD, k_BSKD, v_BSKD,
-                                                 do_BCHD.astype(q_BCHD.dtype)))
+  bq, bk = block_q, block_k
+  nq = c // bq
+  q, do = (jnp.swapaxes(x, 1, 2) for x in (q_BCHD, do_BCHD.astype(q_BCHD.dtype)))
   lse = _rows(jnp.where(jnp.isneginf(lse_BCH), 0.0, lse_BCH))
   delta = _rows(delta_BCH)
-  stats = (_block_stats(mq, bq), _block_stats(mk, bk))
-  metas = (_lanes(mq.index), _lanes(mq.segment), _sublanes(mk.index), _sublanes(mk.segment))
+  sq, iq, gq = _block_stats(mq, bq), _lanes(mq.index), _lanes(mq.segment)
 
-  qspec = pl.BlockSpec((None, None, bq, d), lambda bi, hi, i, j, *_: (bi, hi, i, 0))
-  kvspec = pl.BlockSpec((None, None, bk, d), lambda bi, hi, i, j, *_: (bi, hi // g, j, 0))
-  rowspec = pl.BlockSpec((None, None, bq, LANES), lambda bi, hi, i, j, *_: (bi, hi, i, 0))
-  mqspec = pl.BlockSpec((None, bq, LANES), lambda bi, hi, i, j, *_: (bi, i, 0))
-  mkspec = pl.BlockSpec((None, SUBLANES, bk), lambda bi, hi, i, j, *_: (bi, 0, j))
-  dq = _call(
-      functools.partial(_dq_kernel, spec=spec, scale=scale), (b, h, nq, nk),
-      [qspec, kvspec, kvspec, qspec, rowspec, rowspec, mqspec, mqspec, mkspec, mkspec], qspec,
-      _out((b, h, c, d), q_BCHD), [pltpu.VMEM((bq, d), jnp.float32)], interpret,
-      "longctx_tpu_flash_dq",
-  )(*stats, q, k, v, do, lse, delta, *metas)
+  def grads(k_BSKD, v_BSKD, mk):
+    s, kh = k_BSKD.shape[1], k_BSKD.shape[2]
+    g, nk = h // kh, s // bk
+    k, v = (jnp.swapaxes(x, 1, 2) for x in (k_BSKD, v_BSKD))
+    args = (sq, _block_stats(mk, bk), q, k, v, do, lse, delta, iq, gq, _sublanes(mk.index),
+            _sublanes(mk.segment))
+    qspec = pl.BlockSpec((None, None, bq, d), lambda bi, hi, i, j, *_: (bi, hi, i, 0))
+    kvspec = pl.BlockSpec((None, None, bk, d), lambda bi, hi, i, j, *_: (bi, hi // g, j, 0))
+    rowspec = pl.BlockSpec((None, None, bq, LANES), lambda bi, hi, i, j, *_: (bi, hi, i, 0))
+    mqspec = pl.BlockSpec((None, bq, LANES), lambda bi, hi, i, j, *_: (bi, i, 0))
+    mkspec = pl.BlockSpec((None, SUBLANES, bk), lambda bi, hi, i, j, *_: (bi, 0, j))
+    dq = _call(
+        functools.partial(_dq_kernel, spec=spec, scale=scale), (b, h, nq, nk),
+        [qspec, kvspec, kvspec, qspec, rowspec, rowspec, mqspec, mqspec, mkspec, mkspec], qspec,
+        _out((b, h, c, d), q_BCHD), [pltpu.VMEM((bq, d), jnp.float32)], interpret,
+        "longctx_tpu_flash_dq",
+    )(*args)
 
-  # dk/dv: grid (B, K, key blocks, G·nq); t walks the group's query heads and their blocks
-  qh = lambda ki, t: ki * g + lax.div(t, nq)  # t ≥ 0: no floor/sign ops for Mosaic
-  qspec_t = pl.BlockSpec((None, None, bq, d),
-                         lambda bi, ki, j, t, *_: (bi, qh(ki, t), lax.rem(t, nq), 0))
-  kspec_t = pl.BlockSpec((None, None, bk, d), lambda bi, ki, j, t, *_: (bi, ki, j, 0))
-  rowspec_t = pl.BlockSpec((None, None, bq, LANES),
+    # dk/dv: grid (B, K, key blocks, G·nq); t walks the group's query heads and their blocks
+    qh = lambda ki, t: ki * g + lax.div(t, nq)  # t ≥ 0: no floor/sign ops for Mosaic
+    qspec_t = pl.BlockSpec((None, None, bq, d),
                            lambda bi, ki, j, t, *_: (bi, qh(ki, t), lax.rem(t, nq), 0))
-  mqspec_t = pl.BlockSpec((None, bq, LANES), lambda bi, ki, j, t, *_: (bi, lax.rem(t, nq), 0))
-  mkspec_t = pl.BlockSpec((None, SUBLANES, bk), lambda bi, ki, j, t, *_: (bi, 0, j))
-  dk, dv = _call(
-      functools.partial(_dkv_kernel, spec=spec, scale=scale, nq=nq), (b, kh, nk, g * nq),
-      [qspec_t, kspec_t, kspec_t, qspec_t, rowspec_t, rowspec_t, mqspec_t, mqspec_t, mkspec_t,
-       mkspec_t], [kspec_t, kspec_t], [_out((b, kh, s, d), q_BCHD)] * 2,
-      [pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)], interpret,
-      "longctx_tpu_flash_dkv",
-  )(*stats, q, k, v, do, lse, delta, *metas)
-  return jnp.swapaxes(dq, 1, 2), jnp.swapaxes(dk, 1, 2), jnp.swapaxes(dv, 1, 2)
+    kspec_t = pl.BlockSpec((None, None, bk, d), lambda bi, ki, j, t, *_: (bi, ki, j, 0))
+    rowspec_t = pl.BlockSpec((None, None, bq, LANES),
+                             lambda bi, ki, j, t, *_: (bi, qh(ki, t), lax.rem(t, nq), 0))
+    mqspec_t = pl.BlockSpec((None, bq, LANES), lambda bi, ki, j, t, *_: (bi, lax.rem(t, nq), 0))
+    mkspec_t = pl.BlockSpec((None, SUBLANES, bk), lambda bi, ki, j, t, *_: (bi, 0, j))
+    dk, dv = _call(
+        functools.partial(_dkv_kernel, spec=spec, scale=scale, nq=nq), (b, kh, nk, g * nq),
+        [qspec_t, kspec_t, kspec_t, qspec_t, rowspec_t, rowspec_t, mqspec_t, mqspec_t, mkspec_t,
+         mkspec_t], [kspec_t, kspec_t], [_out((b, kh, s, d), q_BCHD)] * 2,
+        [pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)], interpret,
+        "longctx_tpu_flash_dkv",
+    )(*args)
+    return jnp.swapaxes(dq, 1, 2), jnp.swapaxes(dk, 1, 2), jnp.swapaxes(dv, 1, 2)
+  return grads
+
+
+def chunk_forward(q_BCHD, k_BSKD, v_BSKD, mq, mk, **kw):
+  """(out_BCHD, lse_BCH), float32, of a query chunk attending a key chunk (`forward_for`)."""
+  return forward_for(q_BCHD, mq, **kw)(k_BSKD, v_BSKD, mk)
+
+
+def chunk_backward(q_BCHD, k_BSKD, v_BSKD, do_BCHD, lse_BCH, delta_BCH, mq, mk, **kw):
+  """(dq_BCHD, dk_BSKD, dv_BSKD), float32 (`backward_for`)."""
+  return backward_for(q_BCHD, do_BCHD, lse_BCH, delta_BCH, mq, **kw)(k_BSKD, v_BSKD, mk)
