@@ -156,6 +156,11 @@ def test_tile_config_defaults():
   cfg = tile_config(spec, 1.0, 8192, 4096)
   assert (cfg.block_q, cfg.block_k) == (BLOCK_Q, BLOCK_K)
   assert (cfg.backward().block_q, cfg.backward().block_k) == (BLOCK_Q_BWD, BLOCK_K_BWD)
+  # GQA: the G heads of a kv head share a tile's rows, so the default query tile is 1/G
+  cfg = tile_config(spec, 1.0, 8192, 4096, group=4)
+  assert (cfg.block_q, cfg.block_k) == (BLOCK_Q // 4, BLOCK_K)
+  assert cfg.backward().block_q == BLOCK_Q_BWD // 4
+  assert tile_config(spec, 1.0, 8192, 4096, block_q=128, group=4).block_q == 128
   cfg = tile_config(spec, 1.0, 8192, 4096, block_q=128, block_k=64)
   assert (cfg.backward().block_q, cfg.backward().block_k) == (128, 64)
   cfg = tile_config(spec, 1.0, 8192, 4096, block_q=128, block_k=64, block_k_bwd=256)

@@ -29,11 +29,14 @@ from longctx.attention.reference import (NEG_INF, MaskSpec, check_inputs, defaul
                                          make_mask)
 
 
-# Default tile sizes (queries × keys) of the forward and of the backward. 512 × 512: one head's
-# float32 score tile is 1 MiB and stays in a core's cache; bench/RESULTS.md ("Tiles") has the
-# sweep. The backward's can differ (FlashAttention kernels tile the two passes apart too).
-BLOCK_Q, BLOCK_K = 512, 512
-BLOCK_Q_BWD, BLOCK_K_BWD = 512, 512
+# Default tile sizes (queries × keys) of the forward and of the backward: 1024 × 1024, with the
+# query tile divided by G = Hq / Hkv so that a tile's score rows (R = G·Q, see the legend) stay
+# 1024 under GQA. On XLA:CPU the tile products contract only D (64–128), and at 1024 they run at
+# 80–90% of a large matmul (about 60% at 512), with a quarter of the per-tile loop and dispatch
+# overhead; bench/RESULTS.md ("Tiles") has the sweep. The backward's can differ (FlashAttention
+# kernels tile the two passes apart too).
+BLOCK_Q, BLOCK_K = 1024, 1024
+BLOCK_Q_BWD, BLOCK_K_BWD = 1024, 1024
 # The Pallas GPU kernel's defaults: a Triton program holds its tiles in registers / shared
 # memory, so they are much smaller (FlashAttention-2's 128 × 64 forward, 64 × 64 backward).
 GPU_BLOCK_Q, GPU_BLOCK_K, GPU_BLOCK_Q_BWD, GPU_BLOCK_K_BWD = 128, 64, 64, 64
@@ -63,19 +66,22 @@ class TileConfig:
 
 
 def tile_config(spec: MaskSpec, scale: float, c: int, s: int, block_q=None, block_k=None,
-                block_q_bwd=None, block_k_bwd=None, kernel=None) -> TileConfig:
+                block_q_bwd=None, block_k_bwd=None, kernel=None, group: int = 1) -> TileConfig:
   """The TileConfig of a C-query, S-key chunk pair, every block reduced to a divisor of its
   length (`fit_block`).
 
-  None = default: the forward's tiles default to (BLOCK_Q, BLOCK_K) (GPU_BLOCK_* / TPU_BLOCK_*
-  for the Pallas kernels); the backward's to the forward's where the caller set those, else to
-  (BLOCK_Q_BWD, BLOCK_K_BWD). So `block_q=block_k=128` tiles both passes at 128, and no
-  arguments gives the tuned pairs. kernel: a name of `kernels.KERNELS`, None = "blockwise".
+  None = default: the forward's tiles default to (BLOCK_Q // group, BLOCK_K) (GPU_BLOCK_* /
+  TPU_BLOCK_* for the Pallas kernels, whose programs take one query head each); the
+  backward's to the forward's where the caller set those, else to (BLOCK_Q_BWD // group,
+  BLOCK_K_BWD). So `block_q=block_k=128` tiles both passes at 128, and no arguments gives the
+  tuned pairs. kernel: a name of `kernels.KERNELS`, None = "blockwise". group: G = Hq / Hkv,
+  the query heads that share a tile's rows in the pure-JAX kernel.
   """
   kernel = kernels.check_kernel(kernel)
+  rows = lambda block: max(1, block // max(1, group))
   defaults = {"pallas_gpu": (GPU_BLOCK_Q, GPU_BLOCK_K, GPU_BLOCK_Q_BWD, GPU_BLOCK_K_BWD),
               "pallas_tpu": (TPU_BLOCK_Q, TPU_BLOCK_K, TPU_BLOCK_Q_BWD, TPU_BLOCK_K_BWD)}.get(
-                  kernel, (BLOCK_Q, BLOCK_K, BLOCK_Q_BWD, BLOCK_K_BWD))
+                  kernel, (rows(BLOCK_Q), BLOCK_K, rows(BLOCK_Q_BWD), BLOCK_K_BWD))
   explicit = block_q is not None or block_k is not None
   block_q = defaults[0] if block_q is None else block_q
   block_k = defaults[1] if block_k is None else block_k
@@ -548,7 +554,7 @@ def blockwise_attention_with_lse(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *,
   b, l, _, d = q_BLHD.shape
   spec = MaskSpec(causal=causal) if spec is None else spec
   cfg = tile_config(spec, default_scale(d, scale), l, l, block_q, block_k, block_q_bwd,
-                    block_k_bwd, kernel)
+                    block_k_bwd, kernel, group=q_BLHD.shape[2] // k_BLKD.shape[2])
   return _blockwise(cfg, q_BLHD, k_BLKD, v_BLKD, natural_meta(segment_ids_BL, b, l))
 
 

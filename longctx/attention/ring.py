@@ -186,9 +186,10 @@ def _ring_bwd(cfg, axis, size, res, do_BCHD):
 _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
-def _config(q_BCHD, spec, scale, blocks, kernel=None) -> TileConfig:
+def _config(q_BCHD, k_BCKD, spec, scale, blocks, kernel=None) -> TileConfig:
   c, d = q_BCHD.shape[1], q_BCHD.shape[3]
-  return tile_config(spec, default_scale(d, scale), c, c, *blocks, kernel=kernel)
+  return tile_config(spec, default_scale(d, scale), c, c, *blocks, kernel=kernel,
+                     group=q_BCHD.shape[2] // k_BCKD.shape[2])
 
 
 def _meta(segment_ids_BC, index_BC):
@@ -219,7 +220,7 @@ def ring_attention(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC, index_BC, *, axis="se
     raise ValueError(f"index must be [B, C] = {q_BCHD.shape[:2]}; got {index_BC.shape}")
   spec = MaskSpec(causal=causal) if spec is None else spec
   size = jax.lax.axis_size(axis)
-  cfg = _config(q_BCHD, spec, scale, (block_q, block_k, block_q_bwd, block_k_bwd), kernel)
+  cfg = _config(q_BCHD, k_BCKD, spec, scale, (block_q, block_k, block_q_bwd, block_k_bwd), kernel)
   return _ring(cfg, axis, size, q_BCHD, k_BCKD, v_BCKD, _meta(segment_ids_BC, index_BC))
 
 
@@ -228,7 +229,7 @@ def ring_tiles_computed(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC, index_BC, *, axi
   """Number of (query tile, key tile) blocks this device computes in the forward ring, [1]."""
   spec = MaskSpec(causal=causal) if spec is None else spec
   size = jax.lax.axis_size(axis)
-  cfg = _config(q_BCHD, spec, None, (block_q, block_k))
+  cfg = _config(q_BCHD, k_BCKD, spec, None, (block_q, block_k))
   meta = _meta(segment_ids_BC, index_BC)
   return _ring_forward(cfg, axis, size, q_BCHD, k_BCKD, v_BCKD, meta)[2][None]
 

@@ -110,7 +110,8 @@ def shifted_sparse(group_size: int, causal: bool = True, **blocks) -> AttentionF
     meta = TokenMeta(positions_BL.astype(jnp.int32), segment_ids_BL.astype(jnp.int32))
 
     def half(q, k, v, spec):
-      cfg = tile_config(spec, default_scale(d, None), l, l, **blocks)
+      cfg = tile_config(spec, default_scale(d, None), l, l, **blocks,
+                        group=q.shape[2] // k.shape[2])
       return _blockwise(cfg, q, k, v, meta)[0]
     return apply_s2(half, q_BLHD, k_BLKD, v_BLKD, group_size=group_size, causal=True)
   return fn
