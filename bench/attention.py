@@ -330,8 +330,8 @@ def main():
   peer = load_peer() if h == kh else None
   if h != kh:
     print("# peer ringattention skipped: it cannot do GQA (Hq != Hkv)")
-  tiles = (f"{BLOCK_Q}x{BLOCK_K} fwd, {BLOCK_Q_BWD}x{BLOCK_K_BWD} bwd (defaults)" if block is None
-           else f"{block}x{block}")
+  tiles = (f"{BLOCK_Q}x{BLOCK_K} fwd, {BLOCK_Q_BWD}x{BLOCK_K_BWD} bwd (defaults: query tile / G, "
+           "at most C/2 in the ring)" if block is None else f"{block}x{block}")
   print(f"# devices: {len(jax.devices())} x {jax.devices()[0].platform}; Hq={h} Hkv={kh} D={d} "
         f"B=1 float32 causal; ours: tiles {tiles}; peer: chunks {args.peer_blocks}; "
         f"best of {args.repeats}")

@@ -2,6 +2,10 @@
 
 Legend: B batch, L sequence, H query heads, K kv heads, D head dim.
 """
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -161,6 +165,11 @@ def test_tile_config_defaults():
   assert (cfg.block_q, cfg.block_k) == (BLOCK_Q // 4, BLOCK_K)
   assert cfg.backward().block_q == BLOCK_Q_BWD // 4
   assert tile_config(spec, 1.0, 8192, 4096, block_q=128, group=4).block_q == 128
+  # cap (the ring's C/2, so a zigzag chunk's halves never share a tile) bounds defaults only
+  cfg = tile_config(spec, 1.0, 1024, 1024, cap=512)
+  assert (cfg.block_q, cfg.block_k, cfg.backward().block_q) == (512, 512, 512)
+  assert tile_config(spec, 1.0, 1024, 1024, block_q=1024, cap=512).block_q == 1024
+  assert tile_config(spec, 1.0, 128, 128, kernel="pallas_tpu", cap=64).block_q == 128
   cfg = tile_config(spec, 1.0, 8192, 4096, block_q=128, block_k=64)
   assert (cfg.backward().block_q, cfg.backward().block_k) == (128, 64)
   cfg = tile_config(spec, 1.0, 8192, 4096, block_q=128, block_k=64, block_k_bwd=256)
@@ -184,3 +193,16 @@ def test_bad_inputs_raise(rng, fn):
     fn(q, k, v, jnp.ones((2, 15), jnp.int32))
   with pytest.raises(ValueError, match="k and v shapes differ"):
     fn(q, k, v[..., :4])
+
+
+def test_profile_script_runs():
+  """bench/attention_profile.py traces one fwd+bwd and names the tile products."""
+  done = subprocess.run(
+      [sys.executable, "bench/attention_profile.py", "--length", "512", "--heads", "2",
+       "--block", "128", "--grad", "--top", "40"],
+      capture_output=True, text=True, timeout=600,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert done.returncode == 0, done.stdout + done.stderr
+  assert "XLA intra-op threads" in done.stdout
+  assert "| dot f32[128,128]" in done.stdout, done.stdout

@@ -66,7 +66,8 @@ class TileConfig:
 
 
 def tile_config(spec: MaskSpec, scale: float, c: int, s: int, block_q=None, block_k=None,
-                block_q_bwd=None, block_k_bwd=None, kernel=None, group: int = 1) -> TileConfig:
+                block_q_bwd=None, block_k_bwd=None, kernel=None, group: int = 1,
+                cap: int | None = None) -> TileConfig:
   """The TileConfig of a C-query, S-key chunk pair, every block reduced to a divisor of its
   length (`fit_block`).
 
@@ -75,13 +76,18 @@ def tile_config(spec: MaskSpec, scale: float, c: int, s: int, block_q=None, bloc
   backward's to the forward's where the caller set those, else to (BLOCK_Q_BWD // group,
   BLOCK_K_BWD). So `block_q=block_k=128` tiles both passes at 128, and no arguments gives the
   tuned pairs. kernel: a name of `kernels.KERNELS`, None = "blockwise". group: G = Hq / Hkv,
-  the query heads that share a tile's rows in the pure-JAX kernel.
+  the query heads that share a tile's rows in the pure-JAX kernel. cap: the largest default
+  tile (the ring passes C/2, so the two halves of a zigzag chunk, far apart in the sequence,
+  never share a tile and causal skipping keeps working); blocks given are not capped.
   """
   kernel = kernels.check_kernel(kernel)
   rows = lambda block: max(1, block // max(1, group))
   defaults = {"pallas_gpu": (GPU_BLOCK_Q, GPU_BLOCK_K, GPU_BLOCK_Q_BWD, GPU_BLOCK_K_BWD),
               "pallas_tpu": (TPU_BLOCK_Q, TPU_BLOCK_K, TPU_BLOCK_Q_BWD, TPU_BLOCK_K_BWD)}.get(
                   kernel, (rows(BLOCK_Q), BLOCK_K, rows(BLOCK_Q_BWD), BLOCK_K_BWD))
+  step = {"pallas_tpu": 128}.get(kernel, 1)  # the TPU kernel's blocks are multiples of 128
+  if cap is not None:
+    defaults = tuple(min(block, max(step, cap)) for block in defaults)
   explicit = block_q is not None or block_k is not None
   block_q = defaults[0] if block_q is None else block_q
   block_k = defaults[1] if block_k is None else block_k
@@ -93,8 +99,7 @@ def tile_config(spec: MaskSpec, scale: float, c: int, s: int, block_q=None, bloc
                       ("block_k_bwd", block_k_bwd)):
     if int(value) < 1:
       raise ValueError(f"{name} must be a positive tile size; got {value}")
-  fit = functools.partial(fit_block, step={"pallas_tpu": 128}.get(kernel, 1),
-                          power_of_two=kernel == "pallas_gpu")
+  fit = functools.partial(fit_block, step=step, power_of_two=kernel == "pallas_gpu")
   return TileConfig(spec, scale, fit(c, block_q), fit(s, block_k), fit(c, block_q_bwd),
                     fit(s, block_k_bwd), kernel)
 

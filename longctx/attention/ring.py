@@ -189,7 +189,7 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 def _config(q_BCHD, k_BCKD, spec, scale, blocks, kernel=None) -> TileConfig:
   c, d = q_BCHD.shape[1], q_BCHD.shape[3]
   return tile_config(spec, default_scale(d, scale), c, c, *blocks, kernel=kernel,
-                     group=q_BCHD.shape[2] // k_BCKD.shape[2])
+                     group=q_BCHD.shape[2] // k_BCKD.shape[2], cap=c // 2)
 
 
 def _meta(segment_ids_BC, index_BC):
