@@ -497,8 +497,12 @@ def merge_partials(o_a_BCHD, lse_a_BCH, o_b_BCHD, lse_b_BCH):
 
 
 def output_delta(do_BCHD, o_BCHD):
-  """delta = Σ_d do·o, float32, the softmax-gradient correction term."""
-  return jnp.sum(do_BCHD.astype(jnp.float32) * o_BCHD.astype(jnp.float32), axis=-1)
+  """delta = Σ_d do·o, float32, the softmax-gradient correction term.
+
+  As a contraction, not `sum(do * o, -1)`: XLA:CPU runs that multiply-and-reduce over rows of
+  D = 64 at ~10 ns per element (0.1 s per layer at 16k × 8 heads), the dot in 2 ms."""
+  return jnp.einsum("bchd,bchd->bch", do_BCHD.astype(jnp.float32), o_BCHD.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST)
 
 
 def tie_inputs(args):
