@@ -364,8 +364,8 @@ def tiled_forward(cfg: TileConfig, qt: QueryTiles, kt: KeyTiles, state):
   chunk; returns (state, tiles computed, summed over batch rows).
 
   One head (M) at a time, then query tiles, then key tiles: every product is a plain 2-D
-  matmul whose R×T scores (1 MiB at 512 × 512 float32) stay in a core's cache, where a batch
-  over heads would stream 8 such tiles through memory for every elementwise pass.
+  matmul of one R×T score tile (4 MiB at 1024 × 1024 float32), where a batch over heads would
+  stream 8 such tiles through memory for every elementwise pass.
   """
   mk_M, sk_M, kh = _key_side(qt, kt)
   kT_M = _t(kt.k)  # once per key chunk: O(S·D), against O(C·S·D) of products
