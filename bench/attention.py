@@ -44,7 +44,9 @@ from jax.sharding import PartitionSpec as PS  # noqa: E402
 
 from longctx.attention import (Layout, blockwise_attention, dense_attention,  # noqa: E402
                                original_index, ring_attention)
-from longctx.attention.blockwise import BLOCK_K, BLOCK_K_BWD, BLOCK_Q, BLOCK_Q_BWD  # noqa: E402
+from longctx.attention.blockwise import (BLOCK_K, BLOCK_K_BWD, BLOCK_Q,  # noqa: E402
+                                         BLOCK_Q_BWD, tile_config)
+from longctx.attention.reference import MaskSpec  # noqa: E402
 from longctx.attention.ring import collective_permute_bytes, ring_tiles_computed  # noqa: E402
 from timing import best_seconds  # noqa: E402  (bench/timing.py)
 
@@ -185,6 +187,8 @@ def single_device_worker(lengths, h, kh, d, blocks, repeats):
 def run_single_device(lengths, args, sweep=()):
   """Runs `single_device_worker` in a child process without the 8-device emulation flag: one
   result per L (our tiles), or per tile setting of `sweep` at each L."""
+  if not lengths:
+    return []
   env = dict(os.environ)
   env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(_FLAG, "").strip()
   cmd = [sys.executable, os.path.abspath(__file__), _WORKER, "--lengths", *map(str, lengths),
@@ -348,8 +352,10 @@ def main():
           f"{r['mem'] / 2 ** 20:.1f} | 0.00 |", flush=True)
   criterion_lines(summary, single, args)
   l = args.lengths[0]
-  print(f"\n# tiles computed per device (forward, causal, L={l}, tiles {tiles}): "
-        "layout: per device, max/mean")
+  c = l // mesh.shape["seq"]
+  cfg = tile_config(MaskSpec(), 1.0, c, c, **blocks_of(block), group=h // kh, cap=c // 2)
+  print(f"\n# tiles computed per device (forward, causal, L={l}, C={c}, the ring's tiles "
+        f"{cfg.block_q}x{cfg.block_k}): layout: per device, max/mean")
   for name, (tiles_, ratio) in tiles_row(mesh, l, h, kh, d, block).items():
     print(f"# {name}: {tiles_}  max/mean {ratio:.3f}")
   if args.fixed_chunks:
