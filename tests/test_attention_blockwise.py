@@ -2,10 +2,6 @@
 
 Legend: B batch, L sequence, H query heads, K kv heads, D head dim.
 """
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +12,7 @@ from longctx.attention import (blockwise_attention, blockwise_attention_with_lse
 from longctx.attention.blockwise import (BLOCK_K, BLOCK_K_BWD, BLOCK_Q, BLOCK_Q_BWD,
                                          tile_config)
 from longctx.attention.reference import MaskSpec, masked_dense_attention
+from tests.bench_scripts import run_bench
 
 TOL = 2e-5
 
@@ -197,12 +194,7 @@ def test_bad_inputs_raise(rng, fn):
 
 def test_profile_script_runs():
   """bench/attention_profile.py traces one fwd+bwd and names the tile products."""
-  done = subprocess.run(
-      [sys.executable, "bench/attention_profile.py", "--length", "512", "--heads", "2",
-       "--block", "128", "--grad", "--top", "40"],
-      capture_output=True, text=True, timeout=600,
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-      env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert done.returncode == 0, done.stdout + done.stderr
-  assert "XLA intra-op threads" in done.stdout
-  assert "| dot f32[128,128]" in done.stdout, done.stdout
+  out = run_bench("attention_profile.py", "--length", "512", "--heads", "2", "--block", "128",
+                  "--grad", "--top", "40").stdout
+  assert "XLA intra-op threads" in out
+  assert "| dot f32[128,128]" in out, out

@@ -5,10 +5,7 @@ for TPU is checked on the CPU too.
 
 Legend: B batch, L sequence, C chunk, H query heads, K kv heads, D head dim, P devices.
 """
-import os
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +20,7 @@ from longctx.attention.kernels import check_kernel, check_vma, interpret, pallas
 from longctx.attention.reference import MaskSpec
 from longctx.attention.shifted_sparse import (context_parallel_shifted_sparse_attention,
                                               s2_dense_attention)
+from tests.bench_scripts import run_bench
 from tests.test_attention_ring import random_segments
 
 TOL = 2e-5
@@ -205,11 +203,6 @@ def test_pallas_tpu_lowers_to_mosaic(monkeypatch, spec, dtype):
 
 def test_gpu_check_script_runs_interpreted():
   """bench/attention_gpu.py (the check to run on a GPU) works end to end, here interpreted."""
-  done = subprocess.run(
-      [sys.executable, "bench/attention_gpu.py", "--lengths", "128", "--heads", "4",
-       "--kv-heads", "2", "--head-dim", "16", "--no-timing"],
-      capture_output=True, text=True, timeout=600,
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-      env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert done.returncode == 0, done.stdout + done.stderr
+  done = run_bench("attention_gpu.py", "--lengths", "128", "--heads", "4", "--kv-heads", "2",
+                   "--head-dim", "16", "--no-timing")
   assert "# check: PASS" in done.stdout
