@@ -32,8 +32,8 @@ from longctx.attention.reference import (NEG_INF, MaskSpec, check_inputs, defaul
 # Default tile sizes (queries × keys) of the forward and of the backward: 1024 × 1024, with the
 # query tile divided by G = Hq / Hkv so that a tile's score rows (R = G·Q, see the legend) stay
 # 1024 under GQA. On XLA:CPU the tile products contract only D (64–128), and at 1024 they run at
-# 80–90% of a large matmul (about 60% at 512), with a quarter of the per-tile loop and dispatch
-# overhead; bench/RESULTS.md ("Tiles") has the sweep. The backward's can differ (FlashAttention
+# 84–95% of a large matmul's speed (58–70% at 512), with a quarter of the per-tile loop and
+# dispatch overhead; bench/RESULTS.md ("Tiles", "Where the time goes") has the measurements. The backward's can differ (FlashAttention
 # kernels tile the two passes apart too).
 BLOCK_Q, BLOCK_K = 1024, 1024
 BLOCK_Q_BWD, BLOCK_K_BWD = 1024, 1024
