@@ -2,6 +2,8 @@
 
 Legend: B batch, L sequence, H query heads, K kv heads, D head dim.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 from longctx.attention import (blockwise_attention, blockwise_attention_with_lse,
                                dense_attention, merge_partials)
 from longctx.attention.blockwise import (BLOCK_K, BLOCK_K_BWD, BLOCK_Q, BLOCK_Q_BWD,
-                                         tile_config)
+                                         tile_config, tiled_length)
 from longctx.attention.reference import MaskSpec, masked_dense_attention
 from tests.bench_scripts import run_bench
 
@@ -148,6 +150,28 @@ def test_backward_tiles_differ_from_forward(rng, heads):
                           ct)
     for name, w, g in zip(["out", "dq", "dk", "dv"], want, got):
       assert float(jnp.abs(w - g).max()) < TOL, (name, blocks)
+
+
+@pytest.mark.parametrize("segments", [False, True], ids=["plain", "packed"])
+def test_awkward_length_is_padded(rng, segments):
+  """A prime length (97) would be tiled by 1 token; it runs padded to 128 with segment-0 tokens
+  and equals dense attention, values, lse and gradients, with and without segment ids."""
+  l = 97
+  tiles = functools.partial(tile_config, MaskSpec(), 1.0, block_q=64, block_k=64)
+  assert tile_config(MaskSpec(), 1.0, l, l, block_q=64).block_q == 1
+  assert tiled_length(l, tiles) == 128 and tiled_length(96, tiles) == 96
+  q, k, v = make_inputs(rng, b=2, l=l, h=6, kh=2)
+  seg = packed_segments(2, l) if segments else None
+  ct = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+  want = value_and_grads(lambda q, k, v: dense_attention(q, k, v, seg), q, k, v, ct)
+  fn = lambda q, k, v: blockwise_attention(q, k, v, seg, block_q=64, block_k=64)
+  got = value_and_grads(fn, q, k, v, ct)
+  for name, w, g in zip(["out", "dq", "dk", "dv"], want, got):
+    assert g.shape == w.shape and float(jnp.abs(w - g).max()) < TOL, name
+  _, lse = blockwise_attention_with_lse(q, k, v, seg, block_q=64, block_k=64)
+  _, lse_full = blockwise_attention_with_lse(q, k, v, seg, block_q=97, block_k=97)
+  assert lse.shape == (2, l, 6)
+  np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_full), atol=TOL)
 
 
 def test_tile_config_defaults():

@@ -83,6 +83,15 @@ def test_ring_without_segments_whole_chunk_tiles(rng):
   check_against_dense(rng, 8, Layout.ZIGZAG, True, segments=False, block=512)
 
 
+def test_ring_warns_when_chunk_has_no_tile_size(rng):
+  """A chunk of 2 × 97 tokens would be tiled by 2: still exact, but the ring says so and how
+  far to pad (single-device blockwise pads by itself)."""
+  q, k, v = make_inputs(rng, b=1, l=4 * 97, h=2, kh=2)
+  with pytest.warns(UserWarning, match="194 tokens per device .* padded to 256"):
+    out = context_parallel_attention(q, k, v, mesh=mesh_of(2), block_q=64, block_k=64)
+  assert float(jnp.abs(out - dense_attention(q, k, v)).max()) < TOL
+
+
 @pytest.mark.parametrize("blocks", [dict(block_q=8, block_k=2, block_q_bwd=2, block_k_bwd=4), {}],
                          ids=["8x2-bwd-2x4", "defaults"])
 def test_ring_backward_tiles_differ_from_forward(rng, blocks):

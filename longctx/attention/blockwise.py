@@ -555,16 +555,40 @@ def natural_meta(segment_ids_BL, b: int, l: int) -> TokenMeta:
   return TokenMeta(idx, seg)
 
 
+def tiled_length(length: int, tiles) -> int:
+  """The length to run `length` tokens at: `length` itself, or, when its best tiles are under a
+  quarter of those a power-of-two length gets (a prime length would be tiled by 1 token),
+  `length` rounded up to a multiple of min(128, the smallest such tile).
+  tiles(c, s) -> TileConfig (`tile_config` with all but the lengths bound)."""
+  sizes = lambda cfg: (cfg.block_q, cfg.block_k, cfg.block_q_bwd, cfg.block_k_bwd)
+  ideal = sizes(tiles(1 << 30, 1 << 30))  # powers of two: the requested tiles, rounded down
+  if all(4 * got >= min(want, length) for got, want in zip(sizes(tiles(length, length)), ideal)):
+    return length
+  granule = min(128, *ideal)
+  return -(-length // granule) * granule
+
+
 def blockwise_attention_with_lse(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *, causal=True,
                                  scale=None, block_q=None, block_k=None, block_q_bwd=None,
                                  block_k_bwd=None, spec=None, kernel=None):
-  """Like `blockwise_attention` but returns (out_BLHD, lse_BLH); lse carries no gradient."""
+  """Like `blockwise_attention` but returns (out_BLHD, lse_BLH); lse carries no gradient.
+
+  A length without a good tile size (`tiled_length`) is padded with segment-0 tokens, which
+  attend nothing and are attended by nothing, and the result cut back to L."""
   check_inputs(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
   b, l, _, d = q_BLHD.shape
   spec = MaskSpec(causal=causal) if spec is None else spec
-  cfg = tile_config(spec, default_scale(d, scale), l, l, block_q, block_k, block_q_bwd,
-                    block_k_bwd, kernel, group=q_BLHD.shape[2] // k_BLKD.shape[2])
-  return _blockwise(cfg, q_BLHD, k_BLKD, v_BLKD, natural_meta(segment_ids_BL, b, l))
+  tiles = functools.partial(tile_config, spec, default_scale(d, scale), block_q=block_q,
+                            block_k=block_k, block_q_bwd=block_q_bwd, block_k_bwd=block_k_bwd,
+                            kernel=kernel, group=q_BLHD.shape[2] // k_BLKD.shape[2])
+  lp = tiled_length(l, tiles)
+  if lp == l:
+    return _blockwise(tiles(l, l), q_BLHD, k_BLKD, v_BLKD, natural_meta(segment_ids_BL, b, l))
+  seg = jnp.ones((b, l), jnp.int32) if segment_ids_BL is None else segment_ids_BL
+  pad = lambda x: jnp.pad(x, [(0, 0), (0, lp - l)] + [(0, 0)] * (x.ndim - 2))
+  o, lse = _blockwise(tiles(lp, lp), pad(q_BLHD), pad(k_BLKD), pad(v_BLKD),
+                      natural_meta(pad(seg.astype(jnp.int32)), b, lp))
+  return o[:, :l], lse[:, :l]
 
 
 def blockwise_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *, causal=True, scale=None,
