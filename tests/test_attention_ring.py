@@ -87,7 +87,7 @@ def test_ring_warns_when_chunk_has_no_tile_size(rng):
   """A chunk of 2 × 97 tokens would be tiled by 2: still exact, but the ring says so and how
   far to pad (single-device blockwise pads by itself)."""
   q, k, v = make_inputs(rng, b=1, l=4 * 97, h=2, kh=2)
-  with pytest.warns(UserWarning, match="194 tokens per device .* padded to 256"):
+  with pytest.warns(UserWarning, match="chunk on each device: 194 tokens .* padded to 256"):
     out = context_parallel_attention(q, k, v, mesh=mesh_of(2), block_q=64, block_k=64)
   assert float(jnp.abs(out - dense_attention(q, k, v)).max()) < TOL
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -500,7 +501,7 @@ def output_delta(do_BCHD, o_BCHD):
   """delta = Σ_d do·o, float32, the softmax-gradient correction term.
 
   As a contraction, not `sum(do * o, -1)`: XLA:CPU runs that multiply-and-reduce over rows of
-  D = 64 at ~10 ns per element (0.1 s per layer at 16k × 8 heads), the dot in 2 ms."""
+  D = 64 at ~10 ns per element, ~5% of a blockwise fwd+bwd (bench/RESULTS.md)."""
   return jnp.einsum("bchd,bchd->bch", do_BCHD.astype(jnp.float32), o_BCHD.astype(jnp.float32),
                     precision=jax.lax.Precision.HIGHEST)
 
@@ -566,6 +567,17 @@ def tiled_length(length: int, tiles) -> int:
     return length
   granule = min(128, *ideal)
   return -(-length // granule) * granule
+
+
+def fitted_tiles(length: int, tiles, what: str) -> TileConfig:
+  """tiles(length, length), warning (once per trace) when the length has no tile size near the
+  requested ones (`tiled_length`) and the caller, `what`, cannot pad it."""
+  cfg, padded = tiles(length, length), tiled_length(length, tiles)
+  if padded != length:
+    warnings.warn(f"{what}: {length} tokens have no tile size near the requested ones (got "
+                  f"{cfg.block_q} x {cfg.block_k}), so they run in many tiny tiles; padded to "
+                  f"{padded} tokens they would not", stacklevel=3)
+  return cfg
 
 
 def blockwise_attention_with_lse(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *, causal=True,

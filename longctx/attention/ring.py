@@ -27,15 +27,14 @@ from __future__ import annotations
 
 import functools
 import re
-import warnings
 
 import jax
 import jax.numpy as jnp
 
-from longctx.attention.blockwise import (TileConfig, TokenMeta, key_tiles, merge_partials,
-                                         output_delta, query_tiles, rows_tiles, safe_lse,
-                                         softmax_finish, softmax_init, tie_inputs, tile_config,
-                                         tiled_backward, tiled_forward, tiled_length,
+from longctx.attention.blockwise import (TileConfig, TokenMeta, fitted_tiles, key_tiles,
+                                         merge_partials, output_delta, query_tiles, rows_tiles,
+                                         safe_lse, softmax_finish, softmax_init, tie_inputs,
+                                         tile_config, tiled_backward, tiled_forward,
                                          untile_heads, untile_kv_t, untile_rows, varying_like)
 from longctx.attention.kernels import query_backward, query_forward
 from longctx.attention.reference import MaskSpec, check_inputs, default_scale
@@ -193,13 +192,7 @@ def _config(q_BCHD, k_BCKD, spec, scale, blocks, kernel=None) -> TileConfig:
                             group=q_BCHD.shape[2] // k_BCKD.shape[2], cap=c // 2,
                             **dict(zip(("block_q", "block_k", "block_q_bwd", "block_k_bwd"),
                                        blocks)))
-  if tiled_length(c, tiles) != c:
-    cfg = tiles(c, c)
-    warnings.warn(f"ring attention: the chunk of {c} tokens per device has no tile size near "
-                  f"the requested ones (got {cfg.block_q} x {cfg.block_k}), so it runs in many "
-                  f"tiny tiles; padded to {tiled_length(c, tiles)} tokens per device it would "
-                  "not", stacklevel=3)
-  return tiles(c, c)
+  return fitted_tiles(c, tiles, "ring attention, the chunk on each device")
 
 
 def _meta(segment_ids_BC, index_BC):

@@ -97,7 +97,7 @@ def shifted_sparse(group_size: int, causal: bool = True, **blocks) -> AttentionF
     raise ValueError("shifted_sparse needs causal attention: its groups are taken on positions")
   import jax.numpy as jnp
 
-  from longctx.attention.blockwise import TokenMeta, _blockwise, tile_config
+  from longctx.attention.blockwise import TokenMeta, _blockwise, fitted_tiles, tile_config
   from longctx.attention.reference import check_inputs, default_scale
   from longctx.attention.shifted_sparse import apply_s2
 
@@ -110,9 +110,9 @@ def shifted_sparse(group_size: int, causal: bool = True, **blocks) -> AttentionF
     meta = TokenMeta(positions_BL.astype(jnp.int32), segment_ids_BL.astype(jnp.int32))
 
     def half(q, k, v, spec):
-      cfg = tile_config(spec, default_scale(d, None), l, l, **blocks,
-                        group=q.shape[2] // k.shape[2])
-      return _blockwise(cfg, q, k, v, meta)[0]
+      tiles = functools.partial(tile_config, spec, default_scale(d, None), **blocks,
+                                group=q.shape[2] // k.shape[2])
+      return _blockwise(fitted_tiles(l, tiles, "shifted_sparse"), q, k, v, meta)[0]
     return apply_s2(half, q_BLHD, k_BLKD, v_BLKD, group_size=group_size, causal=True)
   return fn
 

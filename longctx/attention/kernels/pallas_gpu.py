@@ -57,32 +57,39 @@ def _run(spec, rq, rk):
   return jnp.logical_not(tile_full_empty(spec, rq, rk)[1])
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, iq_ref, sq_ref, ik_ref, sk_ref, o_ref, lse_ref, *,
-                    spec, scale, block_k):
-  q = q_ref[...]
-  iq, sq = iq_ref[...], sq_ref[...]
+def _over_key_blocks(spec, iq, sq, ik_ref, sk_ref, block_k, attend, init):
+  """Folds attend(carry, key block slice, [bq, bk] mask) over the key blocks of the refs,
+  skipping (`lax.cond`, before the mask or any K/V load) the blocks the ranges prove empty."""
   rq = _ranges(iq, sq)
-  bq, d = q.shape
 
   def body(j, carry):
     ks = pl.ds(j * block_k, block_k)
     ik, sk = ik_ref[ks], sk_ref[ks]
+    run = lambda c: attend(c, ks, block_mask(spec, iq[:, None], sq[:, None], ik[None, :],
+                                             sk[None, :]))
+    return lax.cond(_run(spec, rq, _ranges(ik, sk)), run, lambda c: c, carry)
+  return lax.fori_loop(0, ik_ref.shape[0] // block_k, body, init)
 
-    def attend(carry):
-      acc, m, l = carry
-      mask = block_mask(spec, iq[:, None], sq[:, None], ik[None, :], sk[None, :])
-      k, v = k_ref[ks, :], v_ref[ks, :]
-      s = jnp.where(mask, _dot(q, k, trans_b=True) * scale, _NEG)
-      m_new = jnp.maximum(m, jnp.max(s, axis=1))
-      p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
-      corr = jnp.exp(m - m_new)
-      return (acc * corr[:, None] + _dot(p.astype(v.dtype), v), m_new,
-              l * corr + jnp.sum(p, axis=1))
-    return lax.cond(_run(spec, rq, _ranges(ik, sk)), attend, lambda c: c, carry)
+
+def _forward_kernel(q_ref, k_ref, v_ref, iq_ref, sq_ref, ik_ref, sk_ref, o_ref, lse_ref, *,
+                    spec, scale, block_k):
+  q = q_ref[...]
+  bq, d = q.shape
+
+  def attend(carry, ks, mask):
+    acc, m, l = carry
+    k, v = k_ref[ks, :], v_ref[ks, :]
+    s = jnp.where(mask, _dot(q, k, trans_b=True) * scale, _NEG)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+    corr = jnp.exp(m - m_new)
+    return (acc * corr[:, None] + _dot(p.astype(v.dtype), v), m_new,
+            l * corr + jnp.sum(p, axis=1))
 
   init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), _NEG, jnp.float32),
           jnp.zeros((bq,), jnp.float32))
-  acc, m, l = lax.fori_loop(0, k_ref.shape[0] // block_k, body, init)
+  acc, m, l = _over_key_blocks(spec, iq_ref[...], sq_ref[...], ik_ref, sk_ref, block_k, attend,
+                               init)
   seen = l > 0
   o_ref[...] = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None], 0.0)
   lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
@@ -92,23 +99,15 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, iq_ref, sq_ref, 
                dq_ref, *, spec, scale, block_k):
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
-  iq, sq = iq_ref[...], sq_ref[...]
-  rq = _ranges(iq, sq)
 
-  def body(j, dq):
-    ks = pl.ds(j * block_k, block_k)
-    ik, sk = ik_ref[ks], sk_ref[ks]
+  def grad(dq, ks, mask):
+    k, v = k_ref[ks, :], v_ref[ks, :]
+    p = jnp.where(mask, jnp.exp(_dot(q, k, trans_b=True) * scale - lse[:, None]), 0.0)
+    ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+    return dq + _dot(ds.astype(k.dtype), k) * scale
 
-    def grad(dq):
-      mask = block_mask(spec, iq[:, None], sq[:, None], ik[None, :], sk[None, :])
-      k, v = k_ref[ks, :], v_ref[ks, :]
-      p = jnp.where(mask, jnp.exp(_dot(q, k, trans_b=True) * scale - lse[:, None]), 0.0)
-      ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
-      return dq + _dot(ds.astype(k.dtype), k) * scale
-    return lax.cond(_run(spec, rq, _ranges(ik, sk)), grad, lambda x: x, dq)
-
-  dq = lax.fori_loop(0, k_ref.shape[0] // block_k, body, jnp.zeros(q.shape, jnp.float32))
-  dq_ref[...] = dq
+  dq_ref[...] = _over_key_blocks(spec, iq_ref[...], sq_ref[...], ik_ref, sk_ref, block_k, grad,
+                                 jnp.zeros(q.shape, jnp.float32))
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, iq_ref, sq_ref, ik_ref, sk_ref,
