@@ -44,8 +44,8 @@ from jax.sharding import PartitionSpec as PS  # noqa: E402
 
 from longctx.attention import (Layout, blockwise_attention, dense_attention,  # noqa: E402
                                original_index, ring_attention)
-from longctx.attention.blockwise import (BLOCK_K, BLOCK_K_BWD, BLOCK_Q,  # noqa: E402
-                                         BLOCK_Q_BWD, tile_config)
+from longctx.attention.tiles import (BLOCK_K, BLOCK_K_BWD, BLOCK_Q, BLOCK_Q_BWD,  # noqa: E402
+                                     tile_config)
 from longctx.attention.reference import MaskSpec  # noqa: E402
 from longctx.attention.ring import collective_permute_bytes, ring_tiles_computed  # noqa: E402
 from timing import best_seconds  # noqa: E402  (bench/timing.py)

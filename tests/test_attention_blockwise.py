@@ -11,8 +11,8 @@ import pytest
 
 from longctx.attention import (blockwise_attention, blockwise_attention_with_lse,
                                dense_attention, merge_partials)
-from longctx.attention.blockwise import (BLOCK_K, BLOCK_K_BWD, BLOCK_Q, BLOCK_Q_BWD,
-                                         tile_config, tiled_length)
+from longctx.attention.tiles import (BLOCK_K, BLOCK_K_BWD, BLOCK_Q, BLOCK_Q_BWD, tile_config,
+                                     tiled_length)
 from longctx.attention.reference import MaskSpec, masked_dense_attention
 from tests.bench_scripts import run_bench
 

@@ -14,8 +14,8 @@ import pytest
 from jax.sharding import Mesh
 
 from longctx.attention import blockwise_attention, context_parallel_attention, dense_attention
-from longctx.attention.blockwise import (TokenMeta, chunk_backward, chunk_forward, natural_meta,
-                                         output_delta, tile_config)
+from longctx.attention.blockwise import chunk_backward, chunk_forward, output_delta
+from longctx.attention.tiles import TokenMeta, natural_meta, tile_config
 from longctx.attention.kernels import check_kernel, check_vma, interpret, pallas_gpu, pallas_tpu
 from longctx.attention.reference import MaskSpec
 from longctx.attention.shifted_sparse import (context_parallel_shifted_sparse_attention,

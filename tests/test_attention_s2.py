@@ -11,7 +11,8 @@ from jax.sharding import Mesh
 
 from longctx.attention import (context_parallel_shifted_sparse_attention, s2_dense_attention,
                                shifted_sparse_attention)
-from longctx.attention.blockwise import TileConfig, TokenMeta, chunk_forward
+from longctx.attention.blockwise import chunk_forward
+from longctx.attention.tiles import TileConfig, TokenMeta
 from longctx.attention.reference import MaskSpec, make_mask
 from longctx.attention.shifted_sparse import s2_specs
 

@@ -8,8 +8,9 @@ kernel loops over) and R = G·Q (a kv head's query rows).
 skip every (query tile, key tile) pair whose mask is empty (causal, segment or S² group mask),
 so causal attention does about half the tile work. Whether a pair is empty, fully visible or
 partial is decided from the tiles' index / segment ranges, so only partial tiles (the causal
-diagonal, document boundaries) build a mask. They are the inner kernel of both the
-single-device `blockwise_attention` and the ring (ring.py). Memory is O(C·T) per tile, never
+diagonal, document boundaries) build a mask; tiles.py holds the tile sizes, the token metadata
+and those range tests. The two functions are the inner kernel of both the single-device
+`blockwise_attention` and the ring (ring.py). Memory is O(C·T) per tile, never
 O(C·S) for scores; the backward recomputes scores from (q, k, v, lse) as in FlashAttention-2.
 K/V stay at K heads: a kv head's G query heads are rows of one matmul (R = G·Q) rather than
 K/V repeated.
@@ -17,9 +18,7 @@ bfloat16 inputs are multiplied with float32 accumulation.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import warnings
 from typing import NamedTuple
 
 import jax
@@ -28,98 +27,8 @@ import jax.numpy as jnp
 from longctx.attention import kernels
 from longctx.attention.reference import (NEG_INF, MaskSpec, check_inputs, default_scale,
                                          make_mask)
-
-
-# Default tile sizes (queries × keys) of the forward and of the backward: 1024 × 1024, with the
-# query tile divided by G = Hq / Hkv so that a tile's score rows (R = G·Q, see the legend) stay
-# 1024 under GQA. On XLA:CPU the tile products contract only D (64–128), and at 1024 they run at
-# 84–95% of a large matmul's speed (58–70% at 512), with a quarter of the per-tile loop and
-# dispatch overhead; bench/RESULTS.md ("Tiles", "Where the time goes") has the measurements. The backward's can differ (FlashAttention
-# kernels tile the two passes apart too).
-BLOCK_Q, BLOCK_K = 1024, 1024
-BLOCK_Q_BWD, BLOCK_K_BWD = 1024, 1024
-# The Pallas GPU kernel's defaults: a Triton program holds its tiles in registers / shared
-# memory, so they are much smaller (FlashAttention-2's 128 × 64 forward, 64 × 64 backward).
-GPU_BLOCK_Q, GPU_BLOCK_K, GPU_BLOCK_Q_BWD, GPU_BLOCK_K_BWD = 128, 64, 64, 64
-# The Pallas TPU kernel's: multiples of 128 (lanes); a 512 × 512 float32 score block is 1 MiB
-# of VMEM, as in splash attention's default blocks.
-TPU_BLOCK_Q, TPU_BLOCK_K, TPU_BLOCK_Q_BWD, TPU_BLOCK_K_BWD = 512, 512, 512, 512
-
-
-@dataclasses.dataclass(frozen=True)
-class TileConfig:
-  """Static settings of the inner kernel: mask, softmax scale, tile sizes (block_q ×
-  block_k in the forward; block_q_bwd × block_k_bwd in the backward, None = the forward's) and
-  which kernel computes a chunk pair (`kernels.KERNELS`)."""
-  spec: MaskSpec
-  scale: float
-  block_q: int
-  block_k: int
-  block_q_bwd: int | None = None
-  block_k_bwd: int | None = None
-  kernel: str = "blockwise"
-
-  def backward(self) -> "TileConfig":
-    """The config the backward pass tiles with."""
-    return dataclasses.replace(self, block_q=self.block_q_bwd or self.block_q,
-                               block_k=self.block_k_bwd or self.block_k, block_q_bwd=None,
-                               block_k_bwd=None)
-
-
-def tile_config(spec: MaskSpec, scale: float, c: int, s: int, block_q=None, block_k=None,
-                block_q_bwd=None, block_k_bwd=None, kernel=None, group: int = 1,
-                cap: int | None = None) -> TileConfig:
-  """The TileConfig of a C-query, S-key chunk pair, every block reduced to a divisor of its
-  length (`fit_block`).
-
-  None = default: the forward's tiles default to (BLOCK_Q // group, BLOCK_K) (GPU_BLOCK_* /
-  TPU_BLOCK_* for the Pallas kernels, whose programs take one query head each); the
-  backward's to the forward's where the caller set those, else to (BLOCK_Q_BWD // group,
-  BLOCK_K_BWD). So `block_q=block_k=128` tiles both passes at 128, and no arguments gives the
-  tuned pairs. kernel: a name of `kernels.KERNELS`, None = "blockwise". group: G = Hq / Hkv,
-  the query heads that share a tile's rows in the pure-JAX kernel. cap: the largest default
-  tile (the ring passes C/2, so the two halves of a zigzag chunk, far apart in the sequence,
-  never share a tile and causal skipping keeps working); blocks given are not capped.
-  """
-  kernel = kernels.check_kernel(kernel)
-  rows = lambda block: max(1, block // max(1, group))
-  defaults = {"pallas_gpu": (GPU_BLOCK_Q, GPU_BLOCK_K, GPU_BLOCK_Q_BWD, GPU_BLOCK_K_BWD),
-              "pallas_tpu": (TPU_BLOCK_Q, TPU_BLOCK_K, TPU_BLOCK_Q_BWD, TPU_BLOCK_K_BWD)}.get(
-                  kernel, (rows(BLOCK_Q), BLOCK_K, rows(BLOCK_Q_BWD), BLOCK_K_BWD))
-  step = {"pallas_tpu": 128}.get(kernel, 1)  # the TPU kernel's blocks are multiples of 128
-  if cap is not None:
-    defaults = tuple(min(block, max(step, cap)) for block in defaults)
-  explicit = block_q is not None or block_k is not None
-  block_q = defaults[0] if block_q is None else block_q
-  block_k = defaults[1] if block_k is None else block_k
-  if block_q_bwd is None:
-    block_q_bwd = block_q if explicit else defaults[2]
-  if block_k_bwd is None:
-    block_k_bwd = block_k if explicit else defaults[3]
-  for name, value in (("block_q", block_q), ("block_k", block_k), ("block_q_bwd", block_q_bwd),
-                      ("block_k_bwd", block_k_bwd)):
-    if int(value) < 1:
-      raise ValueError(f"{name} must be a positive tile size; got {value}")
-  fit = functools.partial(fit_block, step=step, power_of_two=kernel == "pallas_gpu")
-  return TileConfig(spec, scale, fit(c, block_q), fit(s, block_k), fit(c, block_q_bwd),
-                    fit(s, block_k_bwd), kernel)
-
-
-class TokenMeta(NamedTuple):
-  """Per-token metadata used for masking: original index and segment id, both [B, C] int32."""
-  index: jax.Array
-  segment: jax.Array
-
-
-def fit_block(length: int, block: int, step: int = 1, power_of_two: bool = False) -> int:
-  """The largest tile size <= block that divides length, is a multiple of `step` and, if
-  asked, a power of two (what the Pallas TPU / GPU kernels need). If none is, `block` reduced
-  to `length`, for the kernel's own check to report."""
-  block = max(1, min(block, length))
-  for size in range(block - block % step, 0, -step):
-    if not length % size and (not power_of_two or not size & (size - 1)):
-      return size
-  return block
+from longctx.attention.tiles import (TileConfig, TileStats, TokenMeta, natural_meta,
+                                     tile_config, tile_full_empty, tiled_length)
 
 
 def _varying_axes(x) -> frozenset:
@@ -140,15 +49,6 @@ def varying_like(x, ref):
 SKIP, FULL, MASKED = 0, 1, 2  # what a (query tile, key tile) pair needs; see `_tile_kind`
 
 
-class TileStats(NamedTuple):
-  """Per-tile ranges of the token metadata, each [.., N] int32: enough to tell, without
-  building the mask, that a tile pair is certainly empty or certainly fully visible."""
-  lo: jax.Array
-  hi: jax.Array
-  seg_lo: jax.Array
-  seg_hi: jax.Array
-
-
 def _meta_tiles(meta: TokenMeta, n: int) -> TokenMeta:
   """[B, C] metadata -> [B, N, C/N] tiles."""
   b, c = meta.index.shape
@@ -164,28 +64,6 @@ def _per_head(meta_BN: TokenMeta, kh: int) -> TokenMeta:
 def _stats(meta: TokenMeta) -> TileStats:
   return TileStats(meta.index.min(-1), meta.index.max(-1), meta.segment.min(-1),
                    meta.segment.max(-1))
-
-
-def tile_full_empty(spec: MaskSpec, sq: TileStats, sk: TileStats):
-  """(full, empty), booleans, of one tile pair of one head, from the tiles' index and segment
-  ranges (scalars); the Pallas kernels use it too.
-
-  Both tests are sufficient conditions, so a tile called empty is empty and one called full is
-  full (see `reference.make_mask`); anything else is MASKED and builds its mask. In causal
-  attention only tiles on the diagonal are MASKED: the others skip the mask and its `where`.
-  """
-  full = ((sq.seg_lo == sq.seg_hi) & (sk.seg_lo == sk.seg_hi) & (sq.seg_lo == sk.seg_lo)
-          & (sq.seg_lo != 0))
-  empty = (sq.seg_hi < sk.seg_lo) | (sk.seg_hi < sq.seg_lo) | ((sq.seg_lo == 0) & (sq.seg_hi == 0))
-  if spec.causal:
-    full &= sk.hi <= sq.lo
-    empty |= sk.lo > sq.hi
-  if spec.group_size is not None:
-    gq_lo, gq_hi, gk_lo, gk_hi = ((x + spec.group_shift) // spec.group_size
-                                  for x in (sq.lo, sq.hi, sk.lo, sk.hi))
-    full &= (gq_lo == gq_hi) & (gk_lo == gk_hi) & (gq_lo == gk_lo)
-    empty |= (gq_hi < gk_lo) | (gk_hi < gq_lo)
-  return full, empty
 
 
 def _tile_kind(spec: MaskSpec, sq: TileStats, sk: TileStats):
@@ -525,11 +403,15 @@ def tie_inputs(args):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _blockwise(cfg: TileConfig, q_BLHD, k_BLKD, v_BLKD, meta: TokenMeta):
-  return _blockwise_fwd(cfg, q_BLHD, k_BLKD, v_BLKD, meta)[0]
+def tiled_attention(cfg: TileConfig, q_BLHD, k_BLKD, v_BLKD, meta: TokenMeta):
+  """(out_BLHD like q, lse_BLH float32) of self-attention over one sequence, tiled by `cfg`,
+  masked by `meta` (its index need not be 0..L−1: the S² attention fn passes positions);
+  L must be a multiple of cfg's tiles (`tile_config` fits them). The lse carries no gradient.
+  `blockwise_attention` is the user-facing form."""
+  return _tiled_attention_fwd(cfg, q_BLHD, k_BLKD, v_BLKD, meta)[0]
 
 
-def _blockwise_fwd(cfg, q_BLHD, k_BLKD, v_BLKD, meta):
+def _tiled_attention_fwd(cfg, q_BLHD, k_BLKD, v_BLKD, meta):
   q_t, k_t, v_t, meta_t = tie_inputs((q_BLHD, k_BLKD, v_BLKD, meta))
   o_BLHD, lse_BLH = kernels.pair_forward(cfg, q_t, k_t, v_t, meta_t, meta_t)
   out = (o_BLHD.astype(q_BLHD.dtype), lse_BLH)
@@ -537,7 +419,7 @@ def _blockwise_fwd(cfg, q_BLHD, k_BLKD, v_BLKD, meta):
   return out, (q_BLHD, k_BLKD, v_BLKD, meta, out[0], lse_BLH)
 
 
-def _blockwise_bwd(cfg, res, cts):
+def _tiled_attention_bwd(cfg, res, cts):
   q_BLHD, k_BLKD, v_BLKD, meta, o_BLHD, lse_BLH = res
   do_BLHD = cts[0]  # the lse output is for merging only; its cotangent is not propagated
   delta_BLH = output_delta(do_BLHD, o_BLHD)
@@ -546,38 +428,8 @@ def _blockwise_bwd(cfg, res, cts):
   return dq.astype(q_BLHD.dtype), dk.astype(k_BLKD.dtype), dv.astype(v_BLKD.dtype), None
 
 
-_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+tiled_attention.defvjp(_tiled_attention_fwd, _tiled_attention_bwd)
 
-
-def natural_meta(segment_ids_BL, b: int, l: int) -> TokenMeta:
-  """Metadata of a natural-order sequence: index 0..L-1, segment ids (all 1 if None)."""
-  seg = jnp.ones((b, l), jnp.int32) if segment_ids_BL is None else segment_ids_BL.astype(jnp.int32)
-  idx = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32)[None, :], (b, l))
-  return TokenMeta(idx, seg)
-
-
-def tiled_length(length: int, tiles) -> int:
-  """The length to run `length` tokens at: `length` itself, or, when its best tiles are under a
-  quarter of those a power-of-two length gets (a prime length would be tiled by 1 token),
-  `length` rounded up to a multiple of min(128, the smallest such tile).
-  tiles(c, s) -> TileConfig (`tile_config` with all but the lengths bound)."""
-  sizes = lambda cfg: (cfg.block_q, cfg.block_k, cfg.block_q_bwd, cfg.block_k_bwd)
-  ideal = sizes(tiles(1 << 30, 1 << 30))  # powers of two: the requested tiles, rounded down
-  if all(4 * got >= min(want, length) for got, want in zip(sizes(tiles(length, length)), ideal)):
-    return length
-  granule = min(128, *ideal)
-  return -(-length // granule) * granule
-
-
-def fitted_tiles(length: int, tiles, what: str) -> TileConfig:
-  """tiles(length, length), warning (once per trace) when the length has no tile size near the
-  requested ones (`tiled_length`) and the caller, `what`, cannot pad it."""
-  cfg, padded = tiles(length, length), tiled_length(length, tiles)
-  if padded != length:
-    warnings.warn(f"{what}: {length} tokens have no tile size near the requested ones (got "
-                  f"{cfg.block_q} x {cfg.block_k}), so they run in many tiny tiles; padded to "
-                  f"{padded} tokens they would not", stacklevel=3)
-  return cfg
 
 
 def blockwise_attention_with_lse(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *, causal=True,
@@ -595,10 +447,10 @@ def blockwise_attention_with_lse(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *,
                             kernel=kernel, group=q_BLHD.shape[2] // k_BLKD.shape[2])
   lp = tiled_length(l, tiles)
   if lp == l:
-    return _blockwise(tiles(l, l), q_BLHD, k_BLKD, v_BLKD, natural_meta(segment_ids_BL, b, l))
+    return tiled_attention(tiles(l, l), q_BLHD, k_BLKD, v_BLKD, natural_meta(segment_ids_BL, b, l))
   seg = jnp.ones((b, l), jnp.int32) if segment_ids_BL is None else segment_ids_BL
   pad = lambda x: jnp.pad(x, [(0, 0), (0, lp - l)] + [(0, 0)] * (x.ndim - 2))
-  o, lse = _blockwise(tiles(lp, lp), pad(q_BLHD), pad(k_BLKD), pad(v_BLKD),
+  o, lse = tiled_attention(tiles(lp, lp), pad(q_BLHD), pad(k_BLKD), pad(v_BLKD),
                       natural_meta(pad(seg.astype(jnp.int32)), b, lp))
   return o[:, :l], lse[:, :l]
 

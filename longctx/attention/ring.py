@@ -31,13 +31,13 @@ import re
 import jax
 import jax.numpy as jnp
 
-from longctx.attention.blockwise import (TileConfig, TokenMeta, fitted_tiles, key_tiles,
-                                         merge_partials, output_delta, query_tiles, rows_tiles,
-                                         safe_lse, softmax_finish, softmax_init, tie_inputs,
-                                         tile_config, tiled_backward, tiled_forward,
-                                         untile_heads, untile_kv_t, untile_rows, varying_like)
+from longctx.attention.blockwise import (key_tiles, merge_partials, output_delta, query_tiles,
+                                         rows_tiles, safe_lse, softmax_finish, softmax_init,
+                                         tie_inputs, tiled_backward, tiled_forward, untile_heads,
+                                         untile_kv_t, untile_rows, varying_like)
 from longctx.attention.kernels import query_backward, query_forward
 from longctx.attention.reference import MaskSpec, check_inputs, default_scale
+from longctx.attention.tiles import TileConfig, TokenMeta, fitted_tiles, tile_config
 
 
 def _shift(tree, axis, size):
@@ -213,7 +213,7 @@ def ring_attention(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC, index_BC, *, axis="se
   sharded like q, or document positions when segment ids separate documents (causal only).
   Returns out [B, C, Hq, D] in q.dtype, equal to the dense reference at those tokens.
   Tiles are block_q × block_k in the forward, block_q_bwd × block_k_bwd in the backward
-  (reduced to divisors of C; None = defaults, see `blockwise.tile_config`); with zigzag, a
+  (reduced to divisors of C; None = defaults, see `tiles.tile_config`); with zigzag, a
   block dividing C/2 lets the empty half-chunk tiles be skipped. kernel: the inner kernel of
   each ring step (`kernels.KERNELS`; None = "blockwise", pure JAX).
   Raises ValueError on bad shapes or dtypes.

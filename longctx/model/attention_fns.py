@@ -36,7 +36,7 @@ def dense(causal: bool = True) -> AttentionFn:
 
 def blockwise(causal: bool = True, **blocks) -> AttentionFn:
   """Blockwise attention on one device; blocks: its tile sizes (block_q, block_k, block_q_bwd,
-  block_k_bwd; missing or None = defaults, see `blockwise.tile_config`), as in every factory
+  block_k_bwd; missing or None = defaults, see `tiles.tile_config`), as in every factory
   here."""
   from longctx.attention import blockwise_attention
 
@@ -97,7 +97,8 @@ def shifted_sparse(group_size: int, causal: bool = True, **blocks) -> AttentionF
     raise ValueError("shifted_sparse needs causal attention: its groups are taken on positions")
   import jax.numpy as jnp
 
-  from longctx.attention.blockwise import TokenMeta, _blockwise, fitted_tiles, tile_config
+  from longctx.attention.blockwise import tiled_attention
+  from longctx.attention.tiles import TokenMeta, fitted_tiles, tile_config
   from longctx.attention.reference import check_inputs, default_scale
   from longctx.attention.shifted_sparse import apply_s2
 
@@ -112,7 +113,7 @@ def shifted_sparse(group_size: int, causal: bool = True, **blocks) -> AttentionF
     def half(q, k, v, spec):
       tiles = functools.partial(tile_config, spec, default_scale(d, None), **blocks,
                                 group=q.shape[2] // k.shape[2])
-      return _blockwise(fitted_tiles(l, tiles, "shifted_sparse"), q, k, v, meta)[0]
+      return tiled_attention(fitted_tiles(l, tiles, "shifted_sparse"), q, k, v, meta)[0]
     return apply_s2(half, q_BLHD, k_BLKD, v_BLKD, group_size=group_size, causal=True)
   return fn
 

@@ -81,7 +81,7 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
   """impl and layout; block_*: the attention tile sizes, forward (block_q × block_k) and
-  backward (None, 0 in a config dict = the defaults of `attention.blockwise.tile_config`);
+  backward (None, 0 in a config dict = the defaults of `attention.tiles.tile_config`);
   kernel: the inner kernel (`attention.kernels.KERNELS`: "blockwise"; "pallas_gpu" on GPUs,
   "pallas_tpu" on TPUs, with impl "ring" only).
   """

@@ -109,7 +109,7 @@ def _pallas(cfg, q_BCHD):
 
 def query_forward(cfg, q_BCHD, mq):
   """attend(k_BSKD, v_BSKD, mk) -> (out_BCHD, lse_BCH), float32, of this query chunk (metadata
-  mq: `blockwise.TokenMeta`) against a key chunk, by `cfg.kernel` (`blockwise.TileConfig`)."""
+  mq: `tiles.TokenMeta`) against a key chunk, by `cfg.kernel` (`tiles.TileConfig`)."""
   if cfg.kernel != "blockwise":
     module, kw = _pallas(cfg, q_BCHD)
     return module.forward_for(q_BCHD, mq, **kw)

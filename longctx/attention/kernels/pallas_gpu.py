@@ -8,7 +8,7 @@ log-sum-exp, float32, so partial results over several key chunks merge (`merge_p
 The mask is `reference.make_mask` on each (query block, key block) (`kernels.block_mask`):
 segment ids, causal by each token's original index (so any ring layout and any ring step), and
 S²-Attn groups. A block pair is first classified from the ranges of its metadata
-(`blockwise.tile_full_empty`, 1-D reductions); one the mask certainly empties is skipped
+(`tiles.tile_full_empty`, 1-D reductions); one the mask certainly empties is skipped
 (`lax.cond`) before its mask or any load of K/V. GQA: the forward and dq kernels read kv head
 h // G; the dk/dv kernel runs per kv head and sums its G query heads under one mask, so K/V are
 never repeated.
@@ -35,6 +35,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from longctx.attention.kernels import block_mask, out_struct as _out
 from longctx.attention.reference import MaskSpec
+from longctx.attention.tiles import TileStats, tile_full_empty
 
 _NEG = -1e30  # finite "minus infinity" for masked scores: exp underflows to 0, no inf − inf
 
@@ -47,13 +48,11 @@ def _dot(a, b, trans_a=False, trans_b=False):
 def _ranges(index, segment):
   """TileStats of a block from its 1-D metadata: cheap reductions over block_q or block_k
   tokens, so a block pair is classified before any [bq, bk] work."""
-  from longctx.attention.blockwise import TileStats
   return TileStats(jnp.min(index), jnp.max(index), jnp.min(segment), jnp.max(segment))
 
 
 def _run(spec, rq, rk):
-  """False when the ranges prove a block pair empty (`blockwise.tile_full_empty`)."""
-  from longctx.attention.blockwise import tile_full_empty
+  """False when the ranges prove a block pair empty (`tiles.tile_full_empty`)."""
   return jnp.logical_not(tile_full_empty(spec, rq, rk)[1])
 
 

@@ -9,7 +9,7 @@ final lse and delta = Σ_d do·o. Masks come from segment ids, original indices 
 layout and step) and S² groups (`kernels.block_mask`). Unlike splash attention, whose masks are
 static, the mask of a ring step depends on the device and the step, so block skipping works
 from per-block ranges of the metadata passed by scalar prefetch (SMEM) and classified on the
-scalar core by `blockwise.tile_full_empty`, the pure-JAX kernel's own test: an empty block costs
+scalar core by `tiles.tile_full_empty`, the pure-JAX kernel's own test: an empty block costs
 no DMA-bound compute, only its classification.
 
 TPU layout, as in JAX's own flash / splash kernels: grids of (B, heads, q blocks, k blocks)
@@ -34,6 +34,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from longctx.attention.kernels import block_mask, out_struct as _out
 from longctx.attention.reference import MaskSpec
+from longctx.attention.tiles import TileStats, tile_full_empty
 
 LANES, SUBLANES = 128, 8
 _NEG = -1e30  # finite "minus infinity" for masked scores: exp underflows to 0, no inf − inf
@@ -49,8 +50,7 @@ def _dot(a, b, trans_a=False, trans_b=False):
 def _run(spec, sq_ref, sk_ref, b, i, j):
   """False when query block i and key block j of batch row b are certainly empty, from the
   prefetched per-block ranges [4, B, n] (index lo, hi, segment lo, hi) on the scalar core
-  (`blockwise.tile_full_empty`)."""
-  from longctx.attention.blockwise import TileStats, tile_full_empty
+  (`tiles.tile_full_empty`)."""
   sq = TileStats(*(sq_ref[r, b, i] for r in range(4)))
   sk = TileStats(*(sk_ref[r, b, j] for r in range(4)))
   return jnp.logical_not(tile_full_empty(spec, sq, sk)[1])
