@@ -431,7 +431,6 @@ def _tiled_attention_bwd(cfg, res, cts):
 tiled_attention.defvjp(_tiled_attention_fwd, _tiled_attention_bwd)
 
 
-
 def blockwise_attention_with_lse(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *, causal=True,
                                  scale=None, block_q=None, block_k=None, block_q_bwd=None,
                                  block_k_bwd=None, spec=None, kernel=None):
@@ -447,11 +446,12 @@ def blockwise_attention_with_lse(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *,
                             kernel=kernel, group=q_BLHD.shape[2] // k_BLKD.shape[2])
   lp = tiled_length(l, tiles)
   if lp == l:
-    return tiled_attention(tiles(l, l), q_BLHD, k_BLKD, v_BLKD, natural_meta(segment_ids_BL, b, l))
+    return tiled_attention(tiles(l, l), q_BLHD, k_BLKD, v_BLKD,
+                           natural_meta(segment_ids_BL, b, l))
   seg = jnp.ones((b, l), jnp.int32) if segment_ids_BL is None else segment_ids_BL
   pad = lambda x: jnp.pad(x, [(0, 0), (0, lp - l)] + [(0, 0)] * (x.ndim - 2))
   o, lse = tiled_attention(tiles(lp, lp), pad(q_BLHD), pad(k_BLKD), pad(v_BLKD),
-                      natural_meta(pad(seg.astype(jnp.int32)), b, lp))
+                           natural_meta(pad(seg.astype(jnp.int32)), b, lp))
   return o[:, :l], lse[:, :l]
 
 

@@ -98,9 +98,9 @@ def shifted_sparse(group_size: int, causal: bool = True, **blocks) -> AttentionF
   import jax.numpy as jnp
 
   from longctx.attention.blockwise import tiled_attention
-  from longctx.attention.tiles import TokenMeta, fitted_tiles, tile_config
   from longctx.attention.reference import check_inputs, default_scale
   from longctx.attention.shifted_sparse import apply_s2
+  from longctx.attention.tiles import TokenMeta, fitted_tiles, tile_config
 
   def fn(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, positions_BL):
     check_inputs(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
