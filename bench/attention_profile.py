@@ -10,9 +10,10 @@ conditionals), how many times each ran, their summed and mean wall time as the t
 them (on whichever intra-op thread ran them; a dot's own helper threads are not added), what
 each computes (the op of its fused computation and its output shape) and, for the tile
 products, their GFLOP/s. Rows of loops and conditionals (`while`, `cond`) include the time of
-the operations they ran, which have rows of their own. Also prints how many XLA intra-op threads the process has: one per
-core on a single device, and at least one per device when devices are emulated, which is
-why a program on one of 8 emulated devices of a 2-core machine runs slower than alone.
+the operations they ran, which have rows of their own. Also prints how many XLA intra-op
+threads the process has: one per core on a single device, and at least one per device when
+devices are emulated, which is why a program on one of 8 emulated devices of a 2-core machine
+runs slower than alone.
 """
 from __future__ import annotations
 
