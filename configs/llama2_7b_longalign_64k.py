@@ -43,10 +43,9 @@ Expect:    1800 steps × 8 × 64k = 0.94B tokens; at ~1e11 FLOPs per token (rema
            reports LongBench-Chat 6.10 for Llama-2-7B-64k with packing + loss weighting (Table 3;
            `python -m longctx.eval longbench-chat`), and the needle test should pass up to 64k.
 """
-import ml_collections
 
 from longctx.data.config import default_config as default_data_config
-from longctx.train.config import default_config as default_train_sections
+from longctx.train.config import default_config as default_train_sections, model_section
 
 STEPS = 1800  # 2 epochs of LongAlign-10k + ShareGPT at 8 packs/step: ~1500-2000 in the paper
 
@@ -56,11 +55,11 @@ def get_config(arg=None):
   config = default_train_sections()
   config.init.kind = "hf"
   config.init.path = ""  # required: --config.init.path=/models/LongAlign-7B-64k-base
-  config.model = ml_collections.ConfigDict(dict(
+  config.model = model_section(
       vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
       num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5, max_position_embeddings=65536,
       rope=dict(rope_type="default", theta=2_000_000.0),  # LongAlign: base 10k x 200
-      bos_token_id=1, eos_token_id=2, dtype="bfloat16", remat="full"))
+      bos_token_id=1, eos_token_id=2, dtype="bfloat16", remat="full", mlp_chunk=8192)
   config.mesh.data, config.mesh.fsdp, config.mesh.seq, config.mesh.tensor = 1, 4, 2, 1
   config.attention.impl, config.attention.layout = "ring", "zigzag"
 
@@ -80,6 +79,7 @@ def get_config(arg=None):
   config.data.num_workers = 8
 
   config.train.steps = STEPS
+  config.train.loss_chunk = 8192              # the fused lm_head + loss over 8k-token chunks
   config.train.micro_batches = 2              # 4 x 2 = 8 packs of 64k per step
   config.train.learning_rate = 2e-5
   config.train.schedule = "cosine"

@@ -49,10 +49,9 @@ Expect:    1000 × 64 × 102400 = 6.6B tokens at ~7e10 FLOPs per token (frozen w
            trained length: check with `python -m longctx.eval perplexity --lengths=4096,...,102400`
            and `python -m longctx.eval passkey`.
 """
-import ml_collections
 
 from longctx.data.config import default_config as default_data_config
-from longctx.train.config import default_config as default_train_sections
+from longctx.train.config import default_config as default_train_sections, model_section
 
 ORIGINAL = 4096            # Llama-2's trained context
 FACTOR = 25                # ceil(100000 / 4096), LongLoRA's rule
@@ -64,12 +63,13 @@ def get_config(arg=None):
   config = default_train_sections()
   config.init.kind = "hf"
   config.init.path = ""  # required: --config.init.path=/models/Llama-2-7b-hf
-  config.model = ml_collections.ConfigDict(dict(
+  config.model = model_section(
       vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
       num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5, max_position_embeddings=ORIGINAL,
       rope=dict(rope_type="linear", theta=10000.0, factor=float(FACTOR)),
-      bos_token_id=1, eos_token_id=2, dtype="bfloat16", remat="full"))
+      bos_token_id=1, eos_token_id=2, dtype="bfloat16", remat="full", mlp_chunk=10240)
   config.mesh.data, config.mesh.fsdp, config.mesh.seq, config.mesh.tensor = 1, 4, 2, 1
+  config.train.loss_chunk = 10240             # 51,200 tokens per device in 5 chunks
   config.attention.impl, config.attention.layout = "ring", "zigzag"
 
   config.lora.enabled = True

@@ -14,16 +14,16 @@ Expect:    a few minutes; the loss falls from ln(260) = 5.56 to about 2.5 in `sh
 import ml_collections
 
 from longctx.data.config import default_config as default_data_config
-from longctx.train.config import default_config as default_train_sections
+from longctx.train.config import default_config as default_train_sections, model_section
 
 
 def get_config(arg=None):
   del arg
   config = default_train_sections()
-  config.model = ml_collections.ConfigDict(dict(
+  config.model = model_section(
       vocab_size=260, hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4,
       num_kv_heads=2, head_dim=16, max_position_embeddings=4096,
-      rope=dict(rope_type="default", theta=10000.0), dtype="float32", remat="none"))
+      rope=dict(rope_type="default", theta=10000.0), dtype="float32", remat="none")
   config.mesh.data, config.mesh.seq = 2, 4
   config.attention.impl, config.attention.layout = "ring", "zigzag"
   config.attention.block_q = config.attention.block_k = 256

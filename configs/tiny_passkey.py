@@ -26,7 +26,7 @@ import os
 import ml_collections
 
 from longctx.data.config import default_config as default_data_config
-from longctx.train.config import default_config as default_train_sections
+from longctx.train.config import default_config as default_train_sections, model_section
 
 L0 = 256
 TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "passkey_bpe.json")
@@ -40,10 +40,10 @@ MAX_CHARS = {1: 900, 2: 1800, 4: 3600}
 def get_config(arg=None):
   del arg
   config = default_train_sections()
-  config.model = ml_collections.ConfigDict(dict(
+  config.model = model_section(
       vocab_size=400, hidden_size=128, intermediate_size=352, num_layers=2, num_heads=8,
       num_kv_heads=8, head_dim=16, max_position_embeddings=L0,
-      rope=dict(rope_type="default", theta=10000.0), dtype="float32", remat="none"))
+      rope=dict(rope_type="default", theta=10000.0), dtype="float32", remat="none")
   config.mesh.data = 8
   config.attention.impl = "dense"
 

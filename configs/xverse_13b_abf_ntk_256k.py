@@ -58,26 +58,41 @@ Expect:    estimates, not measurements, at ~40% MFU on 128×H100 (remat included
 import ml_collections
 
 from longctx.data.config import default_config as default_data_config
-from longctx.train.config import default_config as default_train_sections
+from longctx.train.config import default_config as default_train_sections, model_section
 
 TRAINED, TARGET = 32_768, 262_144  # ABF trains at P = 32k; NTK + SFT target L = 256k
 
-# Rows per micro-batch (num_shards x batch_size) must be a multiple of mesh data x fsdp = 16.
+# Per device count: the mesh's fsdp (seq is 8: a 256k row over 8 devices, 32k tokens each) and,
+# per stage, (data.num_shards, data.batch_size, train.micro_batches). Rows per micro-batch
+# (num_shards × batch_size) must be a multiple of fsdp; the global batch, num_shards ×
+# batch_size × micro_batches, is the same on both: 64 rows of 32k for abf, 16 of 256k for ntk.
+ARGS = ("128", "16")  # the device counts this config is laid out for (tests/test_configs.py)
+LAYOUTS = {
+    128: dict(fsdp=16, abf=(16, 4, 1), ntk=(16, 1, 1)),
+    16: dict(fsdp=2, abf=(2, 4, 8), ntk=(2, 1, 8)),
+}
 ABF_DATA = dict(source=dict(paths="/data/pretrain/*.jsonl"), template="plain", max_len=TRAINED,
-                over_length="truncate_right", objective="token", num_shards=16, batch_size=4)
+                over_length="truncate_right", objective="token")
 
 
 def get_config(arg=None):
-  del arg
+  """arg: the number of devices, 128 (default) or 16 (same global batch through
+  micro-batches)."""
+  text = str(arg) if arg else "128"
+  devices = int(text) if text.isdigit() else text
+  if devices not in LAYOUTS:
+    raise ValueError(f"configs/xverse_13b_abf_ntk_256k.py:ARG: expected one of {sorted(LAYOUTS)} "
+                     f"devices, found {arg!r}")
+  layout = LAYOUTS[devices]
   config = default_train_sections()
   config.init.kind = "hf"
   config.init.path = ""  # required: --config.init.path=/models/XVERSE-13B (the 8K base)
-  config.model = ml_collections.ConfigDict(dict(
+  config.model = model_section(
       vocab_size=100534, hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40,
       num_kv_heads=40, head_dim=128, rms_norm_eps=1e-6, max_position_embeddings=8192,
       rope=dict(rope_type="default", theta=10000.0), tie_word_embeddings=False,
-      bos_token_id=2, eos_token_id=3, dtype="bfloat16", remat="full"))
-  config.mesh.data, config.mesh.fsdp, config.mesh.seq, config.mesh.tensor = 1, -1, 8, 1
+      bos_token_id=2, eos_token_id=3, dtype="bfloat16", remat="full", mlp_chunk=4096)
+  config.mesh.data, config.mesh.fsdp, config.mesh.seq, config.mesh.tensor = 1, layout["fsdp"], 8, 1
   config.attention.impl, config.attention.layout = "ring", "zigzag"
 
   config.data = default_data_config()  # the top level is `abf`'s data (`data inspect` reads it)
@@ -85,11 +100,15 @@ def get_config(arg=None):
   config.data.tokenizer = "hf"
   config.data.tokenizer_path = "/models/XVERSE-13B/tokenizer.json"
   config.data.batching = "packed"
-  config.data.update(ABF_DATA)   # recursive: keeps the other data.source keys
+  abf_shards, abf_rows, abf_micro = layout["abf"]
+  ntk_shards, ntk_rows, ntk_micro = layout["ntk"]
+  abf_data = dict(ABF_DATA, num_shards=abf_shards, batch_size=abf_rows)
+  config.data.update(abf_data)   # recursive: keeps the other data.source keys
   config.data.num_epochs = 0     # repeat; train.steps ends each stage
   config.data.num_workers = 16
 
   config.train.b1, config.train.b2 = 0.9, 0.95
+  config.train.loss_chunk = 1024  # tokens per row and device in one chunk of the loss
   config.train.clip_norm = 1.0
   config.train.log_every = 10
   config.checkpoint.every_steps = 250
@@ -98,17 +117,17 @@ def get_config(arg=None):
   config.stages.abf = ml_collections.ConfigDict(dict(
       model=dict(rope=dict(rope_type="default", theta=500_000.0),
                  max_position_embeddings=TRAINED),
-      data=ABF_DATA,
-      train=dict(steps=5000, micro_batches=1, learning_rate=2e-5, schedule="cosine",
+      data=abf_data,
+      train=dict(steps=5000, micro_batches=abf_micro, learning_rate=2e-5, schedule="cosine",
                  warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1)))
   config.stages.ntk = ml_collections.ConfigDict(dict(
       model=dict(rope=dict(rope_type="xverse_ntk", theta=500_000.0, trained_length=TRAINED,
                            target_length=TARGET, factor=2.0),
                  max_position_embeddings=TRAINED),
       data=dict(source=dict(paths="/data/sft_256k/*.jsonl"), template="chatml", max_len=TARGET,
-                over_length="truncate_middle", objective="sequence", num_shards=16,
-                batch_size=1),
-      train=dict(steps=500, micro_batches=1, learning_rate=2e-5, schedule="cosine",
+                over_length="truncate_middle", objective="sequence", num_shards=ntk_shards,
+                batch_size=ntk_rows),
+      train=dict(steps=500, micro_batches=ntk_micro, learning_rate=2e-5, schedule="cosine",
                  warmup_steps=20, min_lr_ratio=0.0, weight_decay=0.0)))
   config.stage_order = "abf,ntk"
   config.lock()

@@ -32,6 +32,9 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
 _LOCAL_DEVICES = flags.DEFINE_integer("local_device_count", None,
                                       "CPU only: devices to emulate in this process")
+_PREFLIGHT = flags.DEFINE_bool("preflight", True, "before materialising anything, compile each "
+                               "stage's step and refuse one whose memory plan exceeds the "
+                               "devices' memory (--nopreflight: skip the check)")
 
 _CLUSTER_ENV = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "JOBSET_NAME", "TPU_WORKER_HOSTNAMES",
                 "MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS")
@@ -72,7 +75,12 @@ def main(argv):
   say = print if jax.process_index() == 0 else (lambda *a, **k: None)
   say(f"longctx: config {config_flags.get_config_filename(flags.FLAGS['config'])}; "
       f"workdir {workdir}")
-  summaries = run(config, workdir, log=say)
+  from longctx.train.memory import MemoryPlanError
+  try:
+    summaries = run(config, workdir, log=say, preflight=_PREFLIGHT.value)
+  except MemoryPlanError as e:
+    say(f"longctx: refused before training: {e}")
+    sys.exit(2)
   say("summary:")
   for s in summaries:
     if s.skipped:

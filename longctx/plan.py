@@ -1,23 +1,27 @@
-"""`python -m longctx.plan --config=configs/NAME.py [--num_devices=N] [--config.key=value ...]`.
+"""`python -m longctx.plan --config=configs/NAME.py [--json] [--max-len=H100] [--config.key=value]`.
 
 Per-device memory of every stage of the configured run, before launching: the train step is
-lowered and compiled for the configured mesh and sequence length from abstract shapes only (no
-parameter is materialised), and the compiler's buffer assignment gives
+compiled for the configured mesh and sequence length from abstract shapes only (nothing is
+materialised; longctx.train.memory), and the plan gives per device the parameters, optimizer
+state, batch, temporaries (with the gradients and saved activations in them), the total on the
+device, what is offloaded to host memory, the largest temporaries by the op that makes them, and
+whether that fits each named accelerator.
 
-  parameters + optimizer state   the train state's per-device shards (arguments, donated)
-  batch                          the step's input batch shard
-  temporaries                    activations, gradients, attention workspaces (XLA temp buffers)
-  total                          arguments + outputs − aliased (donated) + temporaries
+  --json            one JSON object on stdout: {"stages": [{"stage", "mesh", "total_bytes",
+                    "fits": {"H100 80GB": bool, ...}, ...}], "headroom", "config", "devices"}
+  --max-len=NAME    per stage, the longest data.max_len whose plan fits the named accelerator
+                    (a substring of its name, e.g. H100), by bisection over compiles
+  --native          compile for this host's accelerators instead of emulated CPU devices
 
-and whether that fits each named accelerator. On a CPU-only machine the devices are emulated
-(`--num_devices`, default: the mesh's size; `--native` compiles for this host's accelerators
-instead), so the figure is XLA:CPU's buffer assignment for the
-same program: GPU and TPU compilers fuse and schedule differently, so treat it as an estimate
-(and keep headroom: the runtime, NCCL buffers and fragmentation are not in it).
+On a CPU-only machine the devices are emulated (`--num_devices`, default: the mesh's size), so
+the figure is XLA:CPU's buffer assignment for the same program: GPU and TPU compilers fuse and
+schedule differently, so treat it as an estimate (and keep headroom: the runtime, NCCL buffers
+and fragmentation are not in it).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -25,89 +29,117 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-ACCELERATORS = (("H100 80GB", 80e9), ("H200 141GB", 141e9), ("TPU v5p 95GB", 95e9),
-                ("TPU v5e 16GB", 16e9))
+from longctx.train.memory import ACCELERATORS, StagePlan, describe, gb, plan_stage
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "devices to plan for (default: the "
                                     "mesh's size; needed when a mesh axis is -1)")
 _HEADROOM = flags.DEFINE_float("headroom", 0.9, "fraction of an accelerator's memory usable")
+_JSON = flags.DEFINE_bool("json", False, "print one JSON object instead of text")
+_MAX_LEN = flags.DEFINE_string("max-len", None, "name (or part of it) of an accelerator in "
+                               f"{[n for n, _ in ACCELERATORS]}: find each stage's longest "
+                               "data.max_len that fits it")
+flags.DEFINE_alias("max_len", "max-len")
+_REPORT = flags.DEFINE_bool("report", True, "name the largest temporaries (from the compiler's "
+                            "buffer-assignment dump)")
+_AS_ACCELERATOR = flags.DEFINE_bool(
+    "accelerator_estimate", True, "on CPU, compile a bfloat16 model as float16 (same sizes): "
+    "XLA:CPU emulates bfloat16 dynamic-(update-)slice in float32 and would count float32 copies "
+    "of the saved activations that GPU and TPU compilers do not make (longctx.train.memory)")
+
+MAX_SEARCH_LEN = 1 << 24  # 16M tokens: the doubling search stops here
 
 
-@dataclasses.dataclass
-class StagePlan:
-  stage: str
-  mesh: dict
-  batch_shape: tuple
-  params_bytes: int      # per device
-  optimizer_bytes: int   # per device (incl. the step counter)
-  batch_bytes: int
-  temp_bytes: int
-  total_bytes: int
-
-  def fits(self, capacity: float, headroom: float = 0.9) -> bool:
-    return self.total_bytes <= capacity * headroom
+def plan(config, num_devices: int | None = None, report: bool = False,
+         accelerator_estimate: bool = True) -> list[StagePlan]:
+  stages, mesh = _stages_and_mesh(config, num_devices)
+  return [plan_stage(s, mesh, int(config.seed), report=report,
+                     accelerator_estimate=accelerator_estimate) for s in stages]
 
 
-def _shard_bytes(abstract_tree) -> int:
-  import jax
-  total = 0
-  for leaf in jax.tree.leaves(abstract_tree):
-    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
-    total += math.prod(shape) * leaf.dtype.itemsize
-  return total
-
-
-def plan_stage(stage, mesh, seed: int = 0) -> StagePlan:
-  """Compile one stage's train step from abstract shapes and read its memory analysis."""
-  import jax
-  import jax.numpy as jnp
-  from jax.sharding import NamedSharding, PartitionSpec as P
-
-  from longctx.parallel.mesh import BATCH_AXES
-  from longctx.train.loop import StageRunner
-
-  runner = StageRunner(stage, mesh, seed, log=lambda *_: None)
-  k, rows, length = stage.train.micro_batches, stage.num_shards * stage.data.batch_size, \
-      stage.data.max_len
-  batch_sh = NamedSharding(mesh, P(None, BATCH_AXES, "seq"))
-  batches = {key: jax.ShapeDtypeStruct((k, rows, length),
-                                       jnp.float32 if key == "loss_weights" else jnp.int32,
-                                       sharding=batch_sh)
-             for key in ("inputs", "targets", "segment_ids", "positions", "loss_weights")}
-  denominator = jax.ShapeDtypeStruct((k, rows), jnp.int32,
-                                     sharding=NamedSharding(mesh, P(None, BATCH_AXES)))
-  compiled = runner.compiled_step().lower(runner.abstract_state, batches, denominator).compile()
-  memory = compiled.memory_analysis()
-  state = runner.abstract_state
-  params_bytes = _shard_bytes((state.trainable, state.frozen))
-  optimizer_bytes = _shard_bytes((state.opt_state, state.step))
-  total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-           - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
-  return StagePlan(stage.name, dict(mesh.shape), (k, rows, length), params_bytes,
-                   optimizer_bytes, _shard_bytes(batches) + _shard_bytes(denominator),
-                   int(memory.temp_size_in_bytes), int(total))
-
-
-def plan(config, num_devices: int | None = None) -> list[StagePlan]:
+def _stages_and_mesh(config, num_devices):
   import jax
 
   from longctx.parallel.mesh import make_mesh
   from longctx.train.config import mesh_config, read_stages
-
   stages = read_stages(config)
   devices = jax.devices()[:num_devices] if num_devices else jax.devices()
-  mesh = make_mesh(dataclasses.asdict(mesh_config(config)), devices)
-  return [plan_stage(s, mesh, int(config.seed)) for s in stages]
+  return stages, make_mesh(dataclasses.asdict(mesh_config(config)), devices)
 
 
-def _gb(n: int) -> str:
-  return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
+def accelerator(name: str) -> tuple[str, float]:
+  hits = [(n, cap) for n, cap in ACCELERATORS if name.lower() in n.lower()]
+  if len(hits) != 1:
+    raise app.UsageError(f"--max-len={name!r}: expected (part of) one name among "
+                         f"{[n for n, _ in ACCELERATORS]}, found {len(hits)} matches")
+  return hits[0]
+
+
+def length_granule(stage, seq: int) -> int:
+  """Every planned length is a multiple of this: the layout's split, the token chunks and the
+  ring's default tile on each device (a row splits into whole tiles)."""
+  from longctx.attention.tiles import BLOCK_K
+  parts = 2 * seq if stage.attention.layout == "zigzag" else seq
+  granule = math.lcm(parts * (stage.attention.block_k or BLOCK_K), stage.data.pad_multiple)
+  for chunk in (stage.train.loss_chunk, stage.model.mlp_chunk):
+    granule = math.lcm(granule, seq * max(chunk, 1))
+  return granule
+
+
+def max_len(stage, mesh, capacity: float, headroom: float, seed: int = 0,
+            accelerator_estimate: bool = True, log=lambda *_: None) -> tuple[int, StagePlan]:
+  """(the longest max_len that fits, its plan): double from data.max_len until a plan does not
+  fit (or MAX_SEARCH_LEN), then bisect between the last fit and the first miss to within 1/64
+  (or one granule). Raises ValueError when even one granule does not fit."""
+  granule = length_granule(stage, mesh.shape["seq"])
+  plans: dict[int, StagePlan] = {}
+
+  def fits(length: int) -> bool:
+    plans[length] = plan_stage(stage, mesh, seed, length=length, residuals=False,
+                               accelerator_estimate=accelerator_estimate)
+    log(f"  max_len {length:,}: {gb(plans[length].total_bytes)} per device")
+    return plans[length].fits(capacity, headroom)
+
+  length = max(granule, stage.data.max_len // granule * granule)
+  if fits(length):
+    lo, hi = length, None
+    while hi is None and lo < MAX_SEARCH_LEN:
+      nxt = min(2 * lo, MAX_SEARCH_LEN)
+      lo, hi = (nxt, None) if fits(nxt) else (lo, nxt)
+    if hi is None:
+      return lo, plans[lo]
+  else:
+    hi, lo = length, None
+    while lo is None and hi > granule:
+      nxt = max(granule, hi // 2 // granule * granule)
+      lo, hi = (nxt, hi) if fits(nxt) else (None, nxt)
+    if lo is None:
+      raise ValueError(
+          f"stage {stage.name}: no data.max_len fits: the shortest planned, {granule:,} tokens "
+          f"(one granule: layout, token chunks and tiles over seq={mesh.shape['seq']}), needs "
+          f"{gb(plans[granule].total_bytes)} per device against {gb(capacity * headroom)} "
+          f"({headroom:.0%} of {gb(capacity)}); the state alone is "
+          f"{gb(plans[granule].params_bytes + plans[granule].optimizer_bytes)}")
+  while hi - lo > max(granule, lo // 64):
+    mid = (lo + hi) // 2 // granule * granule
+    if mid in (lo, hi):
+      break
+    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+  return lo, plans[lo]
 
 
 def _mesh_size(config) -> int | None:
   sizes = [int(config.mesh[a]) for a in ("data", "fsdp", "seq", "tensor")]
   return None if -1 in sizes else math.prod(sizes)
+
+
+def _print_plan(p: StagePlan, headroom: float) -> None:
+  print()
+  for line in describe(p):
+    print(line)
+  fits = [f"{name}: {'fits' if p.fits(cap, headroom) else 'does NOT fit'}"
+          for name, cap in ACCELERATORS]
+  print(f"  at {headroom:.0%} of memory — " + "; ".join(fits))
 
 
 def main(argv):
@@ -122,18 +154,38 @@ def main(argv):
     if n is None:
       raise app.UsageError("the mesh has an axis = -1: give --num_devices=N to plan for N devices")
     jax.config.update("jax_num_cpu_devices", n)
-  print(f"planning {config_flags.get_config_filename(flags.FLAGS['config'])} for "
-        f"{n or jax.device_count()} {jax.devices()[0].platform} devices (compiling abstract shapes)",
-        flush=True)
-  for p in plan(config, n):
-    print(f"\nstage {p.stage}: mesh {p.mesh}, step batch {p.batch_shape} (micro-batches, rows, "
-          f"tokens)")
-    print(f"  per device: parameters {_gb(p.params_bytes)}, optimizer state "
-          f"{_gb(p.optimizer_bytes)}, batch {_gb(p.batch_bytes)}, temporaries (activations, "
-          f"gradients) {_gb(p.temp_bytes)}; total {_gb(p.total_bytes)}")
-    fits = [f"{name}: {'fits' if p.fits(cap, _HEADROOM.value) else 'does NOT fit'}"
-            for name, cap in ACCELERATORS]
-    print(f"  at {_HEADROOM.value:.0%} of memory — " + "; ".join(fits))
+  name = config_flags.get_config_filename(flags.FLAGS["config"])
+  say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if _JSON.value else \
+      (lambda *a: print(*a, flush=True))
+  say(f"planning {name} for {n or jax.device_count()} {jax.devices()[0].platform} devices "
+      "(compiling abstract shapes)")
+  headroom = _HEADROOM.value
+  if _MAX_LEN.value:
+    target, capacity = accelerator(_MAX_LEN.value)
+    stages, mesh = _stages_and_mesh(config, n)
+    found = []
+    for stage in stages:
+      say(f"stage {stage.name}: the longest data.max_len that fits {target} at {headroom:.0%}")
+      try:
+        length, p = max_len(stage, mesh, capacity, headroom, int(config.seed),
+                            _AS_ACCELERATOR.value, log=say)
+      except ValueError as e:
+        raise app.UsageError(str(e)) from None
+      found.append((stage.name, length, p))
+      say(f"stage {stage.name}: max_len {length:,} fits {target} ({gb(p.total_bytes)} per "
+          "device)")
+    if _JSON.value:
+      print(json.dumps({"accelerator": target, "headroom": headroom, "config": name,
+                        "stages": [dict(p.to_json(headroom), max_len=length)
+                                   for _, length, p in found]}, indent=2))
+    return
+  plans = plan(config, n, report=_REPORT.value, accelerator_estimate=_AS_ACCELERATOR.value)
+  if _JSON.value:
+    print(json.dumps({"config": name, "devices": n or jax.device_count(), "headroom": headroom,
+                      "stages": [p.to_json(headroom) for p in plans]}, indent=2))
+    return
+  for p in plans:
+    _print_plan(p, headroom)
 
 
 if __name__ == "__main__":

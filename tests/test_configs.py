@@ -39,12 +39,22 @@ def test_configs_exist():
           "llama2_7b_longlora_100k"} <= names, names
 
 
+def _variants(path):
+  """get_config() and, for a config with variants (module ARGS: the args it takes), each one."""
+  module = _module(path)
+  return [module.get_config()] + [module.get_config(a) for a in getattr(module, "ARGS", ())]
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=_name)
 def test_config_is_locked_and_documented(path):
   module = _module(path)
   config = module.get_config()
   assert isinstance(config, ml_collections.ConfigDict) and config.is_locked
-  assert module.get_config("unused-arg").to_dict() == config.to_dict()  # get_config(arg)
+  if hasattr(module, "ARGS"):  # a config with variants refuses an arg it does not know
+    with pytest.raises(ValueError, match="ARG: expected one of"):
+      module.get_config("unused-arg")
+  else:
+    assert module.get_config("unused-arg").to_dict() == config.to_dict()  # get_config(arg)
   doc = module.__doc__ or ""
   for word in ("Run", "Hardware"):
     assert f"{word}:" in doc, f"{_name(path)}: the docstring should say `{word}:`"
@@ -54,14 +64,20 @@ def test_config_is_locked_and_documented(path):
 
 @pytest.mark.parametrize("path", TRAINING, ids=_name)
 def test_every_stage_reads(path):
-  stages = read_stages(_module(path).get_config())
-  assert stages and all(s.train.steps > 0 for s in stages)
+  for config in _variants(path):
+    stages = read_stages(config)
+    assert stages and all(s.train.steps > 0 for s in stages)
 
 
 @pytest.mark.parametrize("path", TRAINING, ids=_name)
 def test_rows_and_lengths_fit_the_mesh(path):
   """What the trainer checks against the devices, checked here for the axes a config fixes."""
-  config = _module(path).get_config()
+  for config in _variants(path):
+    _check_rows_and_lengths(path, config)
+
+
+def _check_rows_and_lengths(path, config):
+  from longctx.model.chunking import check_chunk
   mesh = config.mesh
   for stage in read_stages(config):
     where = f"{_name(path)} stage {stage.name}"
@@ -74,6 +90,8 @@ def test_rows_and_lengths_fit_the_mesh(path):
     if stage.lora.enabled and stage.lora.s2_group_fraction:
       group = stage.data.max_len * stage.lora.s2_group_fraction
       assert group == int(group) and int(group) % 2 == 0, f"{where}: S²-Attn group {group}"
+    check_chunk(stage.data.max_len, mesh.seq, stage.train.loss_chunk, f"{where} loss_chunk")
+    check_chunk(stage.data.max_len, mesh.seq, stage.model.mlp_chunk, f"{where} mlp_chunk")
 
 
 def _parse_flags(path, *overrides):

@@ -1,15 +1,21 @@
-"""`python -m longctx.plan`: the abstract plan agrees with the compiled step of a real run."""
+"""`python -m longctx.plan` and the launcher's pre-flight: the abstract plan agrees with the
+compiled step of a real run; --json, the breakdown, offload accounting, --max-len's bisection,
+and the refusal of a stage that does not fit with the cheapest fix."""
+import dataclasses
+import json
 import os
 import subprocess
 import sys
 
 import jax
+import pytest
 
 from longctx import plan as plan_lib
 from longctx.parallel.mesh import make_mesh
 from longctx.train import loop
 from longctx.train.config import read_stages
 from longctx.train.data import GlobalBatches
+from longctx.train.runner import StageRunner
 from tests.test_train import ROOT, tiny_config
 
 
@@ -19,7 +25,7 @@ def test_plan_matches_the_compiled_step_of_a_real_run():
   mesh = make_mesh({"data": 2, "seq": 4})
   planned = plan_lib.plan_stage(stage, mesh)
   # The real thing: materialised state and a real batch, compiled by the training loop's code.
-  runner = loop.StageRunner(stage, mesh, seed=0, log=lambda *_: None)
+  runner = StageRunner(stage, mesh, seed=0, log=lambda *_: None)
   state = runner.init_state(runner.random_params())
   batches, denominator, _ = next(GlobalBatches(stage.data, stage.num_shards, mesh, 1,
                                                stage.attention.layout))
@@ -40,3 +46,78 @@ def test_plan_command():
       capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "stage long" in result.stdout and "H100 80GB: fits" in result.stdout, result.stdout
+
+
+def test_plan_json_and_breakdown():
+  """--json: one object with every stage's mesh, total and verdict per accelerator, and the
+  breakdown (state, saved activations, the largest temporaries by name)."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  result = subprocess.run(
+      [sys.executable, "-m", "longctx.plan", "--config=configs/tiny.py", "--json",
+       "--config.stages.long.data.max_len=1024", "--config.stage_order=long",
+       "--config.train.loss_chunk=64"],
+      capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads(result.stdout)
+  (stage,) = out["stages"]
+  assert stage["stage"] == "long" and stage["mesh"]["seq"] == 4 and out["devices"] == 8
+  assert stage["fits"]["H100 80GB"] is True and set(stage["fits"]) >= {"TPU v5e 16GB"}
+  assert 0 < stage["saved_activation_bytes"] < stage["temp_bytes"] < stage["total_bytes"]
+  assert stage["compiled_dtype"] == "float32" and stage["host_bytes"] == 0
+  top = stage["largest_temporaries"]
+  assert top and top[0]["bytes"] >= top[-1]["bytes"] and all(t["name"] for t in top)
+
+
+def test_offloaded_activations_leave_the_device_total():
+  config = tiny_config({"model.remat": "full"})
+  stage = read_stages(config)[1]
+  mesh = make_mesh({"data": 2, "seq": 4})
+  on_device = plan_lib.plan_stage(stage, mesh)
+  offloaded = plan_lib.plan_stage(dataclasses.replace(stage, model=stage.model.replace(
+      remat_offload=("layer_input",))), mesh)
+  # the layer inputs: 2 layers x [2 rows, 256 tokens, 64] float32, over 2 x 4 devices
+  layer_inputs = 2 * 2 * 256 * 64 * 4 // 8
+  assert offloaded.offloaded_activation_bytes == layer_inputs
+  assert offloaded.total_bytes == on_device.total_bytes - layer_inputs
+  assert offloaded.saved_activation_bytes == on_device.saved_activation_bytes - layer_inputs
+
+
+def test_max_len_bisects_to_the_longest_length_that_fits():
+  config = tiny_config({"attention.block_q": 32, "attention.block_k": 32})
+  stage = read_stages(config)[1]
+  mesh = make_mesh({"data": 2, "seq": 4})
+  assert plan_lib.length_granule(stage, 4) == 2 * 4 * 32
+  at_512 = plan_lib.plan_stage(stage, mesh, length=512, residuals=False)
+  capacity = at_512.total_bytes * 1.0001
+  length, found = plan_lib.max_len(stage, mesh, capacity, headroom=1.0)
+  assert length == 512 and found.total_bytes == at_512.total_bytes
+  with pytest.raises(ValueError, match=r"stage long: no data.max_len fits: the shortest planned, "
+                     r"256 tokens .* needs .* per device"):
+    plan_lib.max_len(stage, mesh, 1e3, headroom=1.0)
+
+
+def test_preflight_refuses_a_plan_over_the_memory_with_the_cheapest_fix(tmp_path, monkeypatch):
+  """The launcher's pre-flight: a stage whose plan exceeds the devices' memory is refused before
+  anything is materialised, with the breakdown and the first change that fits."""
+  from longctx.train import memory
+  config = tiny_config({"stage_order": "long", "stages.long.data.max_len": 1024})
+  stage = read_stages(config)[0]
+  mesh = make_mesh({"data": 2, "seq": 4})
+  plain = plan_lib.plan_stage(stage, mesh, residuals=False)
+  chunked = plan_lib.plan_stage(dataclasses.replace(stage, train=dataclasses.replace(
+      stage.train, loss_chunk=64)), mesh, residuals=False)
+  assert chunked.total_bytes < plain.total_bytes
+  capacity = (chunked.total_bytes + plain.total_bytes) / 2 / 0.9
+  monkeypatch.setattr(memory, "device_capacity", lambda: (capacity, "a test's budget"))
+  with pytest.raises(memory.MemoryPlanError) as refused:
+    loop.run(config, str(tmp_path), log=lambda *_: None)
+  message = str(refused.value)
+  assert "stage long does not fit" in message and "(a test's budget)" in message
+  assert "per device: parameters" in message and "largest temporaries:" in message
+  assert message.rstrip().endswith("--config.train.loss_chunk=64"), message
+  assert not (tmp_path / "long" / "checkpoints").exists()  # nothing was materialised
+  # The suggested change passes the same check and trains.
+  summary = loop.run(tiny_config({"stage_order": "long", "stages.long.data.max_len": 1024,
+                                  "stages.long.train.steps": 1, "train.loss_chunk": 64}),
+                     str(tmp_path / "fixed"), log=lambda *_: None)
+  assert summary[0].last_loss is not None

@@ -80,7 +80,7 @@ def _grads_on(mesh_sizes, attention, micro_batches=1, rows=8):
   layout = attention.layout if attention.impl is AttentionImpl.RING else None
   batches, denominator, _ = next(GlobalBatches(stage.data, stage.num_shards, mesh,
                                                micro_batches, layout))
-  fn = jax.jit(make_loss_and_grads(runner.apply_fn))
+  fn = jax.jit(make_loss_and_grads(runner.numerator_fn))
   loss, grads = fn(params, {}, batches, denominator)
   return float(loss), jax.device_get(grads), (batches, denominator, runner, params)
 
@@ -139,7 +139,7 @@ def test_micro_batches_do_not_change_loss_or_grads():
       {"data": 2, "seq": 4}, AttentionConfig(AttentionImpl.RING, "zigzag", 64, 64),
       micro_batches=2, rows=4)
   one = {k: v.reshape((1, -1) + v.shape[2:]) for k, v in batches.items()}
-  loss1, grads1 = jax.jit(make_loss_and_grads(runner.apply_fn))(
+  loss1, grads1 = jax.jit(make_loss_and_grads(runner.numerator_fn))(
       params, {}, one, denominator.reshape(1, -1))
   assert abs(float(loss1) - loss2) <= 1e-6
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), grads1, grads2)

@@ -57,16 +57,32 @@ class LossTerms(NamedTuple):
   denominator: Any  # int32 scalar: number of target tokens or of sequences
 
 
+def _xp(x):
+  """numpy for host arrays (the trainer counts on the host), jax.numpy otherwise."""
+  return np if isinstance(x, np.ndarray) else jnp
+
+
+def sequences_per_row(loss_weights_BL: Any, segment_ids_BL: Any):
+  """[B] int32: (row, segment) pairs holding at least one token with positive weight.
+
+  Numpy in, numpy out (no device round trip); jax arrays (also under jit) otherwise."""
+  xp = _xp(loss_weights_BL)
+  has_BL = xp.asarray(loss_weights_BL) > 0
+  seg_BL = xp.asarray(segment_ids_BL)
+  idx_BL = xp.broadcast_to(xp.arange(has_BL.shape[1], dtype=xp.int32), has_BL.shape)
+  marked_BL = xp.where(has_BL, idx_BL, -1)
+  last_BL = (np.maximum.accumulate(marked_BL, axis=1) if xp is np
+             else jax.lax.cummax(marked_BL, axis=1))  # last weighted index <= t
+  prev_BL = xp.concatenate([xp.full_like(last_BL[:, :1], -1), last_BL[:, :-1]], axis=1)
+  prev_seg_BL = xp.take_along_axis(seg_BL, xp.maximum(prev_BL, 0), axis=1)
+  prev_seg_BL = xp.where(prev_BL >= 0, prev_seg_BL, -1)
+  return xp.sum(has_BL & (prev_seg_BL != seg_BL), axis=1, dtype=xp.int32)
+
+
 def count_sequences_with_targets(loss_weights_BL: Any, segment_ids_BL: Any) -> jax.Array:
   """Number of (row, segment) pairs holding at least one token with positive weight."""
-  has_BL = jnp.asarray(loss_weights_BL) > 0
-  seg_BL = jnp.asarray(segment_ids_BL)
-  idx_BL = jnp.broadcast_to(jnp.arange(has_BL.shape[1], dtype=jnp.int32), has_BL.shape)
-  last_BL = jax.lax.cummax(jnp.where(has_BL, idx_BL, -1), axis=1)  # last weighted index <= t
-  prev_BL = jnp.concatenate([jnp.full_like(last_BL[:, :1], -1), last_BL[:, :-1]], axis=1)
-  prev_seg_BL = jnp.take_along_axis(seg_BL, jnp.maximum(prev_BL, 0), axis=1)
-  prev_seg_BL = jnp.where(prev_BL >= 0, prev_seg_BL, -1)
-  return jnp.sum(has_BL & (prev_seg_BL != seg_BL), dtype=jnp.int32)
+  return jnp.sum(sequences_per_row(jnp.asarray(loss_weights_BL), jnp.asarray(segment_ids_BL)),
+                 dtype=jnp.int32)
 
 
 def _as_batch(batch_or_weights: Mapping[str, Any] | Any, mode: ObjectiveMode) -> Mapping[str, Any]:
@@ -78,17 +94,31 @@ def _as_batch(batch_or_weights: Mapping[str, Any] | Any, mode: ObjectiveMode) ->
                   "(loss_weights and segment_ids), found a bare array")
 
 
+def row_denominators(batch_or_weights: Mapping[str, Any] | Any, mode: ObjectiveMode):
+  """[B] int32: each row's share of the denominator (see `denominator`). Numpy batches are
+  counted with numpy, so a trainer can count on the host, in natural order (segments are
+  contiguous there), before any permutation of the tokens."""
+  batch = _as_batch(batch_or_weights, mode)
+  w_BL = batch["loss_weights"]
+  xp = _xp(w_BL)
+  if mode is ObjectiveMode.TOKEN:
+    return xp.sum(xp.asarray(w_BL) > 0, axis=1, dtype=xp.int32)
+  if mode is ObjectiveMode.SEQUENCE:
+    return sequences_per_row(w_BL, batch["segment_ids"])
+  raise TypeError(f"objective: expected an ObjectiveMode, found {mode!r}")
+
+
 def denominator(batch_or_weights: Mapping[str, Any] | Any, mode: ObjectiveMode) -> jax.Array:
   """int32 count normalising one slice: target tokens (token) or sequences with targets
   (sequence). It depends on the data only, so a trainer may sum it over the whole step first
   and then accumulate micro-batch numerators divided by that global count."""
-  batch = _as_batch(batch_or_weights, mode)
-  w_BL = jnp.asarray(batch["loss_weights"])
-  if mode is ObjectiveMode.TOKEN:
-    return jnp.sum(w_BL > 0, dtype=jnp.int32)
-  if mode is ObjectiveMode.SEQUENCE:
-    return count_sequences_with_targets(w_BL, batch["segment_ids"])
-  raise TypeError(f"objective: expected an ObjectiveMode, found {mode!r}")
+  return jnp.sum(jnp.asarray(row_denominators(batch_or_weights, mode)), dtype=jnp.int32)
+
+
+def weighted_numerator(per_token_loss_BL: Any, loss_weights_BL: Any) -> jax.Array:
+  """Σ_t w_t ℓ_t. where() rather than w·ℓ, so a nan/inf loss on a zero-weight (padding)
+  token cannot leak in."""
+  return jnp.sum(jnp.where(loss_weights_BL > 0, loss_weights_BL * per_token_loss_BL, 0))
 
 
 def objective_terms(per_token_loss_BL: Any, batch_or_weights: Mapping[str, Any] | Any,
@@ -110,9 +140,7 @@ def objective_terms(per_token_loss_BL: Any, batch_or_weights: Mapping[str, Any] 
   if loss_BL.shape != w_BL.shape:
     raise ValueError(f"objective: expected per_token_loss of shape {w_BL.shape} (loss_weights), "
                      f"found {loss_BL.shape}")
-  # where() rather than w*ℓ, so a nan/inf loss on a padding token cannot leak in.
-  numerator = jnp.sum(jnp.where(w_BL > 0, w_BL * loss_BL, 0))
-  return LossTerms(numerator, denominator(batch, mode))
+  return LossTerms(weighted_numerator(loss_BL, w_BL), denominator(batch, mode))
 
 
 def combine_terms(terms: Sequence[LossTerms]) -> LossTerms:

@@ -27,6 +27,32 @@ class RematPolicy(enum.Enum):
     }[self]
 
 
+# The tensors of a decoder layer that remat can keep per name (`remat_save`: on the device;
+# `remat_offload`: in pinned host memory, copied back for the backward), beyond what the base
+# `remat` policy keeps. Each is tagged with jax.ad_checkpoint.checkpoint_name in model.llama.
+CHECKPOINT_NAMES = (
+    "layer_input",   # the residual stream entering the layer [B, L, E]
+    "qkv",           # queries, keys and values after RoPE
+    "attention",     # the attention output before o_proj [B, L, H, D]
+    "mlp_input",     # the normed residual entering the MLP [B, L, E]
+)
+
+
+def remat_policy(base: RematPolicy, save: tuple[str, ...], offload: tuple[str, ...]):
+  """A jax checkpoint policy: the named tensors saved on the device or offloaded to pinned host
+  memory; everything else as the base policy decides."""
+  names = jax.checkpoint_policies.save_and_offload_only_these_names(
+      names_which_can_be_saved=list(save), names_which_can_be_offloaded=list(offload),
+      offload_src="device", offload_dst="pinned_host")
+  base_policy = base.jax_policy()
+  recompute = names(None)  # what the names policy answers for anything unnamed
+
+  def policy(prim, *args, **params):
+    decision = names(prim, *args, **params)
+    return base_policy(prim, *args, **params) if decision is recompute else decision
+  return policy
+
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # Projections LoRA may adapt (METHODS.md §2 uses the first four); lm_head is never adapted.
@@ -62,6 +88,9 @@ class ModelConfig:
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = ()
+  mlp_chunk: int = 0
+  remat_save: tuple[str, ...] = ()
+  remat_offload: tuple[str, ...] = ()
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -75,6 +104,7 @@ class ModelConfig:
       raise ValueError(f"lora_targets must be a tuple of projection names, found the string "
                        f"{self.lora_targets!r}")
     object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # JSON gives a list
+    self._check_memory_fields()
     if self.lora_rank < 0:
       raise ValueError(f"lora_rank must be >= 0 (0 = no LoRA), found {self.lora_rank}")
     unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
@@ -84,6 +114,37 @@ class ModelConfig:
     if self.lora_rank and (not self.lora_targets or self.lora_alpha <= 0):
       raise ValueError(f"LoRA (lora_rank={self.lora_rank}) needs lora_targets and lora_alpha > 0; "
                        f"found targets {self.lora_targets}, alpha {self.lora_alpha}")
+
+  def _check_memory_fields(self) -> None:
+    for field in ("remat_save", "remat_offload"):
+      value = getattr(self, field)
+      names = tuple(t.strip() for t in value.split(",") if t.strip()) if isinstance(
+          value, str) else tuple(value)
+      object.__setattr__(self, field, names)
+      unknown = [n for n in names if n not in CHECKPOINT_NAMES]
+      if unknown:
+        raise ValueError(f"{field}: {unknown} are not tensor names; expected a subset of "
+                         f"{list(CHECKPOINT_NAMES)}")
+    both = set(self.remat_save) & set(self.remat_offload)
+    if both:
+      raise ValueError(f"remat_save and remat_offload both name {sorted(both)}: a tensor is "
+                       "kept on the device or offloaded, not both")
+    if (self.remat_save or self.remat_offload) and self.remat is RematPolicy.NONE:
+      raise ValueError(f"remat_save={list(self.remat_save)} / remat_offload="
+                       f"{list(self.remat_offload)} choose what remat keeps, but remat is "
+                       "'none' (everything kept): set remat to 'full', 'dots' or "
+                       "'dots_no_batch'")
+    if self.mlp_chunk < 0:
+      raise ValueError(f"mlp_chunk: expected tokens per chunk >= 0 (0 = unchunked), found "
+                       f"{self.mlp_chunk}")
+
+  def jax_remat_policy(self):
+    """The checkpoint policy of a decoder layer (None: no remat)."""
+    if self.remat is RematPolicy.NONE:
+      return None
+    if not (self.remat_save or self.remat_offload):
+      return self.remat.jax_policy()
+    return remat_policy(self.remat, self.remat_save, self.remat_offload)
 
   @property
   def has_lora(self) -> bool:

@@ -18,11 +18,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax.ad_checkpoint import checkpoint_name
+
 from longctx.model import lora
 from longctx.model.attention_fns import AttentionFn
+from longctx.model.chunking import apply_chunked
 from longctx.model.config import ModelConfig, RematPolicy
 from longctx.model.rope import apply_rope
+from longctx.parallel.mesh import constrain
 
+# Logical axes of the residual stream [B, L, E]: rows and tokens where the batch is, the hidden
+# dimension whole (parameters shard `embed`; activations do not).
+RESIDUAL_AXES = ("batch", "length", None)
 
 
 def default_attention_fn() -> AttentionFn:
@@ -130,10 +137,12 @@ class Attention(nn.Module):
                         ("embed", "kv_heads", "head_dim"), bias, name="k_proj")(x_BLE)
     v_BLKD = Projection(cfg, (cfg.num_kv_heads, cfg.head_dim), (-1,),
                         ("embed", "kv_heads", "head_dim"), bias, name="v_proj")(x_BLE)
-    q_BLHD = apply_rope(q_BLHD, positions_BL, cfg.rope)
-    k_BLKD = apply_rope(k_BLKD, positions_BL, cfg.rope)
+    q_BLHD = checkpoint_name(apply_rope(q_BLHD, positions_BL, cfg.rope), "qkv")
+    k_BLKD = checkpoint_name(apply_rope(k_BLKD, positions_BL, cfg.rope), "qkv")
+    v_BLKD = checkpoint_name(v_BLKD, "qkv")
     if layer_cache is None:
       out_BLHD = self.attention_fn(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, positions_BL)
+      out_BLHD = checkpoint_name(out_BLHD, "attention")
       kv = (k_BLKD, v_BLKD)
     else:
       out_BLHD, kv = _cached_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, layer_cache)
@@ -158,22 +167,30 @@ class Mlp(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """One pre-norm block. `emit_kv`: return this layer's keys/values (prefill) or updated cache."""
+  """One pre-norm block. `emit_kv`: return this layer's keys/values (prefill) or updated cache.
+
+  token_shards: devices splitting each row's tokens (see Llama); the MLP runs over chunks of
+  `config.mlp_chunk` tokens per device (model.chunking) when that tiles the length.
+  """
   config: ModelConfig
   attention_fn: AttentionFn
   emit_kv: bool = False
+  token_shards: int = 1
 
   @nn.compact
   def __call__(self, x_BLE, batch_inputs, layer_kv=None):
     positions_BL, segment_ids_BL, cache_extra = batch_inputs
     layer_cache = None if layer_kv is None else (*layer_kv, *cache_extra)
+    x_BLE = checkpoint_name(constrain(x_BLE, RESIDUAL_AXES), "layer_input")
     h_BLE = RMSNorm(self.config, name="input_layernorm")(x_BLE)
     attn_BLE, kv = Attention(self.config, self.attention_fn, name="self_attn")(
         h_BLE, positions_BL, segment_ids_BL, layer_cache)
-    x_BLE = x_BLE + attn_BLE
-    h_BLE = RMSNorm(self.config, name="post_attention_layernorm")(x_BLE)
-    x_BLE = x_BLE + Mlp(self.config, name="mlp")(h_BLE)
-    return x_BLE, (kv if self.emit_kv else None)
+    x_BLE = constrain(x_BLE + attn_BLE, RESIDUAL_AXES)
+    h_BLE = checkpoint_name(RMSNorm(self.config, name="post_attention_layernorm")(x_BLE),
+                            "mlp_input")
+    mlp = Mlp(self.config, name="mlp")
+    x_BLE = x_BLE + apply_chunked(mlp, h_BLE, self.token_shards, self.config.mlp_chunk)
+    return constrain(x_BLE, RESIDUAL_AXES), (kv if self.emit_kv else None)
 
 
 class Llama(nn.Module):
@@ -181,15 +198,23 @@ class Llama(nn.Module):
 
   `positions` restart at 0 at each packed document and `segment_ids` keep attention inside a
   document (contract 1); both default to a single unpacked document per row.
+
+  token_shards: how many devices split each row's tokens (a trainer passes its mesh's `seq`
+  size). It changes no value: token chunks (config.mlp_chunk) are taken so that each device
+  works on its own tokens (model.chunking).
   """
   config: ModelConfig
   attention_fn: AttentionFn | None = None
+  token_shards: int = 1
 
   @nn.compact
   def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, *,
-               kv_cache: KVCache | None = None, return_kv: bool = False):
+               kv_cache: KVCache | None = None, return_kv: bool = False,
+               return_hidden: bool = False):
     """Logits [B, L, V] float32.
 
+    return_hidden: return the final normed hidden states [B, L, E] (compute dtype) instead of
+      the logits, for a loss that applies the head itself (`head_weight`, train.loss).
     return_kv: also return every layer's keys/values, ([N, B, L, K, D], same) — a prefill.
     kv_cache: decode the tokens against the cache (their segment ids must already be written
       into `kv_cache.segment_ids_BS`); returns (logits, cache with the new keys/values).
@@ -209,7 +234,7 @@ class Llama(nn.Module):
 
     layer = DecoderLayer
     if cfg.remat is not RematPolicy.NONE:
-      layer = nn.remat(DecoderLayer, policy=cfg.remat.jax_policy(), prevent_cse=False)
+      layer = nn.remat(DecoderLayer, policy=cfg.jax_remat_policy(), prevent_cse=False)
     decoding = kv_cache is not None
     extra = (kv_cache.segment_ids_BS, kv_cache.length) if decoding else ()
     scan_args = ((kv_cache.k_NBSKD, kv_cache.v_NBSKD),) if decoding else ()
@@ -217,10 +242,12 @@ class Llama(nn.Module):
         layer, variable_axes={"params": 0}, split_rngs={"params": True},
         in_axes=(nn.broadcast, 0) if decoding else nn.broadcast, length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
-    )(cfg, attention_fn, emit_kv=decoding or return_kv, name="layers")(
-        x_BLE, (positions_BL, segment_ids_BL, extra), *scan_args)
+    )(cfg, attention_fn, emit_kv=decoding or return_kv, token_shards=self.token_shards,
+      name="layers")(x_BLE, (positions_BL, segment_ids_BL, extra), *scan_args)
 
     x_BLE = RMSNorm(cfg, name="norm")(x_BLE)
+    if return_hidden:  # the head is applied by the caller (lm_head's parameters go unused here)
+      return constrain(x_BLE, RESIDUAL_AXES)
     if cfg.tie_word_embeddings:
       logits_BLV = jnp.einsum("ble,ve->blv", x_BLE, embedding_VE.astype(cfg.compute_dtype))
     else:
@@ -231,3 +258,11 @@ class Llama(nn.Module):
       return logits_BLV, kv_cache._replace(k_NBSKD=kv[0], v_NBSKD=kv[1],
                                            length=kv_cache.length + tokens_BL.shape[1])
     return (logits_BLV, kv) if return_kv else logits_BLV
+
+
+def head_weight(params, config: ModelConfig) -> tuple[jax.Array, bool]:
+  """(the output head's weight, vocab_first) from a parameter tree: the embedding [V, E]
+  (vocab_first) when tied, else lm_head's kernel [E, V]. lm_head has no LoRA (LORA_TARGETS)."""
+  if config.tie_word_embeddings:
+    return params["embed_tokens"], True
+  return params["lm_head"]["dense"]["kernel"], False

@@ -9,10 +9,18 @@ Rows of a batch are split over (data, fsdp); tokens over seq. Parameters carry l
 names (longctx.model.llama) and RULES maps them to mesh axes. A dimension that a mesh axis does
 not divide is left unsharded on that axis (reported by `param_shardings`), so tiny models run
 on any mesh.
+
+Parameters, their gradients and the optimizer state are sharded over fsdp × seq (the `embed`
+rule, as MaxText shards over its fsdp and context axes): a device of the `seq` axis holds other
+tokens of the same rows, so it has no reason to hold another copy of the state. Only `data`
+replicates the state. The same table constrains activations: the residual stream and the token
+chunks of the MLP and the loss are [batch, length, ...] (model.llama, model.chunking).
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -28,7 +36,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
     ("length", "seq"),
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "seq")),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
@@ -112,13 +120,45 @@ def param_shardings(abstract_tree, mesh: Mesh, report: list[str] | None = None):
                                           is_leaf=lambda x: isinstance(x, P) or x is None)
 
 
-def batch_spec() -> P:
-  return P(BATCH_AXES, "seq")
+# Logical axes of a train step's batch [micro-batches, rows, tokens] and of its per-row
+# denominator [micro-batches, rows] (train.data, train.loop, plan).
+STEP_BATCH_AXES = (None, "batch", "length")
+STEP_ROWS_AXES = (None, "batch")
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, batch_spec())
+def step_batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(STEP_BATCH_AXES))
+
+
+def step_rows_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(STEP_ROWS_AXES))
 
 
 def rows_per_step_divisor(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+# ---- activation constraints ------------------------------------------------------------------
+_ACTIVE = threading.local()
+
+
+@contextlib.contextmanager
+def activation_constraints(mesh: Mesh):
+  """While tracing a step under `mesh`, make `constrain` pin activations by RULES.
+
+  Usable inside jit (it sets the abstract mesh only). Outside it `constrain` is the identity, so
+  model code stays mesh-agnostic (generation, one device)."""
+  previous = getattr(_ACTIVE, "on", False)
+  _ACTIVE.on = True
+  try:
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      yield
+  finally:
+    _ACTIVE.on = previous
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """with_sharding_constraint by logical axis names, inside `activation_constraints` only."""
+  if not getattr(_ACTIVE, "on", False):
+    return x
+  return nn.with_logical_constraint(x, tuple(names), rules=RULES)

@@ -62,12 +62,25 @@ def default_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict(dict(
       steps=100, micro_batches=1, learning_rate=3e-4, schedule="cosine", warmup_steps=10,
       min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
-      log_every=10, peak_tflops_per_device=0.0))
+      log_every=10, peak_tflops_per_device=0.0, loss_chunk=0, offload_optimizer=False))
   config.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=100, max_to_keep=2, async_save=True))
   config.eval = ml_collections.ConfigDict(dict(
       every_steps=0, batches=2, passkey_lengths="", passkey_trials=5))
   return config
+
+
+# ModelConfig fields a config's `model` section does not hold: LoRA comes from the `lora` section.
+_NOT_IN_MODEL_SECTION = ("lora_rank", "lora_alpha", "lora_targets")
+
+
+def model_section(**fields) -> ml_collections.ConfigDict:
+  """A config's `model` section: every ModelConfig field (defaults, then `fields`), so any of
+  them can be overridden from the command line. Tuple fields are comma-separated strings."""
+  values = ModelConfig.from_dict(fields).to_dict()
+  section = {k: ",".join(v) if isinstance(v, (tuple, list)) else v for k, v in values.items()
+             if k not in _NOT_IN_MODEL_SECTION}
+  return ml_collections.ConfigDict(section)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +144,10 @@ class TrainConfig:
   clip_norm: float = 1.0          # 0: no clipping
   log_every: int = 10
   peak_tflops_per_device: float = 0.0  # for MFU; 0: from the device kind, if known
+  # tokens of each row per device in one chunk of the fused lm_head + cross-entropy
+  # (longctx.train.loss); 0: the unchunked reference path (full [tokens, vocab] logits)
+  loss_chunk: int = 0
+  offload_optimizer: bool = False  # keep the optimizer state in pinned host memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,7 +233,9 @@ class StageSpec:
         warmup_steps=int(t.warmup_steps), min_lr_ratio=float(t.min_lr_ratio), b1=float(t.b1),
         b2=float(t.b2), eps=float(t.eps), weight_decay=float(t.weight_decay),
         clip_norm=float(t.clip_norm), log_every=_positive("train.log_every", int(t.log_every)),
-        peak_tflops_per_device=float(t.peak_tflops_per_device))
+        peak_tflops_per_device=float(t.peak_tflops_per_device),
+        loss_chunk=int(t.get("loss_chunk", 0)),
+        offload_optimizer=bool(t.get("offload_optimizer", False)))
     lo = cd.lora
     lora = LoraConfig(enabled=bool(lo.enabled), rank=int(lo.rank), alpha=float(lo.alpha),
                       targets=_split(lo.targets), trainable=_split(lo.trainable),

@@ -19,23 +19,14 @@ from typing import Any, Iterator
 import jax
 from etils import epath
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from longctx.data import DataConfig, Shard, make_iterator
 from longctx.data.config import BatchingKind
-from longctx.data.objective import ObjectiveMode
-from longctx.parallel.mesh import BATCH_AXES, rows_per_step_divisor
+from longctx.data.objective import row_denominators
+from longctx.parallel.mesh import rows_per_step_divisor, step_batch_sharding, step_rows_sharding
 
 KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_weights")
-
-
-def row_denominators(batch: dict[str, np.ndarray], mode: ObjectiveMode) -> np.ndarray:
-  """[B] int32: target tokens (token mode) or sequences with a target token (sequence mode)."""
-  w_BL = batch["loss_weights"] > 0
-  if mode is ObjectiveMode.TOKEN:
-    return w_BL.sum(axis=1).astype(np.int32)
-  seg_BL = batch["segment_ids"]
-  return np.array([len(np.unique(seg_BL[r][w_BL[r]])) for r in range(seg_BL.shape[0])], np.int32)
 
 
 def check_length(length: int, seq: int, layout: str | None, where: str = "data.max_len") -> None:
@@ -61,8 +52,8 @@ class GlobalBatches:
     self.seq = mesh.shape["seq"]
     if cfg.batching is BatchingKind.PACKED:
       check_length(cfg.max_len, self.seq, layout)
-    self.sharding = NamedSharding(mesh, P(None, BATCH_AXES, "seq"))
-    self.row_sharding = NamedSharding(mesh, P(None, BATCH_AXES))
+    self.sharding = step_batch_sharding(mesh)
+    self.row_sharding = step_rows_sharding(mesh)
     self.shards = self._needed_shards()
     self.iterators = {s: make_iterator(cfg, Shard(s, num_shards)) for s in self.shards}
 

@@ -23,7 +23,7 @@ from longctx.model import Llama, attention_fns
 from longctx.model.config import ModelConfig
 from longctx.parallel.mesh import BATCH_AXES
 from longctx.train.config import StageSpec
-from longctx.train.step import token_nll, weighted_sum
+from longctx.train.loss import reference_numerator
 
 
 class Evaluator:
@@ -51,7 +51,7 @@ class Evaluator:
       logits = self.model.apply({"params": params}, batch["inputs"], batch["positions"],
                                 batch["segment_ids"])
       mask = (batch["loss_weights"] > 0).astype(jnp.float32)
-      return weighted_sum(token_nll(logits, batch["targets"]), mask), jnp.sum(mask)
+      return reference_numerator(logits, batch["targets"], mask), jnp.sum(mask)
 
     self._loss_terms = jax.jit(loss_terms, out_shardings=(replicated, replicated))
     self.tokenizer = None

@@ -17,29 +17,22 @@ import json
 import os
 import signal
 import time
-import warnings
 from typing import Callable
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 from etils import epath
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from longctx.checkpoint import manager as ckpt
-from longctx.checkpoint.params import load_config
 from longctx.data.config import parse_enum
-from longctx.model import Llama, attention_fns
-from longctx.model.config import ModelConfig
-from longctx.parallel.mesh import BATCH_AXES, make_mesh, param_shardings
+from longctx.parallel.mesh import make_mesh
 from longctx.train import metrics as metrics_lib
 from longctx.train.config import (AttentionImpl, InitKind, StageSpec, checkpoint_config,
                                   mesh_config, read_stages)
 from longctx.train.data import GlobalBatches, check_length
-from longctx.train.step import TrainState, init_state, make_optimizer, make_train_step
-from longctx.train.step import learning_rate_schedule
+from longctx.train.runner import HOST_MEMORY, StageRunner, s2_group
 
 # Config sections that may differ when a run resumes in the same workdir.
 _RESUMABLE_CHANGES = ("mesh", "checkpoint", "attention", "eval")
@@ -93,8 +86,9 @@ def check_stage(stage: StageSpec, mesh: Mesh, first: bool, init_kind: InitKind,
     raise ValueError(f"config stages.{stage.name}.attention.impl={stage.attention.impl.value!r} "
                      f"with mesh seq={seq}: only 'ring' splits a row across devices")
   check_length(stage.data.max_len, seq, layout, f"stages.{stage.name}.data.max_len")
+  check_memory_options(stage, seq, layout)
   if stage.lora.enabled and stage.lora.s2_group_fraction > 0:
-    group = _s2_group(stage)
+    group = s2_group(stage)
     if group % 2 or stage.data.max_len % group:
       raise ValueError(f"config stages.{stage.name}.lora.s2_group_fraction: the S²-Attn group "
                        f"{group} must be even and divide data.max_len={stage.data.max_len}")
@@ -108,155 +102,24 @@ def check_stage(stage: StageSpec, mesh: Mesh, first: bool, init_kind: InitKind,
                               f"(init.kind={init_kind.value!r})")
 
 
-def _s2_group(stage: StageSpec) -> int:
-  return int(round(stage.data.max_len * stage.lora.s2_group_fraction))
-
-
-# ---- model pieces --------------------------------------------------------------------------------
-def model_config(stage: StageSpec) -> ModelConfig:
-  if not stage.lora.enabled:
-    return stage.model
-  from longctx.model import lora
-  return lora.with_lora(stage.model, stage.lora.rank, stage.lora.alpha, stage.lora.targets)
-
-
-def attention_fn(stage: StageSpec, mesh: Mesh):
-  a = stage.attention
-  from longctx.attention.kernels import interpret
-  if a.kernel != "blockwise" and interpret(a.kernel):
-    warnings.warn(f"attention.kernel={a.kernel!r} on {jax.default_backend()}: it runs in Pallas' "
-                  "interpreter, which is for tests and very slow", stacklevel=2)
-  s2 = stage.lora.enabled and stage.lora.s2_group_fraction > 0
-  if a.impl is AttentionImpl.RING:
-    if s2:
-      return attention_fns.context_parallel_shifted_sparse(
-          mesh, "seq", a.layout, group_size=_s2_group(stage), batch_axes=BATCH_AXES,
-          permuted=True, **a.blocks())
-    m = stage.model
-    tensor = mesh.shape["tensor"]
-    heads = "tensor" if tensor > 1 and not m.num_heads % tensor and not m.num_kv_heads % tensor \
-        else None
-    return attention_fns.context_parallel(mesh, "seq", a.layout, permuted=True,
-                                          batch_axes=BATCH_AXES, head_axis=heads, **a.blocks())
-  if s2:
-    return attention_fns.shifted_sparse(_s2_group(stage), **a.blocks())
-  if a.impl is AttentionImpl.BLOCKWISE:
-    return attention_fns.blockwise(True, **a.blocks())
-  return attention_fns.dense(True)
-
-
-def _boxed_abstract_params(cfg: ModelConfig):
-  return jax.eval_shape(lambda: Llama(cfg).init(jax.random.PRNGKey(0),
-                                                jnp.zeros((1, 8), jnp.int32))["params"])
-
-
-def _with_shardings(abstract, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=s),
-                      abstract, shardings)
-
-
-class StageRunner:
-  """Builds the sharded state and the compiled step of one stage."""
-
-  def __init__(self, stage: StageSpec, mesh: Mesh, seed: int, log: Callable[[str], None]):
-    self.stage, self.mesh, self.seed, self.log = stage, mesh, seed, log
-    self.model_cfg = model_config(stage)
-    self.model = Llama(self.model_cfg, attention_fn(stage, mesh))
-    self.optimizer = make_optimizer(stage.train)
-    self.schedule = learning_rate_schedule(stage.train)
-    boxed = _boxed_abstract_params(self.model_cfg)
-    report: list[str] = []
-    self.param_shardings = param_shardings(boxed, mesh, report)
-    for line in report:
-      log(f"  note: {line}")
-    self.abstract_params = nn.meta.unbox(boxed)
-    self.mask = None
-    if stage.lora.enabled:
-      from longctx.model import lora
-      self.mask = lora.trainable_mask(self.abstract_params, stage.lora.trainable)
-    boxed_state = jax.eval_shape(lambda p: init_state(p, self.mask, self.optimizer), boxed)
-    self.state_shardings = param_shardings(boxed_state, mesh)
-    self.abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        nn.meta.unbox(boxed_state), self.state_shardings)
-
-  # -- parameters ---------------------------------------------------------------------------
-  def random_params(self):
-    init = jax.jit(lambda rng: nn.meta.unbox(Llama(self.model_cfg).init(
-        rng, jnp.zeros((1, 8), jnp.int32))["params"]), out_shardings=self.param_shardings)
-    return init(jax.random.PRNGKey(self.seed))
-
-  def load_params(self, kind: InitKind, path: str):
-    """Base weights from a longctx checkpoint or a HF directory, placed sharded; LoRA leaves
-    (absent from a base) are added freshly initialised."""
-    base_cfg = self.stage.model
-    if kind is InitKind.HF:
-      from longctx.checkpoint.hf import read_hf_config, read_hf_params
-      src_cfg = ModelConfig.from_hf(read_hf_config(path))
-    else:
-      src_cfg = load_config(path)
-    _check_same_architecture(src_cfg, base_cfg, path)
-    base_abstract = nn.meta.unbox(_boxed_abstract_params(src_cfg.replace(
-        rope=base_cfg.rope, dtype=base_cfg.dtype, remat=base_cfg.remat)))
-    flat_sh = _flat(self.param_shardings)
-    base_sh = _unflat({k: flat_sh[k] for k in _flat(base_abstract)})
-    target = _with_shardings(base_abstract, base_sh)
-    if kind is InitKind.HF:
-      host = read_hf_params(path, src_cfg)
-      params = jax.tree.map(lambda x, t: jax.device_put(np.asarray(x, np.float32), t.sharding),
-                            host, target)
-    else:
-      params = ckpt.restore_params(path, target)
-      if _has_lora_leaves(params) and not self.stage.lora.enabled:
-        from longctx.model import lora
-        params, _ = lora.merge_lora(params, load_config(path))
-    if self.stage.lora.enabled:
-      from longctx.model import lora
-      params = lora.add_lora_params(params, self.model_cfg, jax.random.PRNGKey(self.seed + 1))
-      params = jax.device_put(params, self.param_shardings)
-    return params
-
-  def init_state(self, params) -> TrainState:
-    fn = jax.jit(lambda p: init_state(p, self.mask, self.optimizer),
-                 out_shardings=self.state_shardings, donate_argnums=0)
-    return fn(params)
-
-  # -- the step -------------------------------------------------------------------------------
-  def apply_fn(self, params, batch):
-    return self.model.apply({"params": params}, batch["inputs"], batch["positions"],
-                            batch["segment_ids"])
-
-  def compiled_step(self):
-    step = make_train_step(self.apply_fn, self.optimizer, self.schedule)
-    batch_sh = NamedSharding(self.mesh, P(None, BATCH_AXES, "seq"))
-    denom_sh = NamedSharding(self.mesh, P(None, BATCH_AXES))
-    replicated = NamedSharding(self.mesh, P())
-    return jax.jit(step, in_shardings=(self.state_shardings, batch_sh, denom_sh),
-                   out_shardings=(self.state_shardings, replicated), donate_argnums=0)
-
-
-def _flat(tree) -> dict:
-  from flax import traverse_util
-  return traverse_util.flatten_dict(tree)
-
-
-def _unflat(flat: dict):
-  from flax import traverse_util
-  return traverse_util.unflatten_dict(flat)
-
-
-def _has_lora_leaves(params) -> bool:
-  return any("lora" in "/".join(k) for k in _flat(params))
-
-
-def _check_same_architecture(src: ModelConfig, want: ModelConfig, path: str) -> None:
-  keys = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-          "num_kv_heads", "head_dim", "tie_word_embeddings", "attention_bias", "mlp_bias")
-  diff = {k: (getattr(want, k), getattr(src, k)) for k in keys
-          if getattr(want, k) != getattr(src, k)}
-  if diff:
-    raise ValueError(f"{path}: the checkpoint's architecture differs from config.model "
-                     f"(key: (config, checkpoint)): {diff}")
+def check_memory_options(stage: StageSpec, seq: int, layout: str | None) -> None:
+  """Token chunks that tile every row length the stage can see; host memory for offload."""
+  from longctx.data.config import BatchingKind
+  from longctx.model.chunking import check_chunk
+  from longctx.train.runner import has_host_memory
+  if stage.data.batching is BatchingKind.PACKED:
+    length = stage.data.max_len
+  else:  # sorted batches are padded to multiples of this, so a chunk must tile it
+    length = int(np.lcm(2 * seq if layout == "zigzag" else seq, stage.data.pad_multiple))
+  where = f"stages.{stage.name}."
+  check_chunk(length, seq, stage.train.loss_chunk, where + "train.loss_chunk")
+  check_chunk(length, seq, stage.model.mlp_chunk, where + "model.mlp_chunk")
+  offload = [key for key, on in (("model.remat_offload", stage.model.remat_offload),
+                                 ("train.offload_optimizer", stage.train.offload_optimizer)) if on]
+  if offload and not has_host_memory():
+    kinds = sorted({m.kind for m in jax.devices()[0].addressable_memories()})
+    raise ValueError(f"config {where}{offload[0]}: offloading needs a '{HOST_MEMORY}' memory "
+                     f"on the {jax.devices()[0].platform} devices, found memories {kinds}")
 
 
 # ---- preemption ----------------------------------------------------------------------------------
@@ -298,8 +161,14 @@ def _progress(total: int, initial: int, desc: str):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, log: Callable[[str], None] = print,
-        devices=None, stop_after_steps: int | None = None) -> list[StageSummary]:
+        devices=None, stop_after_steps: int | None = None,
+        preflight: bool = True) -> list[StageSummary]:
   """Train every stage of `config` in `workdir`; returns a summary per stage.
+
+  preflight: before anything is materialised, compile every stage's step from abstract shapes
+  and refuse (MemoryPlanError: the plan's breakdown and the cheapest config change that fits)
+  a stage whose plan exceeds the devices' memory (train.memory); the compiled steps are then
+  the ones that train.
 
   stop_after_steps: stop (saving a checkpoint, as on SIGTERM) once this many optimizer steps
   have run in this call — for tests of interrupted runs.
@@ -314,6 +183,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, log: Callable[[str],
   log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
       f"{jax.process_count()} process(es); stages: {', '.join(s.name for s in stages)}")
 
+  plans = _preflight(config, stages, mesh, workdir, log) if preflight else {}
   summaries: list[StageSummary] = []
   previous_final: str | None = None
   budget = [stop_after_steps]
@@ -333,7 +203,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, log: Callable[[str],
       else:
         init = None  # random
       summary = _run_stage(stage, mesh, config, ckpt_cfg, stage_dir, final_dir, init=init,
-                           log=log, preemption=preemption, budget=budget)
+                           log=log, preemption=preemption, budget=budget,
+                           planned=plans.get(stage.name))
       summaries.append(summary)
       if summary.preempted:
         break
@@ -341,8 +212,56 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, log: Callable[[str],
   return summaries
 
 
+def _preflight(config, stages: list[StageSpec], mesh: Mesh, workdir: str, log) -> dict:
+  """{stage name: its plan} for the stages still to run; MemoryPlanError if one does not fit."""
+  from longctx.train import memory
+  capacity, where = memory.device_capacity()
+  plans = {}
+  for stage in stages:
+    if ckpt.is_complete(os.path.join(workdir, stage.name, "final")):
+      continue
+    plan = memory.plan_stage(stage, mesh, int(config.seed), residuals=False)
+    log(f"[{stage.name}] memory plan: {memory.gb(plan.total_bytes)} per device"
+        + (f" (+ {memory.gb(plan.host_bytes)} in host memory)" if plan.host_bytes else "")
+        + f"; {where}")
+    memory.check_fits(stage, plan, mesh, capacity, where, seed=int(config.seed), log=log,
+                      flag=lambda key, name=stage.name: _flag(config, name, key))
+    plans[stage.name] = plan
+  return plans
+
+
+def _flag(config, stage_name: str, key: str) -> str:
+  """The command-line spelling of a config key for one stage: the stage's own override when it
+  has one, else the top-level key (which every stage inherits)."""
+  stage_cd = config.stages.get(stage_name) if "stages" in config and config.stages else None
+  if stage_cd is not None:
+    node = stage_cd
+    for part in key.split("."):
+      node = node.get(part) if hasattr(node, "get") else None
+      if node is None:
+        break
+    else:
+      return f"--config.stages.{stage_name}.{key}"
+  return f"--config.{key}"
+
+
+def _planned_step(runner: StageRunner, planned):
+  """The step the pre-flight compiled (for rows of its length), else jit for other lengths."""
+  jitted = runner.compiled_step()
+  if planned is None:
+    return jitted
+  shape = planned.batch_shape
+
+  def step(state, batches, denominator):
+    if batches["inputs"].shape == shape:
+      return planned.compiled(state, batches, denominator)
+    return jitted(state, batches, denominator)
+  return step
+
+
 def _run_stage(stage: StageSpec, mesh: Mesh, config, ckpt_cfg, stage_dir: str, final_dir: str,
-               *, init, log, preemption: Preemption, budget: list) -> StageSummary:
+               *, init, log, preemption: Preemption, budget: list,
+               planned=None) -> StageSummary:
   runner = StageRunner(stage, mesh, int(config.seed), log)
   cfg = runner.model_cfg
   summary = StageSummary(stage.name, stage.train.steps)
@@ -366,7 +285,7 @@ def _run_stage(stage: StageSpec, mesh: Mesh, config, ckpt_cfg, stage_dir: str, f
     log(f"[{stage.name}] {cfg.num_params():,} parameters from {source}; "
         f"{stage.train.steps} steps")
 
-  step_fn = runner.compiled_step()
+  step_fn = _planned_step(runner, planned)
   evaluator = None
   if stage.eval.every_steps:
     from longctx.train.evaluate import Evaluator

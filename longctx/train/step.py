@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from longctx.data.objective import LossTerms, finalize
 from longctx.train.config import Schedule, TrainConfig
 
 Params = Any
@@ -85,49 +86,46 @@ def init_state(params: Params, mask: Params | None, optimizer: optax.GradientTra
                     opt_state=optimizer.init(trainable))
 
 
-def token_nll(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
-  """Per-token cross-entropy ℓ_t in float32."""
-  logits_BLV = logits_BLV.astype(jnp.float32)
-  lse_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
-  picked_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
-  return lse_BL - picked_BL
+# Σ_t w_t ℓ_t of one micro-batch [B, L] (contract 2's numerator; longctx.train.loss).
+NumeratorFn = Callable[[Params, dict], jax.Array]
 
 
-def weighted_sum(nll_BL: jax.Array, weights_BL: jax.Array) -> jax.Array:
-  """Σ w_t ℓ_t over the tokens with weight (a nan on a padding token cannot leak in)."""
-  return jnp.sum(jnp.where(weights_BL > 0, weights_BL * nll_BL, 0.0))
-
-
-ApplyFn = Callable[[Params, dict], jax.Array]  # (params, batch) -> logits [B, L, V]
-
-
-def make_loss_and_grads(apply_fn: ApplyFn):
+def make_loss_and_grads(numerator_fn: NumeratorFn, grad_shardings=None):
   """loss_and_grads(trainable, frozen, batches [K, B, L], denominator [K, B]) -> (loss, grads):
-  contract 2's objective of the whole step and its gradient wrt `trainable`."""
+  contract 2's objective of the whole step and its gradient wrt `trainable`.
+
+  The denominator is summed over the whole step first; each micro-batch then adds
+  finalize(numerator_k, D) and its gradient (data.objective). grad_shardings: where each
+  micro-batch's gradient lives (the parameters' shardings), so it is reduce-scattered there
+  instead of materialised whole on every device.
+  """
 
   def loss_and_grads(trainable, frozen, batches: dict, denominator_KB: jax.Array):
-    total = jnp.maximum(jnp.sum(denominator_KB), 1).astype(jnp.float32)
+    total = jnp.sum(denominator_KB, dtype=jnp.int32)
 
-    def numerator(params, batch):
-      logits = apply_fn(join_params(params, frozen), batch)
-      return weighted_sum(token_nll(logits, batch["targets"]), batch["loss_weights"]) / total
+    def share(params, batch):
+      return finalize(LossTerms(numerator_fn(join_params(params, frozen), batch), total))
 
     def micro(carry, batch):
       loss, grads = carry
-      value, g = jax.value_and_grad(numerator)(trainable, batch)
+      value, g = jax.value_and_grad(share)(trainable, batch)
+      if grad_shardings is not None:
+        g = jax.lax.with_sharding_constraint(g, grad_shardings)
       return (loss + value, jax.tree.map(jnp.add, grads, g)), None
 
     zeros = jax.tree.map(jnp.zeros_like, trainable)
+    if grad_shardings is not None:
+      zeros = jax.lax.with_sharding_constraint(zeros, grad_shardings)
     (loss, grads), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros), batches)
     return loss, grads
 
   return loss_and_grads
 
 
-def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule):
+def make_train_step(numerator_fn: NumeratorFn, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, grad_shardings=None):
   """train_step(state, batches, denominator) -> (state, metrics); pure, jit it with shardings."""
-  loss_and_grads = make_loss_and_grads(apply_fn)
+  loss_and_grads = make_loss_and_grads(numerator_fn, grad_shardings)
 
   def train_step(state: TrainState, batches: dict, denominator_KB: jax.Array):
     loss, grads = loss_and_grads(state.trainable, state.frozen, batches, denominator_KB)
