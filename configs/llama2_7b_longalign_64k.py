@@ -17,13 +17,14 @@ What:      full-parameter SFT of a 64k-context Llama-2-7B on long instruction da
            servers such as vLLM that read it.
 Hardware:  one node of 8×H100 80GB (the paper: 8×A800 80GB with ZeRO-3 + CPU offload). Mesh
            fsdp=4 × seq=2 (zigzag ring inside a pair of GPUs): float32 params + Adam m, v + grads
-           = 16 B × 6.74B = 108 GB, /4 = 27 GB per GPU; a 64k row over 2 GPUs is 32k tokens per
-           GPU: remat keeps 32 layer inputs (32 × 32k × 4096 × 2 B = 8.6 GB) and float32 logits
-           (32k × 32000 × 4 B = 4.2 GB, ×2–3 with their gradient) → ~50 GB, leaving headroom.
-           4 rows per micro-batch × 2 micro-batches = 8 packs per step. The alternative, fsdp=8 ×
-           seq=1 with `attention.impl=blockwise`, num_shards=8 and micro_batches=1, halves the
-           optimizer state per GPU but doubles the tokens per GPU (~60 GB by the same count):
-           check it with `longctx.plan` before switching.
+           = 16 B × 6.74B = 108 GB, sharded over all 8 GPUs (fsdp × seq) = 13.5 GB per GPU; a 64k
+           row over 2 GPUs is 32k tokens per GPU: remat keeps 32 layer inputs (32 × 32k × 4096 ×
+           2 B = 8.6 GB); the MLP and the lm_head + loss run over 8k-token chunks, so neither the
+           [32k, 11008] MLP buffers nor [32k, 32000] float32 logits exist. 4 rows per
+           micro-batch × 2 micro-batches = 8 packs per step.
+           `python -m longctx.plan --config=configs/llama2_7b_longalign_64k.py` (XLA:CPU,
+           2026-12-01): 41.76 GB per GPU (49.92 GB for the bfloat16 program as XLA:CPU compiles
+           it; 72.26 GB before the chunked loss and the fsdp × seq sharding).
 Run:       # 1. the base model (THUDM/LongAlign-7B-64k-base or your own 64k-extended Llama-2-7B), in
            #    HF format with safetensors (re-save .bin checkpoints with safe_serialization=True)
            python -m longctx.plan --config=configs/llama2_7b_longalign_64k.py \\

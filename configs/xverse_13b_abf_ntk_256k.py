@@ -24,15 +24,18 @@ What:      XVERSE's two stages, from the 8K XVERSE-13B base (the XVERSE-Long-256
            article inside a mix of articles, 32k–256k tokens). XVERSE-Chat's own "Human:/
            Assistant:" format is not a longctx template; ChatML is used (any template works if
            inference uses the same one).
-Hardware:  128 accelerators, mesh fsdp=-1 (16) × seq=8: 16 nodes of 8×H100 80GB or 8×H200, or a
-           TPU v5p-256 slice (128 chips, 95 GB). Per device: params + Adam + grads = 16 B ×
-           13.7B / 16 = 14 GB; at 256k a row is split over 8 devices (32k tokens each, zigzag
-           ring over NVLink / ICI): remat keeps 40 layer inputs (40 × 32k × 5120 × 2 B = 13 GB),
-           float32 logits take 32k × 100534 × 4 B = 13 GB (×2–3 with their gradient) → ~60–70
-           GB: fits 80 GB but tight; H200 / v5p have headroom. `abf` uses the same mesh (a stage
-           cannot change the mesh) with 4 rows of 32k per fsdp group, 16k tokens per device.
-           On 64 devices (fsdp=8): ntk needs `--config.stages.ntk.data.num_shards=8
-           --config.stages.ntk.train.micro_batches=2` and ~70–85 GB per device (H200 / v5p).
+Hardware:  128 accelerators, mesh fsdp=16 × seq=8: 16 nodes of 8×H100 80GB or 8×H200, or a
+           TPU v5p-256 slice (128 chips, 95 GB); or, with `--config=...:16`, 16 devices (two
+           nodes of 8×H100 80GB), mesh fsdp=2 × seq=8, the same global batch through 8
+           micro-batches per step. Parameters, gradients and Adam state are sharded over all the
+           devices (16 B × 13.7B / 16 = 13.7 GB on 16); at 256k a row is split over 8 devices
+           (32k tokens each, zigzag ring over NVLink / ICI); remat keeps the 40 layer inputs
+           (40 × 32k × 5120 × 2 B = 13.4 GB), the MLP runs over 4k-token chunks and the lm_head
+           + loss over 1k-token chunks, so no [32k, 100534] logits buffer exists.
+           `python -m longctx.plan --config=configs/xverse_13b_abf_ntk_256k.py[:16]` (XLA:CPU,
+           2026-12-01), per device: 128 devices abf 24.74 GB, ntk 33.30 GB; 16 devices abf
+           46.15 GB, ntk 54.61 GB: both fit an H100 80GB at 90%. `abf` uses the same mesh (a
+           stage cannot change the mesh) with 4 rows of 32k per device.
 Run:       # 1. XVERSE-13B from the Hub has model_type "xverse" (remote code) and .bin weights;
            #    longctx.convert reads Llama-family safetensors: set "model_type": "llama" and
            #    "architectures": ["LlamaForCausalLM"] in config.json and re-save the weights with

@@ -129,7 +129,6 @@ def _trainer_loss_and_grads(mesh_sizes, overrides, micro_batches=1):
 
 
 @pytest.mark.parametrize("mesh_sizes,overrides", [
-    ({"data": 8}, {"data.objective": "token", "mesh.data": 8, "mesh.seq": 1}),
     ({"data": 2, "seq": 4}, {"data.objective": "sequence"}),
     ({"fsdp": 2, "seq": 4}, {"model.tie_word_embeddings": True}),
     ({"fsdp": 2, "seq": 4}, {"lora.enabled": True, "lora.s2_group_fraction": 0.0,
@@ -151,7 +150,7 @@ def test_the_trainer_loss_is_the_objective_of_the_batch(mode):
   over all their rows, from the model's own logits."""
   config = tiny_config({"data.objective": mode, "mesh.data": 8, "mesh.seq": 1,
                         "data.num_shards": 4, "data.batch_size": 2, "train.micro_batches": 2,
-                        "train.loss_chunk": 16})
+                        "train.loss_chunk": 16, "attention.impl": "dense"})
   stage = read_stages(config)[0]
   mesh = make_mesh({"data": 8})
   runner = StageRunner(stage, mesh, seed=0, log=lambda *_: None)
@@ -176,19 +175,23 @@ POLICIES = {
 }
 
 
+SHORT_RUN = {"stage_order": "short", "stages.short.train.steps": 2}
+
+
 @functools.lru_cache(maxsize=1)
 def _no_remat_losses(tmp):
-  loop.run(tiny_config({"stage_order": "short"}), tmp, log=lambda *_: None)
+  loop.run(tiny_config(SHORT_RUN), tmp, log=lambda *_: None)
   return tuple(_losses(tmp, "short"))
 
 
 @pytest.mark.parametrize("name", list(POLICIES))
 def test_remat_and_offload_policies_give_the_same_losses(name, tmp_path_factory):
+  """Two optimizer steps of the tiny config: the second loss depends on the first update."""
   ref = _no_remat_losses(str(tmp_path_factory.getbasetemp() / "no_remat"))
   workdir = str(tmp_path_factory.mktemp("policy"))
-  loop.run(tiny_config({"stage_order": "short", **POLICIES[name]}), workdir, log=lambda *_: None)
+  loop.run(tiny_config({**SHORT_RUN, **POLICIES[name]}), workdir, log=lambda *_: None)
   got = _losses(workdir, "short")
-  assert [s for s, _ in got] == [s for s, _ in ref] == [1, 2, 3]
+  assert [s for s, _ in got] == [s for s, _ in ref] == [1, 2]
   np.testing.assert_allclose([x for _, x in got], [x for _, x in ref], rtol=RTOL, atol=0)
 
 

@@ -121,3 +121,14 @@ def test_preflight_refuses_a_plan_over_the_memory_with_the_cheapest_fix(tmp_path
                                   "stages.long.train.steps": 1, "train.loss_chunk": 64}),
                      str(tmp_path / "fixed"), log=lambda *_: None)
   assert summary[0].last_loss is not None
+
+
+def test_xla_cpu_bfloat16_stand_in_script():
+  """bench/xla_cpu_bf16.py: the float32 copy XLA:CPU makes of a bfloat16 stack, and not of a
+  float16 one (why the planner compiles bfloat16 models as float16 on CPU)."""
+  from tests.bench_scripts import run_bench
+  rows = {line.split("|")[1].strip(): line for line in run_bench("xla_cpu_bf16.py").stdout
+          .splitlines() if line.startswith("| ") and "MiB" in line}
+  temp = {k: float(v.split("|")[2].split()[0]) for k, v in rows.items()}
+  assert "f32[8,4096,512]" in rows["bfloat16"] and "f32[8,4096,512]" not in rows["float16"]
+  assert temp["float16"] < temp["bfloat16"]
