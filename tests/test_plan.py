@@ -38,34 +38,28 @@ def test_plan_matches_the_compiled_step_of_a_real_run():
   assert planned.optimizer_bytes == shard((state.opt_state, state.step))
 
 
-def test_plan_command():
+def _plan_command(*flags):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   result = subprocess.run(
       [sys.executable, "-m", "longctx.plan", "--config=configs/tiny.py",
-       "--config.stages.long.data.max_len=1024", "--config.stage_order=long"],
+       "--config.stages.long.data.max_len=1024", "--config.stage_order=long", *flags],
       capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "stage long" in result.stdout and "H100 80GB: fits" in result.stdout, result.stdout
+  return result.stdout
 
 
-def test_plan_json_and_breakdown():
-  """--json: one object with every stage's mesh, total and verdict per accelerator, and the
-  breakdown (state, saved activations, the largest temporaries by name)."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  result = subprocess.run(
-      [sys.executable, "-m", "longctx.plan", "--config=configs/tiny.py", "--json",
-       "--config.stages.long.data.max_len=1024", "--config.stage_order=long",
-       "--config.train.loss_chunk=64"],
-      capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  out = json.loads(result.stdout)
+def test_plan_command_text_and_json():
+  """The text report, and --json: one object with every stage's mesh, total and verdict per
+  accelerator, and the breakdown (state, saved activations, the largest temporaries by name)."""
+  text = _plan_command("--config.train.loss_chunk=64")
+  assert "stage long" in text and "H100 80GB: fits" in text and "largest temporaries" in text
+  out = json.loads(_plan_command("--config.train.loss_chunk=64", "--json", "--noreport"))
   (stage,) = out["stages"]
   assert stage["stage"] == "long" and stage["mesh"]["seq"] == 4 and out["devices"] == 8
   assert stage["fits"]["H100 80GB"] is True and set(stage["fits"]) >= {"TPU v5e 16GB"}
   assert 0 < stage["saved_activation_bytes"] < stage["temp_bytes"] < stage["total_bytes"]
   assert stage["compiled_dtype"] == "float32" and stage["host_bytes"] == 0
-  top = stage["largest_temporaries"]
-  assert top and top[0]["bytes"] >= top[-1]["bytes"] and all(t["name"] for t in top)
+  assert stage["largest_temporaries"] == []  # --noreport
 
 
 def test_offloaded_activations_leave_the_device_total():
@@ -83,16 +77,17 @@ def test_offloaded_activations_leave_the_device_total():
 
 
 def test_max_len_bisects_to_the_longest_length_that_fits():
-  config = tiny_config({"attention.block_q": 32, "attention.block_k": 32})
-  stage = read_stages(config)[1]
+  config = tiny_config({"attention.block_q": 16, "attention.block_k": 16})
+  stage = read_stages(config)[1]  # max_len 256
   mesh = make_mesh({"data": 2, "seq": 4})
-  assert plan_lib.length_granule(stage, 4) == 2 * 4 * 32
-  at_512 = plan_lib.plan_stage(stage, mesh, length=512, residuals=False)
-  capacity = at_512.total_bytes * 1.0001
+  assert plan_lib.length_granule(stage, 4) == 2 * 4 * 16
+  at_256 = plan_lib.plan_stage(stage, mesh, length=256, residuals=False)
+  capacity = at_256.total_bytes * 1.0001
+  # 256 fits, 512 does not, then the bisection tries 384 (one granule from 256) and stops
   length, found = plan_lib.max_len(stage, mesh, capacity, headroom=1.0)
-  assert length == 512 and found.total_bytes == at_512.total_bytes
+  assert length == 256 and found.total_bytes == at_256.total_bytes
   with pytest.raises(ValueError, match=r"stage long: no data.max_len fits: the shortest planned, "
-                     r"256 tokens .* needs .* per device"):
+                     r"128 tokens .* needs .* per device"):
     plan_lib.max_len(stage, mesh, 1e3, headroom=1.0)
 
 
@@ -116,11 +111,6 @@ def test_preflight_refuses_a_plan_over_the_memory_with_the_cheapest_fix(tmp_path
   assert "per device: parameters" in message and "largest temporaries:" in message
   assert message.rstrip().endswith("--config.train.loss_chunk=64"), message
   assert not (tmp_path / "long" / "checkpoints").exists()  # nothing was materialised
-  # The suggested change passes the same check and trains.
-  summary = loop.run(tiny_config({"stage_order": "long", "stages.long.data.max_len": 1024,
-                                  "stages.long.train.steps": 1, "train.loss_chunk": 64}),
-                     str(tmp_path / "fixed"), log=lambda *_: None)
-  assert summary[0].last_loss is not None
 
 
 def test_xla_cpu_bfloat16_stand_in_script():

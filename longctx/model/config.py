@@ -66,6 +66,12 @@ class ModelConfig:
   LoRA (longctx.model.lora): `lora_rank` > 0 adds adapters of that rank to the projections named
   in `lora_targets` (a subset of LORA_TARGETS), scaled by `lora_alpha / lora_rank`. The HF
   config (`to_hf`) describes the base model only.
+
+  Memory (no effect on values): `remat` is the base policy of what a layer keeps for the
+  backward; `remat_save` / `remat_offload` name tensors (CHECKPOINT_NAMES) kept on the device or
+  offloaded to pinned host memory on top of it (both need remat != none). `mlp_chunk` > 0 runs
+  the MLP over chunks of that many tokens per device and row (model.chunking), each recomputed
+  in the backward; a length the chunks do not tile (a decoding step) runs unchunked.
   """
   vocab_size: int = 256
   hidden_size: int = 64

@@ -178,14 +178,23 @@ def _compile_with_report(lowered, top: int = 6):
 # ---- the pre-flight check -------------------------------------------------------------------
 def device_capacity() -> tuple[float, str]:
   """(bytes one device may use, where that figure comes from). CPU devices, emulated or not,
-  share this host's available RAM."""
+  share their host's available RAM. With several processes, the smallest figure of any, so
+  that every process takes the same decision."""
   device = jax.local_devices()[0]
   stats = (device.memory_stats() or {}) if device.platform != "cpu" else {}
   if "bytes_limit" in stats:
-    return float(stats["bytes_limit"]), f"{device.device_kind} memory"
-  available = _available_host_ram()
-  n = jax.local_device_count()
-  return available / n, f"{available / 2**30:.1f} GiB of available host RAM over {n} devices"
+    capacity, where = float(stats["bytes_limit"]), f"{device.device_kind} memory"
+  else:
+    available, n = _available_host_ram(), jax.local_device_count()
+    capacity = available / n
+    where = f"{available / 2**30:.1f} GiB of available host RAM over {n} devices"
+  if jax.process_count() > 1:
+    import numpy as np
+    from jax.experimental import multihost_utils
+    smallest = float(np.min(multihost_utils.process_allgather(np.float32(capacity))))
+    if smallest < capacity:
+      capacity, where = smallest, "the smallest over the processes"
+  return capacity, where
 
 
 def _available_host_ram() -> float:
