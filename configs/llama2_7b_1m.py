@@ -33,8 +33,8 @@ Expect:    an estimate, not a measurement: attention dominates at 1M (6·L·H·D
            should return near it within the first tens of steps; check passkey / needle at
            128k–1M with `python -m longctx.eval`.
 """
-from longctx.data.config import default_config as default_data_config
-from longctx.train.config import default_config as default_train_sections, model_section
+from longctx.data.config import jsonl_section
+from longctx.train.config import LLAMA2_7B, default_config as default_train_sections, model_section
 
 LENGTH = 1 << 20  # 1,048,576 tokens per row
 
@@ -45,27 +45,14 @@ def get_config(arg=None):
   config.init.kind = "hf"
   config.init.path = ""  # required: --config.init.path=/models/Llama-2-7b-hf
   config.model = model_section(
-      vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
-      num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5, max_position_embeddings=LENGTH,
-      rope=dict(rope_type="default", theta=50_000_000.0), bos_token_id=1, eos_token_id=2,
+      **LLAMA2_7B, max_position_embeddings=LENGTH,
+      rope=dict(rope_type="default", theta=50_000_000.0),
       dtype="bfloat16", remat="full", remat_offload="layer_input", mlp_chunk=8192)
   config.mesh.data, config.mesh.fsdp, config.mesh.seq, config.mesh.tensor = 1, 1, 8, 1
   config.attention.impl, config.attention.layout = "ring", "zigzag"
 
-  config.data = default_data_config()
-  config.data.source.kind = "jsonl"
-  config.data.source.paths = "/data/long_text/*.jsonl"
-  config.data.tokenizer = "sentencepiece"
-  config.data.tokenizer_path = "/models/Llama-2-7b-hf/tokenizer.model"
-  config.data.template = "plain"
-  config.data.max_len = LENGTH
-  config.data.over_length = "truncate_right"
-  config.data.batching = "packed"
-  config.data.objective = "token"
-  config.data.num_shards = 1
-  config.data.batch_size = 1
-  config.data.num_epochs = 0
-  config.data.num_workers = 8
+  config.data = jsonl_section("/data/long_text/*.jsonl", "/models/Llama-2-7b-hf/tokenizer.model",
+                              max_len=LENGTH)
 
   config.train.steps = 200
   config.train.micro_batches = 4             # 4 rows of 1M per step

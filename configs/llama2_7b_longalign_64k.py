@@ -45,8 +45,8 @@ Expect:    1800 steps × 8 × 64k = 0.94B tokens; at ~1e11 FLOPs per token (rema
            `python -m longctx.eval longbench-chat`), and the needle test should pass up to 64k.
 """
 
-from longctx.data.config import default_config as default_data_config
-from longctx.train.config import default_config as default_train_sections, model_section
+from longctx.data.config import jsonl_section
+from longctx.train.config import LLAMA2_7B, default_config as default_train_sections, model_section
 
 STEPS = 1800  # 2 epochs of LongAlign-10k + ShareGPT at 8 packs/step: ~1500-2000 in the paper
 
@@ -57,27 +57,18 @@ def get_config(arg=None):
   config.init.kind = "hf"
   config.init.path = ""  # required: --config.init.path=/models/LongAlign-7B-64k-base
   config.model = model_section(
-      vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
-      num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5, max_position_embeddings=65536,
+      **LLAMA2_7B, max_position_embeddings=65536,
       rope=dict(rope_type="default", theta=2_000_000.0),  # LongAlign: base 10k x 200
-      bos_token_id=1, eos_token_id=2, dtype="bfloat16", remat="full", mlp_chunk=8192)
+      dtype="bfloat16", remat="full", mlp_chunk=8192)
   config.mesh.data, config.mesh.fsdp, config.mesh.seq, config.mesh.tensor = 1, 4, 2, 1
   config.attention.impl, config.attention.layout = "ring", "zigzag"
 
-  config.data = default_data_config()
-  config.data.source.kind = "jsonl"
-  config.data.source.paths = "/data/longalign/*.jsonl"
-  config.data.tokenizer = "sentencepiece"
-  config.data.tokenizer_path = "/models/LongAlign-7B-64k-base/tokenizer.model"
-  config.data.template = "llama2"
-  config.data.max_len = 65536
-  config.data.over_length = "truncate_right"  # as the paper
-  config.data.batching = "packed"
-  config.data.objective = "sequence"          # LongAlign loss weighting, over the whole step
-  config.data.num_shards = 4                  # 4 rows per micro-batch (= mesh data x fsdp)
-  config.data.batch_size = 1
-  config.data.num_epochs = 0                  # repeat; train.steps ends the run
-  config.data.num_workers = 8
+  config.data = jsonl_section(
+      "/data/longalign/*.jsonl", "/models/LongAlign-7B-64k-base/tokenizer.model", max_len=65536,
+      template="llama2",
+      objective="sequence",  # LongAlign loss weighting, over the whole step
+      num_shards=4)          # 4 rows per micro-batch (= mesh data x fsdp)
+  # over_length: truncate_right (jsonl_section's default), as the paper
 
   config.train.steps = STEPS
   config.train.loss_chunk = 8192              # the fused lm_head + loss over 8k-token chunks

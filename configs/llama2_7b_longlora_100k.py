@@ -50,8 +50,8 @@ Expect:    1000 × 64 × 102400 = 6.6B tokens at ~7e10 FLOPs per token (frozen w
            and `python -m longctx.eval passkey`.
 """
 
-from longctx.data.config import default_config as default_data_config
-from longctx.train.config import default_config as default_train_sections, model_section
+from longctx.data.config import jsonl_section
+from longctx.train.config import LLAMA2_7B, default_config as default_train_sections, model_section
 
 ORIGINAL = 4096            # Llama-2's trained context
 FACTOR = 25                # ceil(100000 / 4096), LongLoRA's rule
@@ -64,10 +64,9 @@ def get_config(arg=None):
   config.init.kind = "hf"
   config.init.path = ""  # required: --config.init.path=/models/Llama-2-7b-hf
   config.model = model_section(
-      vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
-      num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5, max_position_embeddings=ORIGINAL,
+      **LLAMA2_7B, max_position_embeddings=ORIGINAL,
       rope=dict(rope_type="linear", theta=10000.0, factor=float(FACTOR)),
-      bos_token_id=1, eos_token_id=2, dtype="bfloat16", remat="full", mlp_chunk=10240)
+      dtype="bfloat16", remat="full", mlp_chunk=10240)
   config.mesh.data, config.mesh.fsdp, config.mesh.seq, config.mesh.tensor = 1, 4, 2, 1
   config.train.loss_chunk = 10240             # 51,200 tokens per device in 5 chunks
   config.attention.impl, config.attention.layout = "ring", "zigzag"
@@ -78,20 +77,8 @@ def get_config(arg=None):
   config.lora.trainable = "embed_tokens,norm"
   config.lora.s2_group_fraction = 0.25
 
-  config.data = default_data_config()
-  config.data.source.kind = "jsonl"
-  config.data.source.paths = "/data/pg19/train/*.jsonl"
-  config.data.tokenizer = "sentencepiece"
-  config.data.tokenizer_path = "/models/Llama-2-7b-hf/tokenizer.model"
-  config.data.template = "plain"
-  config.data.max_len = MAX_LEN
-  config.data.over_length = "truncate_right"
-  config.data.batching = "packed"
-  config.data.objective = "token"
-  config.data.num_shards = 4     # 4 rows per micro-batch (= mesh data x fsdp)
-  config.data.batch_size = 1
-  config.data.num_epochs = 0     # repeat; train.steps ends the run
-  config.data.num_workers = 8
+  config.data = jsonl_section("/data/pg19/train/*.jsonl", "/models/Llama-2-7b-hf/tokenizer.model",
+                              max_len=MAX_LEN, num_shards=4)  # 4 rows per micro-batch (data x fsdp)
 
   config.train.steps = 1000
   config.train.micro_batches = 16  # 4 x 16 = 64 rows per step

@@ -174,3 +174,21 @@ def default_config() -> ml_collections.ConfigDict:
   cd.num_epochs = 1
   cd.num_workers = 0
   return cd
+
+
+def jsonl_section(paths: str, tokenizer_path: str, *, max_len: int, template: str = "plain",
+                  objective: str = "token", num_shards: int = 1, tokenizer: str = "sentencepiece",
+                  over_length: str = "truncate_right", num_workers: int = 8
+                  ) -> ml_collections.ConfigDict:
+  """A recipe's `data` section: packed rows of `max_len` tokens from local jsonl files.
+
+  The source repeats (`num_epochs=0`), so `train.steps` ends each stage; one row per logical
+  shard per micro-batch (`batch_size=1`). Every other key keeps `default_config()`'s value.
+  """
+  cd = default_config()
+  cd.source.kind, cd.source.paths = "jsonl", paths
+  cd.tokenizer, cd.tokenizer_path, cd.template = tokenizer, tokenizer_path, template
+  cd.max_len, cd.over_length, cd.objective = max_len, over_length, objective
+  cd.batching, cd.num_shards, cd.batch_size = "packed", num_shards, 1
+  cd.num_epochs, cd.num_workers = 0, num_workers
+  return cd

@@ -74,6 +74,13 @@ def default_config() -> ml_collections.ConfigDict:
 _NOT_IN_MODEL_SECTION = ("lora_rank", "lora_alpha", "lora_targets")
 
 
+# Llama-2-7B's shapes and special tokens, shared by the 7B recipes:
+# `model_section(**LLAMA2_7B, ...)`.
+LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
+                 num_heads=32, num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5,
+                 bos_token_id=1, eos_token_id=2)
+
+
 def model_section(**fields) -> ml_collections.ConfigDict:
   """A config's `model` section: every ModelConfig field (defaults, then `fields`), so any of
   them can be overridden from the command line. Tuple fields are comma-separated strings."""
