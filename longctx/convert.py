@@ -1,4 +1,7 @@
-"""Checkpoint conversion: `python -m longctx.convert {from-hf,to-hf,to-peft} SRC DST`.
+"""Checkpoint conversion: `python -m longctx.convert {from-gguf,from-hf,to-hf,to-peft} SRC DST`.
+
+  from-gguf FILE HF_DIR      a GGUF file (dequantized by transformers) -> HF Llama directory with
+                             float32 safetensors and the tokenizer (needs torch, transformers, gguf)
 
   from-hf HF_DIR OUT_DIR     HF Llama (safetensors, sharded or not) -> longctx checkpoint
   to-hf   CKPT_DIR HF_DIR    longctx checkpoint -> HF Llama (config.json + safetensors); a LoRA
@@ -64,6 +67,9 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m longctx.convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
+  p = sub.add_parser("from-gguf", help="GGUF file -> HF Llama directory (float32, tokenizer)")
+  p.add_argument("gguf_file")
+  p.add_argument("hf_dir")
   p = sub.add_parser("from-hf", help="HF Llama directory -> longctx checkpoint")
   p.add_argument("hf_dir")
   p.add_argument("out_dir")
@@ -90,7 +96,10 @@ def main(argv=None) -> int:
   for p in sub.choices.values():
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
   args = parser.parse_args(argv)
-  if args.command == "from-hf":
+  if args.command == "from-gguf":
+    from longctx.checkpoint.gguf import gguf_to_hf
+    print(f"wrote HF directory {gguf_to_hf(args.gguf_file, args.hf_dir)}")
+  elif args.command == "from-hf":
     cfg = from_hf(args.hf_dir, args.out_dir, progress=not args.no_progress)
     print(f"wrote longctx checkpoint {args.out_dir}: {cfg.num_params():,} parameters, "
           f"rope {cfg.rope.rope_type}")

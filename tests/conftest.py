@@ -42,3 +42,10 @@ def rng():
 @pytest.fixture
 def key():
   return jax.random.PRNGKey(SEED)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+  """The HF directory of SmolLM2-135M-Instruct (tests/real_model.py), converted once."""
+  from tests import real_model
+  return real_model.hf_dir()

@@ -44,6 +44,25 @@ def test_file_tokenizers_round_trip_and_special_ids(kind, bpe_path, spm_path):
   assert np.array_equal(pickle.loads(pickle.dumps(tok)).encode("dog"), tok.encode("dog"))
 
 
+def test_hf_special_tokens_come_from_the_directory_before_names(tmp_path, bpe_path):
+  import json
+  import shutil
+  shutil.copy(bpe_path, tmp_path / "tokenizer.json")
+  path = str(tmp_path / "tokenizer.json")
+  assert (make_tokenizer(TokenizerKind.HF, path).bos_id, "by name") == (1, "by name")
+  # config.json ids win over the names; tokenizer_config.json's tokens win over config.json.
+  (tmp_path / "config.json").write_text(json.dumps({"bos_token_id": 3, "eos_token_id": [0, 2]}))
+  tok = make_tokenizer(TokenizerKind.HF, path)
+  assert (tok.bos_id, tok.eos_id, tok.pad_id) == (3, 0, 0) and "config.json" in tok.specials["bos"]
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+      {"bos_token": {"content": "</s>"}, "eos_token": "<s>", "pad_token": None}))
+  tok = make_tokenizer(TokenizerKind.HF, path)
+  assert (tok.bos_id, tok.eos_id) == (2, 1)
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|nope|>"}))
+  with pytest.raises(ValueError, match=r"tokenizer_config.json: eos_token '<\|nope\|>' is not"):
+    make_tokenizer(TokenizerKind.HF, path)
+
+
 def test_missing_tokenizer_file_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="expected a local file"):
     make_tokenizer(TokenizerKind.HF, str(tmp_path / "nope.json"))

@@ -56,11 +56,56 @@ def _special_id(lookup: Callable[[str], int | None], names: tuple[str, ...], pat
   raise ValueError(f"tokenizer {path}: expected a {role} token among {names}, found none")
 
 
+_EOS_NAMES = ("</s>", "<|end_of_text|>", "<eos>", "[EOS]", "<|endoftext|>", "<|im_end|>")
+_BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "[BOS]")
+
+
+def _read_json(path: str) -> dict:
+  import json
+  if not os.path.isfile(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    data = json.load(f)
+  return data if isinstance(data, dict) else {}
+
+
+def _declared_specials(path: str, look: Callable[[str], int | None]) -> dict[str, tuple[int, str]]:
+  """The special tokens the files beside `path` declare, as {role: (id, where)}.
+
+  transformers' own order: tokenizer_config.json's `bos_token` / `eos_token` / `pad_token`
+  (a string or {"content": ...}), then special_tokens_map.json, then config.json's
+  `*_token_id` (the first of a list).
+  """
+  folder = os.path.dirname(os.path.abspath(path))
+  found: dict[str, tuple[int, str]] = {}
+  for name in ("tokenizer_config.json", "special_tokens_map.json"):
+    data, where = _read_json(os.path.join(folder, name)), os.path.join(folder, name)
+    for role in ("bos", "eos", "pad"):
+      token = data.get(f"{role}_token")
+      token = token.get("content") if isinstance(token, dict) else token
+      if role not in found and isinstance(token, str):
+        i = look(token)
+        if i is None:
+          raise ValueError(f"{where}: {role}_token {token!r} is not in the vocabulary of {path}")
+        found[role] = (int(i), f"{where} {role}_token {token!r}")
+  where = os.path.join(folder, "config.json")
+  config = _read_json(where)
+  for role in ("bos", "eos", "pad"):
+    i = config.get(f"{role}_token_id")
+    i = i[0] if isinstance(i, list) and i else i
+    if role not in found and isinstance(i, int) and i >= 0:
+      found[role] = (i, f"{where} {role}_token_id")
+  return found
+
+
 class HFTokenizer:
   """A HuggingFace `tokenizers` tokenizer.json (BPE, unigram, …).
 
-  BOS and EOS are looked up by their usual names; a tokenizer without a BOS token (GPT-2, Qwen)
-  uses its EOS token as document start, as those models do. No EOS token is an error.
+  BOS, EOS and pad are the ones the HF directory declares (`_declared_specials`:
+  tokenizer_config.json, special_tokens_map.json, config.json). A bare tokenizer.json falls
+  back to the usual names; one without a BOS token (GPT-2, Qwen) uses its EOS token as
+  document start, as those models do. No EOS token is an error. `specials` says where each
+  id came from.
   """
 
   def __init__(self, path: str):
@@ -72,13 +117,18 @@ class HFTokenizer:
     self._tok.no_truncation()
     look = self._tok.token_to_id
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-    self.eos_id = _special_id(look, ("</s>", "<|end_of_text|>", "<eos>", "[EOS]",
-                                     "<|endoftext|>", "<|im_end|>"), path, "EOS")
-    bos_names = ("<s>", "<|begin_of_text|>", "<bos>", "[BOS]")
-    has_bos = any(look(n) is not None for n in bos_names)
-    self.bos_id = _special_id(look, bos_names, path, "BOS") if has_bos else self.eos_id
-    pad = look("<pad>")
-    self.pad_id = int(pad) if pad is not None else 0
+    declared = _declared_specials(path, look)
+    if "eos" not in declared:
+      declared["eos"] = (_special_id(look, _EOS_NAMES, path, "EOS"), "by name")
+    if "bos" not in declared:
+      has_bos = any(look(n) is not None for n in _BOS_NAMES)
+      declared["bos"] = ((_special_id(look, _BOS_NAMES, path, "BOS"), "by name") if has_bos
+                         else (declared["eos"][0], "EOS (no BOS token)"))
+    if "pad" not in declared:
+      pad = look("<pad>")
+      declared["pad"] = (int(pad), "by name") if pad is not None else (0, "default 0")
+    self.bos_id, self.eos_id, self.pad_id = (declared[r][0] for r in ("bos", "eos", "pad"))
+    self.specials = {role: where for role, (_, where) in declared.items()}
 
   def __getstate__(self):  # reload from the file in worker processes
     return {"path": self.path}

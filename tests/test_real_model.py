@@ -1,0 +1,129 @@
+"""SmolLM2-135M-Instruct (a real pre-trained model, tests/real_model.py) against transformers.
+
+Real English text, the model's own tokenizer and chat template. Short inputs and one shared
+conversion keep this file to about a minute.
+"""
+import json
+
+import jax
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+
+import longctx
+from longctx import convert
+from longctx.checkpoint.params import load_params, save_params
+from longctx.data.tokenizers import HFTokenizer
+from longctx.eval import __main__ as eval_main
+from longctx.model import lora
+from tests.real_model import real_text
+
+LOGIT_TOL = 5e-4     # float32 both sides, 30 layers, logits up to ~41 (measured 1.1e-4)
+NLL_RTOL = 2e-5      # the issue's bound for perplexity on the same windows
+
+
+@pytest.fixture(scope="module")
+def hf_model(smollm2_dir):
+  return transformers.LlamaForCausalLM.from_pretrained(smollm2_dir).float().eval()
+
+
+@pytest.fixture(scope="module")
+def ours(smollm2_dir):
+  return longctx.load_pretrained(smollm2_dir, progress=False)
+
+
+def _torch_logits(model, tokens) -> np.ndarray:
+  with torch.no_grad():
+    return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
+
+
+def test_special_tokens_and_encoding_come_from_the_hf_directory(smollm2_dir):
+  reference = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+  tok = HFTokenizer(f"{smollm2_dir}/tokenizer.json")
+  assert (tok.bos_id, tok.eos_id, tok.pad_id) == (
+      reference.bos_token_id, reference.eos_token_id, reference.pad_token_id) == (1, 2, 2)
+  assert "tokenizer_config.json" in tok.specials["bos"]
+  text = real_text(2000)
+  assert tok.encode(text).tolist() == reference(text, add_special_tokens=False).input_ids
+  assert tok.decode(tok.encode(text)) == text
+
+
+def test_logits_equal_transformers_on_real_text(smollm2_dir, hf_model, ours):
+  tok = HFTokenizer(f"{smollm2_dir}/tokenizer.json")
+  tokens = np.concatenate([[tok.bos_id], tok.encode(real_text(3000))])[:256][None]
+  got, want = np.asarray(ours(tokens)), _torch_logits(hf_model, tokens)
+  assert np.abs(want).max() > 10  # real logits, not a random model's
+  assert np.abs(got - want).max() < LOGIT_TOL
+  assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_greedy_chatml_generation_is_token_for_token_equal(smollm2_dir, hf_model, ours):
+  reference = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+  messages = [{"role": "user", "content": "Name three primary colours, separated by commas."}]
+  prompt = reference.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+  prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+  eos = HFTokenizer(f"{smollm2_dir}/tokenizer.json").eos_id
+  with torch.no_grad():
+    out = hf_model.generate(torch.as_tensor([prompt]), do_sample=False, max_new_tokens=24,
+                            eos_token_id=eos, pad_token_id=eos)
+  want = out[0, len(prompt):].tolist()
+  got = ours.generate([prompt], max_new_tokens=24, eos_token_id=eos)[0]
+  assert got == want, (reference.decode(got), reference.decode(want))
+  assert len(want) > 4
+
+
+def test_the_perplexity_command_equals_transformers_nll(smollm2_dir, hf_model, tmp_path):
+  text = real_text(4000, offset=10_000)
+  (tmp_path / "doc.txt").write_text(text, encoding="utf-8")
+  out = tmp_path / "ppl.json"
+  assert eval_main.main(["perplexity", "--checkpoint", smollm2_dir, "--tokenizer",
+                         f"{smollm2_dir}/tokenizer.json", "--data", str(tmp_path / "doc.txt"),
+                         "--lengths", "256", "--stride", "256", "--max_windows", "2",
+                         "--out", str(out)]) == 0
+  report = json.loads(out.read_text())["results"][0]
+  reference = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+  ids = [reference.bos_token_id] + reference(text, add_special_tokens=False).input_ids
+  losses = []
+  for start in (0, 256):  # the command's windows: stride 256, 257 tokens each
+    losses.append(_window_nll(hf_model, torch.as_tensor([ids[start:start + 257]])))
+  assert report["windows"] == 2
+  np.testing.assert_allclose(report["window_losses"], losses, rtol=NLL_RTOL)
+
+
+def _window_nll(model, window) -> float:
+  with torch.no_grad():
+    logits = model(window[:, :-1]).logits.double()
+  return float(torch.nn.functional.cross_entropy(logits[0], window[0, 1:]))
+
+
+def test_lora_peft_export_loads_onto_the_real_base(smollm2_dir, tmp_path):
+  assert convert.main(["from-hf", smollm2_dir, str(tmp_path / "base"), "--no-progress"]) == 0
+  cfg, base = load_params(str(tmp_path / "base"))
+  lcfg = lora.with_lora(cfg, 4, 8.0, ("q_proj", "v_proj"))
+  params = lora.add_lora_params(base, lcfg, jax.random.PRNGKey(0))
+  rng = np.random.default_rng(1)  # a trained adapter: B ≠ 0
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: (np.asarray(x) + 0.02 * rng.standard_normal(x.shape)).astype(np.float32)
+      if "lora_b" in jax.tree_util.keystr(path) else np.asarray(x), params)
+  save_params(str(tmp_path / "ckpt"), params, lcfg)
+  assert convert.main(["to-peft", str(tmp_path / "ckpt"), str(tmp_path / "adapter"),
+                       "--modules-to-save", "", "--no-progress"]) == 0
+  tok = HFTokenizer(f"{smollm2_dir}/tokenizer.json")
+  tokens = np.concatenate([[tok.bos_id], tok.encode(real_text(800))])[:48][None]
+  got = np.asarray(longctx.load_pretrained(str(tmp_path / "ckpt"), progress=False)(tokens))
+  model = peft.PeftModel.from_pretrained(
+      transformers.LlamaForCausalLM.from_pretrained(smollm2_dir), str(tmp_path / "adapter"))
+  want = _torch_logits(model.float().eval(), tokens)
+  assert np.abs(got - want).max() < LOGIT_TOL
+  assert np.abs(got - _torch_logits(
+      transformers.LlamaForCausalLM.from_pretrained(smollm2_dir).eval(), tokens)).max() > 1e-2
+
+
+def test_from_gguf_errors_name_the_path(tmp_path, smollm2_dir):
+  with pytest.raises(FileNotFoundError, match="GGUF file"):
+    convert.main(["from-gguf", str(tmp_path / "none.gguf"), str(tmp_path / "out")])
+  from tests.real_model import gguf_path
+  with pytest.raises(FileExistsError, match="expected a new path"):
+    convert.main(["from-gguf", gguf_path(), smollm2_dir])
