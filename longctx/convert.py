@@ -22,7 +22,7 @@ import argparse
 import sys
 
 from longctx.checkpoint import hf, peft
-from longctx.checkpoint.params import load_params, save_params
+from longctx.checkpoint.params import copy_assets, load_params, save_params
 from longctx.model import lora
 from longctx.model.config import ModelConfig
 
@@ -31,6 +31,7 @@ def from_hf(hf_dir: str, out_dir: str, progress: bool = True) -> ModelConfig:
   cfg = ModelConfig.from_hf(hf.read_hf_config(hf_dir))
   params = hf.read_hf_params(hf_dir, cfg, progress=progress)
   save_params(out_dir, params, cfg)
+  copy_assets(hf_dir, out_dir)  # tokenizer, chat template, generation defaults
   return cfg
 
 
@@ -43,6 +44,8 @@ def to_hf(ckpt_dir: str, hf_dir: str, *, dtype: str | None = None,
   if cfg.has_lora:
     params, cfg = (lora.drop_lora if base_only else lora.merge_lora)(params, cfg)
   hf.write_hf(params, cfg, hf_dir, dtype=dtype, max_shard_bytes=max_shard_bytes, progress=progress)
+  if "generation_config.json" not in copy_assets(ckpt_dir, hf_dir):
+    hf.write_generation_config(cfg, hf_dir)
   return cfg
 
 

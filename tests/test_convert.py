@@ -85,6 +85,9 @@ def test_longctx_model_exports_to_transformers(tmp_path, rope):
   np.testing.assert_allclose(ours, theirs, atol=TOL, rtol=0)
   # The exported config reads back to the same longctx RoPE.
   assert ModelConfig.from_hf(json.loads((tmp_path / "hf" / "config.json").read_text())).rope == cfg.rope
+  # A checkpoint without HF assets still exports its generation defaults (BOS / EOS).
+  generation = transformers.GenerationConfig.from_pretrained(tmp_path / "hf")
+  assert (generation.bos_token_id, generation.eos_token_id) == (cfg.bos_token_id, cfg.eos_token_id)
 
 
 def test_xverse_fixed_ntk_exports_as_hf_dynamic(tmp_path):

@@ -127,3 +127,18 @@ def test_from_gguf_errors_name_the_path(tmp_path, smollm2_dir):
   from tests.real_model import gguf_path
   with pytest.raises(FileExistsError, match="expected a new path"):
     convert.main(["from-gguf", gguf_path(), smollm2_dir])
+
+
+def test_the_export_is_a_complete_hf_model(smollm2_dir, tmp_path):
+  """from-hf then to-hf keeps the tokenizer, the chat template and the generation defaults."""
+  assert convert.main(["from-hf", smollm2_dir, str(tmp_path / "ckpt"), "--no-progress"]) == 0
+  assert convert.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--no-progress"]) == 0
+  messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."}]
+  source, exported = (transformers.AutoTokenizer.from_pretrained(d)
+                      for d in (smollm2_dir, tmp_path / "hf"))
+  assert (exported.apply_chat_template(messages, tokenize=False)
+          == source.apply_chat_template(messages, tokenize=False))
+  assert exported(real_text(500)).input_ids == source(real_text(500)).input_ids
+  generation = transformers.GenerationConfig.from_pretrained(tmp_path / "hf")
+  assert generation.eos_token_id == transformers.GenerationConfig.from_pretrained(
+      smollm2_dir).eos_token_id

@@ -249,3 +249,11 @@ def write_hf(params: dict, cfg: ModelConfig, hf_dir: str, *, dtype: str | None =
   torch_dtype = "bfloat16" if "bfloat16" in dtypes else sorted(dtypes)[0]
   with open(os.path.join(hf_dir, "config.json"), "w") as f:
     json.dump(cfg.to_hf(torch_dtype=torch_dtype), f, indent=2)
+
+
+def write_generation_config(cfg: ModelConfig, hf_dir: str) -> None:
+  """generation_config.json from the model's special tokens, for an export whose source had none
+  (transformers' `generate` reads its BOS / EOS there)."""
+  with open(os.path.join(hf_dir, "generation_config.json"), "w") as f:
+    json.dump({"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+               "_from_model_config": True}, f, indent=2)

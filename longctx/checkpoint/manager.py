@@ -19,7 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from longctx.checkpoint.params import CONFIG_FILE, PARAMS_DIR
+from longctx.checkpoint.params import CONFIG_FILE, PARAMS_DIR, copy_assets
 from longctx.model.config import ModelConfig
 
 
@@ -75,12 +75,15 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state) -> tuple[
   return out["state"], out["data"]
 
 
-def save_final_params(path: str, params, cfg: ModelConfig) -> None:
-  """Sharded params → a longctx params checkpoint (every process writes its shards)."""
+def save_final_params(path: str, params, cfg: ModelConfig, assets_from: str | None = None) -> None:
+  """Sharded params → a longctx params checkpoint (every process writes its shards), with the
+  tokenizer files of `assets_from` (the stage's init: an HF directory or the previous final/)."""
   path = epath.Path(_absolute(path))
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(path / PARAMS_DIR, params, force=True)
     ckpt.wait_until_finished()
+  if jax.process_index() == 0 and assets_from:
+    copy_assets(assets_from, os.fspath(path))
   if jax.process_index() == 0:  # written last: its presence marks a complete final/
     (path / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
   from jax.experimental import multihost_utils

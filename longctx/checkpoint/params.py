@@ -16,6 +16,10 @@ from longctx.model.config import ModelConfig
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
+# The HF files beside the weights that make a model usable: its tokenizer, chat template and
+# generation defaults. They travel HF dir -> checkpoint -> each stage's final/ -> HF export.
+ASSET_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "tokenizer.model", "chat_template.jinja", "generation_config.json")
 
 
 def is_longctx_checkpoint(path: str) -> bool:
@@ -33,6 +37,19 @@ def save_params(path: str, params: dict, cfg: ModelConfig) -> None:
     ckpt.wait_until_finished()
   with open(os.path.join(path, CONFIG_FILE), "w") as f:
     json.dump(cfg.to_dict(), f, indent=2)
+
+
+def copy_assets(src: str, dst: str) -> list[str]:
+  """Copies the ASSET_FILES that `src` holds into `dst` (local or remote paths, e.g. gs://);
+  returns their names."""
+  from etils import epath
+  src_dir, dst_dir = epath.Path(src), epath.Path(dst)
+  copied = [name for name in ASSET_FILES if (src_dir / name).exists()]
+  if copied:
+    dst_dir.mkdir(parents=True, exist_ok=True)
+  for name in copied:
+    (dst_dir / name).write_bytes((src_dir / name).read_bytes())
+  return copied
 
 
 def load_config(path: str) -> ModelConfig:

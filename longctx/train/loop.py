@@ -360,7 +360,7 @@ def _run_stage(stage: StageSpec, mesh: Mesh, config, ckpt_cfg, stage_dir: str, f
     writer.close()
     manager.wait_until_finished()
   summary.seconds = time.perf_counter() - stage_start
-  ckpt.save_final_params(final_dir, state.params, cfg)
+  ckpt.save_final_params(final_dir, state.params, cfg, assets_from=init[1] if init else None)
   manager.close()
   stats = loader.example_stats()
   skipped = {k: v for k, v in stats.items() if v and k in ("truncated", "dropped", "skipped",
