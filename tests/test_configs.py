@@ -1,12 +1,15 @@
 """Every config in configs/ loads, is locked, explains itself and passes the stage checks; the
 cluster launchers in launch/ parse (DESIGN.md contract 4, STYLE.md 6)."""
+import functools
 import glob
 import importlib.util
+import json
 import math
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import ml_collections
 import pytest
@@ -14,6 +17,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from longctx.data.config import DataConfig
+from longctx.model.config import ModelConfig
 from longctx.train.config import read_stages, stage_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,10 +43,28 @@ def test_configs_exist():
           "llama2_7b_longlora_100k"} <= names, names
 
 
+@functools.lru_cache(maxsize=1)
+def _hf_config_dir() -> str:
+  """An HF directory with a config.json and a tokenizer.json, no weights: what a recipe whose
+  architecture and tokenizer come from init.path (configs/finetune_hf.py) reads."""
+  from longctx.data.tokenizers import train_bpe_tokenizer
+  d = tempfile.mkdtemp(prefix="hf-config-")
+  train_bpe_tokenizer(["a small corpus for a small tokenizer"], os.path.join(d, "tokenizer.json"),
+                      300)
+  with open(os.path.join(d, "config.json"), "w") as f:
+    json.dump(ModelConfig(num_heads=4, num_kv_heads=2, max_position_embeddings=4096).to_hf(), f)
+  return d
+
+
 def _variants(path):
-  """get_config() and, for a config with variants (module ARGS: the args it takes), each one."""
+  """get_config() and, for a config with variants (module ARGS: the args it takes), each one;
+  a config that takes its architecture from the init checkpoint gets a small HF directory."""
   module = _module(path)
-  return [module.get_config()] + [module.get_config(a) for a in getattr(module, "ARGS", ())]
+  configs = [module.get_config()] + [module.get_config(a) for a in getattr(module, "ARGS", ())]
+  for config in configs:
+    if not config.init.path and None in config.model.to_dict().values():
+      config.init.path = _hf_config_dir()
+  return configs
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=_name)
@@ -59,7 +81,8 @@ def test_config_is_locked_and_documented(path):
   for word in ("Run", "Hardware"):
     assert f"{word}:" in doc, f"{_name(path)}: the docstring should say `{word}:`"
   assert "python -m longctx." in doc, f"{_name(path)}: the docstring should give the command"
-  DataConfig.from_config_dict(config.data)
+  if config.data.tokenizer_path or config.data.tokenizer == "byte":  # else: init.path's
+    DataConfig.from_config_dict(config.data)
 
 
 @pytest.mark.parametrize("path", TRAINING, ids=_name)

@@ -25,3 +25,14 @@ def test_inspect_rejects_a_mistyped_override():
          "--config.data.max_lenn=8"]
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert out.returncode != 0 and "max_lenn" in out.stderr
+
+
+def test_inspect_reads_one_epoch_of_a_repeating_source():
+  """configs/tiny.py repeats its data (num_epochs=0): inspect stops after one epoch."""
+  cmd = [sys.executable, "-m", "longctx.data", "inspect", "--config=configs/tiny.py",
+         "--config.data.source.num_examples=5", "--config.data.source.max_tokens=512", "--json"]
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr
+  assert json.loads(out.stdout)["counts"]["examples"] == 5
+  assert "inspecting one epoch" in out.stderr

@@ -142,3 +142,30 @@ def test_the_export_is_a_complete_hf_model(smollm2_dir, tmp_path):
   generation = transformers.GenerationConfig.from_pretrained(tmp_path / "hf")
   assert generation.eos_token_id == transformers.GenerationConfig.from_pretrained(
       smollm2_dir).eos_token_id
+
+
+def test_finetuning_smollm2_needs_no_retyped_architecture(smollm2_dir, tmp_path):
+  from longctx.train import loop
+  from longctx.train.config import read_stages
+  from tests.test_finetune_hf import finetune_config
+  (stage,) = read_stages(finetune_config(smollm2_dir))
+  m = stage.model
+  assert (m.num_layers, m.hidden_size, m.num_heads, m.num_kv_heads, m.vocab_size) == (
+      30, 576, 9, 3, 49152)
+  assert (m.rope.theta, m.tie_word_embeddings, m.bos_token_id, m.eos_token_id) == (
+      100000.0, True, 1, 2)
+  assert stage.data.tokenizer_path == f"{smollm2_dir}/tokenizer.json"
+  # LoRA turns S²-Attn on by default; 9 heads cannot be halved: refused before anything loads.
+  with pytest.raises(ValueError, match=r"lora.s2_group_fraction=0.25 .*Hq=9, Hkv=3; "
+                                       r"lora.s2_group_fraction=0 trains LoRA"):
+    loop.run(finetune_config(smollm2_dir, {"lora.enabled": True}), str(tmp_path / "run"),
+             log=lambda *_: None)
+
+
+def test_passkey_prompts_never_pass_their_length(smollm2_dir):
+  """With a subword tokenizer the "8192" prompts used to be 8201 tokens, past the context."""
+  from longctx.eval.passkey import passkey_examples
+  tok = HFTokenizer(f"{smollm2_dir}/tokenizer.json")
+  for length in (1000, 8192):
+    sizes = [len(tok.encode(ex.prompt)) + 1 for ex in passkey_examples(tok, length, 3, seed=0)]
+    assert all(length - 24 <= n <= length for n in sizes), (length, sizes)

@@ -5,6 +5,7 @@ row, dropped / truncated counts and tokens/s (with a progress bar on stderr).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -17,7 +18,8 @@ from longctx.data.report import format_summary, summarize
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file with a `data` section")
 _JSON = flags.DEFINE_bool("json", False, "print the summary as JSON")
-_MAX_BATCHES = flags.DEFINE_integer("max_batches", 0, "stop after this many batches (0: epoch)")
+_MAX_BATCHES = flags.DEFINE_integer("max_batches", 0, "stop after this many batches (0: one "
+                                    "epoch, also of a source that repeats: data.num_epochs=0)")
 _SHARD = flags.DEFINE_string("shard", "0/1", "INDEX/COUNT of the process share to inspect")
 
 COMMANDS = ("inspect",)
@@ -29,6 +31,9 @@ def main(argv: list[str]) -> None:
   if _CONFIG.value is None:
     raise app.UsageError("expected --config=configs/NAME.py, found none")
   cfg = DataConfig.from_config_dict(_CONFIG.value.data)
+  if cfg.num_epochs == 0 and not _MAX_BATCHES.value:  # a repeating source would never end
+    cfg = dataclasses.replace(cfg, num_epochs=1)
+    print("data.num_epochs=0 repeats the source forever; inspecting one epoch", file=sys.stderr)
   index, count = (int(x) for x in _SHARD.value.split("/"))
   summary = summarize(cfg, Shard(index, count), _MAX_BATCHES.value, progress=True)
   sys.stdout.write((json.dumps(summary, indent=2) if _JSON.value else format_summary(summary))

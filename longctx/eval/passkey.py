@@ -36,22 +36,32 @@ def first_integer(text: str) -> int | None:
 
 
 def fit_to_tokens(build: Callable[[int], str], tokenizer: Tokenizer, target: int,
-                  rounds: int = 3) -> int:
-  """The n_chars for which `build(n_chars)` has a token count (with BOS) closest to `target`.
+                  rounds: int = 4) -> int:
+  """The n_chars for which `build(n_chars)` has the most tokens (with BOS) not over `target`.
 
   Rescales n_chars by the measured characters per token a few times (exact for the byte
-  tokenizer after one round, up to the filler's granularity).
+  tokenizer after one round, up to the filler's granularity), then shrinks it until the
+  prompt fits: a prompt never passes its nominal length (nor the model's context at it).
   """
+  def count(n: int) -> int:
+    return len(tokenizer.encode(build(n))) + 1
+
   n_chars, best = target, None
   for _ in range(rounds):
-    n_chars = max(1, n_chars)
-    n_tokens = len(tokenizer.encode(build(n_chars))) + 1
-    if best is None or abs(n_tokens - target) < abs(best[1] - target):
+    n_tokens = count(n_chars)
+    if n_tokens <= target and (best is None or n_tokens > best[1]):
       best = (n_chars, n_tokens)
     if n_tokens == target:
+      return n_chars
+    n_chars = max(1, int(round(n_chars * target / n_tokens)))
+  for _ in range(200):  # from the last estimate, shrink by 1% until it fits
+    n_tokens = count(n_chars)
+    if n_tokens <= target or n_chars == 1:
+      if n_tokens <= target and (best is None or n_tokens > best[1]):
+        best = (n_chars, n_tokens)
       break
-    n_chars = int(round(n_chars * target / n_tokens))
-  return best[0]
+    n_chars = max(1, min(int(n_chars * 0.99), n_chars - 1))
+  return best[0] if best else 1
 
 
 def passkey_examples(tokenizer: Tokenizer, length: int, trials: int, seed: int,
@@ -134,10 +144,12 @@ def _run_length(model, tokenizer, length, trials, seed, batch_size, depth=None) 
 
 def format_report(report: dict) -> str:
   per_length = report["trials"] * len(report.get("depths", [None]))
-  rows = [(n, per_length, f"{acc:.2f}" + ("  (beyond max_position_embeddings)"
-                                          if n > report["max_position_embeddings"] else ""))
-          for n, acc in report["accuracy"].items()]
-  table = common.format_table(["length", "trials", "accuracy"], rows)
+  rows = []
+  for n, acc in report["accuracy"].items():
+    sizes = [r["prompt_tokens"] for r in report["results"] if r["length"] == n]
+    rows.append((n, f"{min(sizes)}–{max(sizes)}" if sizes else "", per_length, f"{acc:.2f}" + (
+        "  (beyond max_position_embeddings)" if n > report["max_position_embeddings"] else "")))
+  table = common.format_table(["length", "prompt tokens", "trials", "accuracy"], rows)
   if "grid" in report:
     from longctx.eval.needle import format_report as grid_table
     table += "\n\n" + grid_table(report)

@@ -81,9 +81,21 @@ LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, nu
                  bos_token_id=1, eos_token_id=2)
 
 
-def model_section(**fields) -> ml_collections.ConfigDict:
+def model_section(*, from_init: bool = False, **fields) -> ml_collections.ConfigDict:
   """A config's `model` section: every ModelConfig field (defaults, then `fields`), so any of
-  them can be overridden from the command line. Tuple fields are comma-separated strings."""
+  them can be overridden from the command line. Tuple fields are comma-separated strings.
+
+  `from_init=True`: the architecture fields not in `fields` stay unset and come from the init
+  checkpoint (`longctx.train.architecture`); `fields` and later overrides replace them.
+  """
+  if from_init:
+    from longctx.train.architecture import ARCHITECTURE_FIELDS, unset_architecture
+    options = {k: v for k, v in fields.items() if k not in ARCHITECTURE_FIELDS}
+    defaults = model_section(**options).to_dict()
+    arch = {k: v for k, v in fields.items() if k in ARCHITECTURE_FIELDS}
+    if "rope" in arch and not isinstance(arch["rope"], ml_collections.ConfigDict):
+      arch["rope"] = ml_collections.ConfigDict(dict(arch["rope"]))
+    return ml_collections.ConfigDict({**defaults, **unset_architecture(**arch)})
   values = ModelConfig.from_dict(fields).to_dict()
   section = {k: ",".join(v) if isinstance(v, (tuple, list)) else v for k, v in values.items()
              if k not in _NOT_IN_MODEL_SECTION}
@@ -225,10 +237,13 @@ class StageSpec:
   eval: EvalConfig = EvalConfig()
 
   @classmethod
-  def from_config(cls, name: str, cd: ml_collections.ConfigDict) -> "StageSpec":
-    """From a merged (single-stage) ConfigDict; ValueError names the bad key."""
+  def from_config(cls, name: str, cd: ml_collections.ConfigDict,
+                  init_model: ModelConfig | None = None) -> "StageSpec":
+    """From a merged (single-stage) ConfigDict; ValueError names the bad key. `init_model`: the
+    init checkpoint's architecture, for the model fields the config leaves unset."""
+    from longctx.train.architecture import resolve
     try:
-      model = ModelConfig.from_dict(cd.model.to_dict())
+      model = ModelConfig.from_dict(resolve(cd.model.to_dict(), init_model))
     except (TypeError, ValueError) as e:
       raise ValueError(f"config stages.{name}.model: {e}") from None
     t = cd.train
@@ -332,5 +347,9 @@ def stage_config(cd: ml_collections.ConfigDict, name: str) -> ml_collections.Con
 
 
 def read_stages(cd: ml_collections.ConfigDict) -> list[StageSpec]:
-  """Every stage, typed and checked, in order."""
-  return [StageSpec.from_config(n, stage_config(cd, n)) for n in stage_names(cd)]
+  """Every stage, typed and checked, in order. Model fields left unset and an empty
+  `data.tokenizer_path` come from the init checkpoint (`init.path`)."""
+  from longctx.train.architecture import init_defaults
+  merged = [stage_config(cd, n) for n in stage_names(cd)]
+  init_model = init_defaults(cd, merged)
+  return [StageSpec.from_config(n, m, init_model) for n, m in zip(stage_names(cd), merged)]

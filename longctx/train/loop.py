@@ -31,8 +31,9 @@ from longctx.parallel.mesh import make_mesh
 from longctx.train import metrics as metrics_lib
 from longctx.train.config import (AttentionImpl, InitKind, StageSpec, checkpoint_config,
                                   mesh_config, read_stages)
+from longctx.train.architecture import read_architecture
 from longctx.train.data import GlobalBatches, check_length
-from longctx.train.runner import HOST_MEMORY, StageRunner, s2_group
+from longctx.train.runner import HOST_MEMORY, StageRunner, check_same_architecture, s2_group
 
 # Config sections that may differ when a run resumes in the same workdir.
 _RESUMABLE_CHANGES = ("mesh", "checkpoint", "attention", "eval")
@@ -88,10 +89,14 @@ def check_stage(stage: StageSpec, mesh: Mesh, first: bool, init_kind: InitKind,
   check_length(stage.data.max_len, seq, layout, f"stages.{stage.name}.data.max_len")
   check_memory_options(stage, seq, layout)
   if stage.lora.enabled and stage.lora.s2_group_fraction > 0:
-    group = s2_group(stage)
-    if group % 2 or stage.data.max_len % group:
-      raise ValueError(f"config stages.{stage.name}.lora.s2_group_fraction: the S²-Attn group "
-                       f"{group} must be even and divide data.max_len={stage.data.max_len}")
+    from longctx.attention.shifted_sparse import check_s2
+    try:
+      check_s2(stage.data.max_len, stage.model.num_heads, stage.model.num_kv_heads,
+               s2_group(stage))
+    except ValueError as e:
+      raise ValueError(f"config stages.{stage.name}.lora.s2_group_fraction="
+                       f"{stage.lora.s2_group_fraction} (data.max_len={stage.data.max_len}): {e}; "
+                       "lora.s2_group_fraction=0 trains LoRA with full attention") from None
   if first and init_kind is not InitKind.RANDOM:
     if not init_path:
       raise ValueError(f"config init.path: expected a directory for init.kind="
@@ -100,6 +105,7 @@ def check_stage(stage: StageSpec, mesh: Mesh, first: bool, init_kind: InitKind,
     if not (epath.Path(init_path) / marker).exists():
       raise FileNotFoundError(f"config init.path: expected {marker} in {init_path} "
                               f"(init.kind={init_kind.value!r})")
+    check_same_architecture(read_architecture(init_path), stage.model, init_path)
 
 
 def check_memory_options(stage: StageSpec, seq: int, layout: str | None) -> None:

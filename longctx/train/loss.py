@@ -126,7 +126,8 @@ def _numerator_bwd(chunk, token_shards, vocab_first, residuals, g):
     vocab_BPCV = jax.lax.broadcasted_iota(t_BPC.dtype, logits_BPCV.shape, 3)
     softmax_BPCV = jnp.exp(logits_BPCV - lse_BPC[..., None])
     onehot_BPCV = (vocab_BPCV == t_BPC[..., None]).astype(jnp.float32)
-    # d(w·ℓ)/dlogits = w·(softmax − onehot); exactly 0 where w = 0 (as where() in the reference)
+    # d(w·ℓ)/dlogits = w·(softmax − onehot); exactly 0 where w = 0 (as where() in the
+    # reference)
     dlogits_BPCV = jnp.where(w_BPC[..., None] > 0,
                              (softmax_BPCV - onehot_BPCV) * (w_BPC * g)[..., None], 0.0)
     dlogits_BPCV = constrain_chunk(dlogits_BPCV.astype(dtype))

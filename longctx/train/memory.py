@@ -18,8 +18,9 @@ places them itself. XLA:CPU also emulates bfloat16 dynamic-slice / dynamic-updat
 float32 (its float-normalization-bf16 pass): the stack of saved layer inputs of a bfloat16 model
 then gets a float32 copy twice its size, which GPU and TPU compilers do not make. To estimate
 for those, `accelerator_estimate=True` compiles a bfloat16 model as float16 on CPU (the same
-sizes, handled natively); the plan says so (`compiled_dtype`). `check_fits` is the launcher's pre-flight: it refuses a plan over the
-device's memory with the breakdown and the cheapest change of config that fits.
+sizes, handled natively); the plan says so (`compiled_dtype`). `check_fits` is the launcher's
+pre-flight: it refuses a plan over the device's memory with the breakdown and the cheapest
+change of config that fits.
 """
 from __future__ import annotations
 
@@ -101,7 +102,8 @@ def residual_bytes(runner, batches) -> tuple[int, int]:
   def numerator(trainable, frozen, batch):
     return runner.numerator_fn(join_params(trainable, frozen), batch)
 
-  plain = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)  # noqa: E731
+  plain = lambda tree: jax.tree.map(  # noqa: E731
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
   device = host = 0
   for aval, what in _saved_residuals(numerator, plain(state.trainable), plain(state.frozen), one):
     shape = tuple(getattr(aval, "shape", ()))

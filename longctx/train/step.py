@@ -133,7 +133,8 @@ def make_train_step(numerator_fn: NumeratorFn, optimizer: optax.GradientTransfor
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    keep = lambda new, old: jax.tree.map(  # noqa: E731
+        lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = state.replace(step=state.step + finite.astype(jnp.int32),
                               trainable=keep(trainable, state.trainable),
                               opt_state=keep(opt_state, state.opt_state))

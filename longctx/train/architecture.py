@@ -1,0 +1,147 @@
+"""The model's architecture taken from the init checkpoint, with `config.model` as overrides.
+
+A recipe that fine-tunes a checkpoint writes `model_section(from_init=True, ...)`: every field
+the checkpoint defines (ARCHITECTURE_FIELDS, RoPE included) is an unset placeholder, so it comes
+from `init.path` (an HF directory's config.json or a longctx checkpoint's model_config.json).
+Whatever the recipe, a stage or the command line sets is an override. For RoPE:
+
+- nothing set: the checkpoint's RoPE;
+- keys without `rope_type` (e.g. `--config.model.rope.theta=1e6`, ABF): the checkpoint's RoPE
+  type with those keys replaced;
+- a `rope_type` (e.g. yarn, factor 4): that scaling. `theta` and the trained length it needs
+  (`original_max_position_embeddings`, ...) default to the checkpoint's.
+
+The override must still fit the checkpoint's shapes: the trainer's load checks that and names
+both values. Reads are JSON only (local or remote paths); the weights are loaded later.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping
+
+import ml_collections
+from ml_collections import config_dict
+
+from longctx.model import rope as rope_lib
+from longctx.model.config import ModelConfig
+
+# The ModelConfig fields a checkpoint's config defines; the others are training options.
+ARCHITECTURE_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+    "head_dim", "rms_norm_eps", "max_position_embeddings", "rope", "tie_word_embeddings",
+    "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id")
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "int | None": int,
+          "float | None": float}
+# fields of a new RoPE scaling that default to the checkpoint's trained context length
+_TRAINED_LENGTH_KEYS = ("original_max_position_embeddings", "max_position_embeddings",
+                        "trained_length")
+
+
+def _rope_fields() -> dict[str, type]:
+  fields = {"rope_type": str}
+  for cls in rope_lib._REGISTRY.values():
+    fields.update({f.name: _TYPES[f.type] for f in dataclasses.fields(cls)})
+  return fields
+
+
+def unset_architecture(**fields) -> dict[str, Any]:
+  """`fields`, plus an unset placeholder for each architecture field not among them."""
+  types = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+  out = dict(fields)
+  for name in ARCHITECTURE_FIELDS:
+    if name == "rope" and name not in fields:
+      out["rope"] = ml_collections.ConfigDict(
+          {k: config_dict.placeholder(t) for k, t in _rope_fields().items()})
+    elif name not in fields:
+      out[name] = config_dict.placeholder(_TYPES[types[name]])
+  return out
+
+
+def read_architecture(path: str) -> ModelConfig:
+  """The ModelConfig of `path`: an HF directory (config.json) or a longctx checkpoint."""
+  from etils import epath
+  folder = epath.Path(path)
+  if (folder / "config.json").exists():
+    return ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
+  if (folder / "model_config.json").exists():
+    return ModelConfig.from_dict(json.loads((folder / "model_config.json").read_text()))
+  raise FileNotFoundError(f"config init.path: expected config.json (HF) or model_config.json "
+                          f"(longctx) in {path!r}, found neither")
+
+
+def unset_fields(section: Mapping[str, Any]) -> list[str]:
+  names = [k for k, v in section.items() if v is None and k in ARCHITECTURE_FIELDS]
+  rope = section.get("rope")
+  if isinstance(rope, Mapping) and all(v is None for v in rope.values()):
+    names.append("rope")
+  return names
+
+
+def _rope(given: Mapping[str, Any], base: ModelConfig) -> rope_lib.RopeScaling:
+  given = {k: v for k, v in given.items() if v is not None}
+  if not given:
+    return base.rope
+  if "rope_type" not in given:
+    try:
+      return dataclasses.replace(base.rope, **given)
+    except TypeError:
+      names = [f.name for f in dataclasses.fields(base.rope)]
+      raise ValueError(f"model.rope: the checkpoint's rope_type {base.rope.rope_type!r} has keys "
+                       f"{names}; found {sorted(given)} (set model.rope.rope_type to change "
+                       "the scaling)") from None
+  cls = rope_lib._REGISTRY.get(given["rope_type"])
+  if cls is None:
+    raise ValueError(f"model.rope.rope_type: expected one of {sorted(rope_lib._REGISTRY)}, "
+                     f"found {given['rope_type']!r}")
+  names = {f.name for f in dataclasses.fields(cls)}
+  defaults = {"theta": base.rope.theta, **{k: base.max_position_embeddings
+                                           for k in _TRAINED_LENGTH_KEYS}}
+  extra = sorted(set(given) - names - {"rope_type"})
+  if extra:
+    raise ValueError(f"model.rope: rope_type {cls.rope_type!r} takes {sorted(names)}; found "
+                     f"{extra} as well")
+  return rope_lib.RopeScaling.from_dict(
+      {**{k: v for k, v in defaults.items() if k in names}, **given})
+
+
+def resolve(section: Mapping[str, Any], base: ModelConfig | None) -> dict[str, Any]:
+  """The model section with its unset fields taken from `base` (the init checkpoint's config);
+  a ModelConfig.from_dict input."""
+  unset = unset_fields(section)
+  if not unset and not _partial_rope(section):
+    return dict(section)
+  if base is None:
+    raise ValueError(f"{unset or ['rope']} unset; they come from the init "
+                     "checkpoint, so set init.kind='hf' or 'checkpoint' and init.path (or set "
+                     "them in config.model)")
+  given = {k: v for k, v in section.items() if v is not None and k != "rope"}
+  fields = {**{k: v for k, v in base.to_dict().items() if k in ARCHITECTURE_FIELDS}, **given}
+  rope = section.get("rope")
+  fields["rope"] = _rope(rope, base) if isinstance(rope, Mapping) else rope
+  return fields
+
+
+def _partial_rope(section: Mapping[str, Any]) -> bool:
+  rope = section.get("rope")
+  return isinstance(rope, Mapping) and any(v is None for v in rope.values())
+
+
+_TOKENIZER_FILES = {"hf": "tokenizer.json", "sentencepiece": "tokenizer.model"}
+
+
+def init_defaults(cd: ml_collections.ConfigDict, stages: list[ml_collections.ConfigDict]
+                  ) -> ModelConfig | None:
+  """The init checkpoint's architecture where a stage leaves model fields unset (else None);
+  fills each stage's empty `data.tokenizer_path` with the init directory's tokenizer file."""
+  kind, path = str(cd.init.kind), str(cd.init.path)
+  if kind == "random" or not path:
+    return None
+  from etils import epath
+  for stage in stages:
+    name = _TOKENIZER_FILES.get(str(stage.data.tokenizer))
+    if name and not stage.data.tokenizer_path and (epath.Path(path) / name).exists():
+      stage.data.tokenizer_path = str(epath.Path(path) / name)
+  needs = any(unset_fields(s.model.to_dict()) or _partial_rope(s.model.to_dict())
+              for s in stages)
+  return read_architecture(path) if needs else None
