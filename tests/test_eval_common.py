@@ -73,3 +73,24 @@ def test_python_dash_m_entry_point(tmp_path):
                           capture_output=True, text=True, cwd=root, timeout=120)
   assert result.returncode == 2
   assert "error: perplexity: --data: expected a local text file" in result.stderr
+
+
+def test_eval_attention_memory_and_flags():
+  dense, blockwise = common.EvalAttention("dense"), common.EvalAttention()
+  ring = common.EvalAttention("ring", seq=4)
+  parts = {a.kind: common.estimate_bytes(TINY, 1, 16384, 8, a) for a in (dense, blockwise, ring)}
+  assert parts["dense"]["attention_scores"] == 16 * parts["blockwise"]["attention_scores"]
+  assert parts["ring"]["kv_cache"] * 4 == parts["blockwise"]["kv_cache"]
+  assert parts["ring"]["params"] == parts["dense"]["params"]
+  budget = common.MemoryBudget(1 << 30)
+  assert (common.longest_fitting(TINY, 1, 8, budget, dense)
+          < common.longest_fitting(TINY, 1, 8, budget, blockwise)
+          < common.longest_fitting(TINY, 1, 8, budget, ring))
+  with pytest.raises(ValueError, match="--attention: expected one of"):
+    common.EvalAttention("flash")
+  with pytest.raises(ValueError, match="--seq=2: expected 1, or ≥ 1 devices with --attention=ring"):
+    common.EvalAttention("blockwise", seq=2)
+  assert common.parse_rope("yarn,factor=2") == {"rope_type": "yarn", "factor": 2}
+  assert common.parse_rope("theta=1e6") == {"theta": 1e6}
+  with pytest.raises(ValueError, match="rope_type first"):
+    common.parse_rope("factor=2,yarn")

@@ -74,15 +74,22 @@ def test_greedy_chatml_generation_is_token_for_token_equal(smollm2_dir, hf_model
   assert len(want) > 4
 
 
-def test_the_perplexity_command_equals_transformers_nll(smollm2_dir, hf_model, tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--attention=ring", "--seq=4"], ["--rope=yarn,factor=2"]],
+                         ids=["blockwise", "ring", "yarn"])
+def test_the_perplexity_command_equals_transformers_nll(smollm2_dir, hf_model, tmp_path, flags):
   text = real_text(4000, offset=10_000)
   (tmp_path / "doc.txt").write_text(text, encoding="utf-8")
   out = tmp_path / "ppl.json"
   assert eval_main.main(["perplexity", "--checkpoint", smollm2_dir, "--tokenizer",
                          f"{smollm2_dir}/tokenizer.json", "--data", str(tmp_path / "doc.txt"),
                          "--lengths", "256", "--stride", "256", "--max_windows", "2",
-                         "--out", str(out)]) == 0
+                         "--out", str(out), *flags]) == 0
   report = json.loads(out.read_text())["results"][0]
+  if flags and flags[0].startswith("--rope"):  # the oracle: transformers' own YaRN
+    config = transformers.AutoConfig.from_pretrained(smollm2_dir)
+    config.rope_parameters = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 100000.0,
+                              "original_max_position_embeddings": 8192}
+    hf_model = transformers.LlamaForCausalLM.from_pretrained(smollm2_dir, config=config).eval()
   reference = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
   ids = [reference.bos_token_id] + reference(text, add_special_tokens=False).input_ids
   losses = []

@@ -21,8 +21,10 @@ class PretrainedModel:
   Returns float32 logits [B, L, vocab]. Parameters are held in float32.
   """
 
-  def __init__(self, config: ModelConfig, params: dict, attention_fn: AttentionFn | None = None):
+  def __init__(self, config: ModelConfig, params: dict, attention_fn: AttentionFn | None = None,
+               mesh: jax.sharding.Mesh | None = None):
     self.config = config
+    self.mesh = mesh  # a `seq` mesh: inputs sharded along it, generate's default ring
     self.params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
     self.module = Llama(config, attention_fn)
     self._apply = jax.jit(lambda p, t, pos, seg: self.module.apply({"params": p}, t, pos, seg))
@@ -35,6 +37,9 @@ class PretrainedModel:
     if np.any(np.asarray(tokens) >= self.config.vocab_size) or np.any(np.asarray(tokens) < 0):
       raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); found "
                        f"min {int(tokens.min())}, max {int(tokens.max())}")
+    if self.mesh is not None:  # the whole forward split along the sequence, not only attention
+      from jax.sharding import NamedSharding, PartitionSpec as P
+      tokens = jax.device_put(tokens, NamedSharding(self.mesh, P(None, "seq")))
     return self._apply(self.params, tokens, positions, segment_ids)
 
   def generate(self, prompts, *, mesh=None, axis: str = "seq", layout: str = "zigzag",
@@ -43,6 +48,7 @@ class PretrainedModel:
     for `max_new_tokens`, `temperature`, `top_p`, `seed`, `eos_token_id`. With `mesh`, the
     prompt is prefilled by ring attention over `axis` and the KV cache stays sharded on it."""
     from longctx.eval.generate import ContextParallel, SamplingConfig, generate
+    mesh = self.mesh if mesh is None else mesh
     cp = None if mesh is None else ContextParallel(mesh, axis, layout)
     return generate(self.module, self.params, prompts, SamplingConfig(**sampling), cp)
 

@@ -11,6 +11,8 @@ import enum
 import importlib
 import sys
 
+from longctx.eval import common
+
 
 class Command(enum.Enum):
   PASSKEY = "passkey"
@@ -35,6 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max_memory_gb", type=float, default=None,
                    help="memory budget for the length check (default: 90%% of the device's)")
+    p.add_argument("--attention", choices=common.ATTENTION_KINDS, default="blockwise",
+                   help="blockwise (default: tiles, memory linear in length), dense (the O(L²) "
+                        "oracle) or ring (over --seq devices)")
+    p.add_argument("--seq", type=int, default=1,
+                   help="devices the ring splits each prompt over (--attention=ring)")
+    p.add_argument("--rope", default="",
+                   help="override the model's RoPE: 'yarn,factor=2' (a new scaling; theta and "
+                        "the trained length default to the model's) or 'theta=1e6'")
     command.module.add_arguments(p)
   return parser
 

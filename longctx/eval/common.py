@@ -1,9 +1,15 @@
-"""What every eval command shares: the tokenizer flag, the memory limit on lengths, output files.
+"""What every eval command shares: the model flags (attention, mesh, RoPE), the tokenizer flag,
+the memory limit on lengths, output files.
+
+Attention (`EvalAttention`): blockwise by default (tiles of 1024, memory O(P · tile)); `dense`
+is the O(P²) oracle; `ring` splits the prompt over `--seq` devices (the prefill and its KV cache
+sharded along the sequence).
 
 The limit on lengths: an evaluation at prompt length P with T new tokens and batch B holds the
-parameters, the KV cache (2 · layers · B · (P+T) · kv_heads · head_dim), the dense attention
-scores of the prefill (B · heads · P², float32, scores and probabilities) and the prefill logits
-(B · P · vocab, float32). `check_fits` compares that estimate with a `MemoryBudget` (by default
+parameters, the KV cache (2 · layers · B · (P+T) · kv_heads · head_dim), the prefill's attention
+scores (B · heads · P · keys per tile, float32, scores and probabilities; P keys when dense) and
+the prefill logits (B · P · vocab, float32); under the ring everything but the parameters is
+split over the devices. `check_fits` compares that estimate with a `MemoryBudget` (by default
 90% of the accelerator's memory, or of the host's RAM on CPU) and, when it does not fit, says the
 longest length that would.
 """
@@ -40,13 +46,90 @@ def tokenizer_from_flag(value: str) -> Tokenizer:
   return make_tokenizer(kind, value)
 
 
-def load_model(checkpoint: str):
-  """A `PretrainedModel` from a longctx checkpoint or HF directory (clear missing-path error)."""
+ATTENTION_KINDS = ("blockwise", "dense", "ring")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalAttention:
+  """How an evaluation attends over its prompts (see the module docstring)."""
+  kind: str = "blockwise"
+  seq: int = 1
+  layout: str = "zigzag"
+  tile: int = 1024
+
+  def __post_init__(self):
+    if self.kind not in ATTENTION_KINDS:
+      raise ValueError(f"--attention: expected one of {list(ATTENTION_KINDS)}, found "
+                       f"{self.kind!r}")
+    if self.seq < 1 or (self.kind != "ring" and self.seq != 1):
+      raise ValueError(f"--seq={self.seq}: expected 1, or ≥ 1 devices with --attention=ring "
+                       f"(found --attention={self.kind})")
+
+  def mesh(self):
+    import jax
+    import numpy as np
+    if self.seq > jax.device_count():
+      raise ValueError(f"--seq={self.seq}: expected at most the {jax.device_count()} devices "
+                       "here")
+    return jax.sharding.Mesh(np.array(jax.devices()[:self.seq]), ("seq",))
+
+  def attention_fn(self):
+    from longctx.model import attention_fns
+    if self.kind == "dense":
+      return attention_fns.dense()
+    if self.kind == "blockwise":
+      return attention_fns.blockwise(block_q=self.tile, block_k=self.tile)
+    return attention_fns.context_parallel(self.mesh(), "seq", self.layout)
+
+  def keys_per_query(self, prompt_len: int) -> int:
+    return prompt_len if self.kind == "dense" else min(prompt_len, self.tile)
+
+
+def parse_rope(text: str) -> dict[str, Any]:
+  """`--rope`: "yarn,factor=2" (a new scaling: rope_type first) or "theta=1e6" (keys of the
+  model's own scaling), as model.rope.override takes them."""
+  out: dict[str, Any] = {}
+  for i, item in enumerate(t.strip() for t in text.split(",") if t.strip()):
+    key, eq, value = item.partition("=")
+    if not eq:
+      if i:
+        raise ValueError(f"--rope {text!r}: expected rope_type first, then key=value items")
+      out["rope_type"] = key
+      continue
+    out[key.strip()] = _literal(value.strip())
+  return out
+
+
+def _literal(value: str):
+  if value.lower() in ("true", "false"):
+    return value.lower() == "true"
+  for cast in (int, float):
+    try:
+      return cast(value)
+    except ValueError:
+      pass
+  return value
+
+
+def load_model(checkpoint: str, attention: EvalAttention | None = None, rope: str = ""):
+  """A `PretrainedModel` from a longctx checkpoint or HF directory (clear missing-path error),
+  attending as `attention` says, with `rope` (a `--rope` text) overriding its RoPE."""
   if not os.path.isdir(checkpoint):
     raise FileNotFoundError(f"--checkpoint: expected a directory (longctx checkpoint or HF model), "
                             f"found nothing at {checkpoint!r}")
   import longctx
-  return longctx.load_pretrained(checkpoint, progress=False)
+  from longctx.model import rope as rope_lib
+  attention = attention or EvalAttention()
+  overrides = {}
+  if rope:
+    base = ModelConfig.from_directory(checkpoint)
+    overrides["rope"] = rope_lib.override(base.rope, base.max_position_embeddings,
+                                          parse_rope(rope))
+  model = longctx.load_pretrained(checkpoint, progress=False,
+                                  attention_fn=attention.attention_fn(), **overrides)
+  model.attention = attention
+  model.mesh = attention.mesh() if attention.kind == "ring" else None
+  return model
 
 
 def check_vocab(model_config: ModelConfig, tokenizer: Tokenizer) -> None:
@@ -83,43 +166,47 @@ class MemoryBudget:
     return cls(int(gib * _GIB))
 
 
-def estimate_bytes(cfg: ModelConfig, batch: int, prompt_len: int,
-                   new_tokens: int) -> dict[str, int]:
-  """The parts of the memory an evaluation at this shape needs (see the module docstring)."""
+def estimate_bytes(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int,
+                   attention: EvalAttention | None = None) -> dict[str, int]:
+  """The parts of the memory per device an evaluation at this shape needs (see the module
+  docstring); `attention` None = dense."""
+  attention = attention or EvalAttention("dense")
   act = 2 if cfg.dtype in ("bfloat16", "float16") else 4
-  slots = prompt_len + new_tokens
-  return {
-      "params": 4 * cfg.num_params(),
+  slots, shards = prompt_len + new_tokens, attention.seq
+  keys = attention.keys_per_query(prompt_len)
+  per_device = {
       "kv_cache": 2 * cfg.num_layers * batch * slots * cfg.num_kv_heads * cfg.head_dim * act,
-      "attention_scores": 2 * batch * cfg.num_heads * prompt_len * prompt_len * 4,
+      "attention_scores": 2 * batch * cfg.num_heads * prompt_len * keys * 4,
       "logits": batch * prompt_len * cfg.vocab_size * 4,
       "activations": 4 * batch * prompt_len * max(cfg.hidden_size, cfg.intermediate_size) * act,
   }
+  return {"params": 4 * cfg.num_params(),
+          **{k: -(-v // shards) for k, v in per_device.items()}}
 
 
-def longest_fitting(cfg: ModelConfig, batch: int, new_tokens: int, budget: MemoryBudget) -> int:
+def longest_fitting(cfg: ModelConfig, batch: int, new_tokens: int, budget: MemoryBudget,
+                    attention: EvalAttention | None = None) -> int:
   """The largest prompt length whose estimate fits the budget (0 if none)."""
+  def fits(n: int) -> bool:
+    return sum(estimate_bytes(cfg, batch, n, new_tokens, attention).values()) <= budget.bytes
   lo, hi = 0, 1
-  while sum(estimate_bytes(cfg, batch, hi, new_tokens).values()) <= budget.bytes and hi < 1 << 40:
+  while fits(hi) and hi < 1 << 40:
     lo, hi = hi, hi * 2
   while hi - lo > 1:
     mid = (lo + hi) // 2
-    if sum(estimate_bytes(cfg, batch, mid, new_tokens).values()) <= budget.bytes:
-      lo = mid
-    else:
-      hi = mid
+    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
   return lo
 
 
 def check_fits(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int,
-               budget: MemoryBudget, where: str) -> None:
+               budget: MemoryBudget, where: str, attention: EvalAttention | None = None) -> None:
   """Raises ContextTooLongError, naming the parts and the longest length that fits."""
-  parts = estimate_bytes(cfg, batch, prompt_len, new_tokens)
+  parts = estimate_bytes(cfg, batch, prompt_len, new_tokens, attention)
   total = sum(parts.values())
   if total <= budget.bytes:
     return
   detail = ", ".join(f"{k} {v / _GIB:.2f}" for k, v in parts.items())
-  fit = longest_fitting(cfg, batch, new_tokens, budget)
+  fit = longest_fitting(cfg, batch, new_tokens, budget, attention)
   raise ContextTooLongError(
       f"{where}: length {prompt_len} (+{new_tokens} new tokens, batch {batch}) needs about "
       f"{total / _GIB:.2f} GiB ({detail} GiB) but the memory budget is "

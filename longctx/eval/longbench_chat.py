@@ -168,7 +168,8 @@ def run_longbench_chat(model, tokenizer: Tokenizer, questions: Sequence[Question
     raise ValueError(f"judging needs a reference 'answer' for every question; missing for ids "
                      f"{unreferenced[:10]}")
   common.check_fits(model.config, 1, max_length, max_new_tokens,
-                    budget or common.MemoryBudget.from_gib(None), f"--max_length {max_length}")
+                    budget or common.MemoryBudget.from_gib(None), f"--max_length {max_length}",
+                    getattr(model, "attention", None))
   os.makedirs(out_dir, exist_ok=True)
   common.check_run_file(os.path.join(out_dir, RUN_FILE), {
       "max_length": max_length, "max_new_tokens": max_new_tokens, "template": template.value,
@@ -247,7 +248,8 @@ def main(args: argparse.Namespace) -> dict:
   tokenizer = common.tokenizer_from_flag(args.tokenizer)
   questions = load_questions(args.questions, args.few_shot)
   judge = judge_from_args(args)
-  model = common.load_model(args.checkpoint)
+  model = common.load_model(args.checkpoint, common.EvalAttention(args.attention, args.seq),
+                            args.rope)
   report = run_longbench_chat(model, tokenizer, questions, args.out, args.max_length,
                               args.max_new_tokens, TemplateKind(args.template), judge,
                               common.MemoryBudget.from_gib(args.max_memory_gb),

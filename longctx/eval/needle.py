@@ -148,7 +148,8 @@ def run_needle(model, tokenizer: Tokenizer, grid: NeedleGrid, needles: Sequence[
   common.check_vocab(model.config, tokenizer)
   budget = budget or common.MemoryBudget.from_gib(None)
   for n in grid.lengths:
-    common.check_fits(model.config, len(needles), n, NEW_TOKENS, budget, f"needle length {n}")
+    common.check_fits(model.config, len(needles), n, NEW_TOKENS, budget, f"needle length {n}",
+                      getattr(model, "attention", None))
   os.makedirs(out_dir, exist_ok=True)
   run = {"needles": [dataclasses.asdict(x) for x in needles], "haystack": haystack, "seed": seed,
          "new_tokens": NEW_TOKENS, **(run_info or {})}
@@ -254,7 +255,8 @@ def main(args: argparse.Namespace) -> dict:
   if args.haystack and not os.path.isfile(args.haystack):
     raise FileNotFoundError(f"--haystack: expected a local text file, found nothing at "
                             f"{args.haystack!r}")
-  model = common.load_model(args.checkpoint)
+  model = common.load_model(args.checkpoint, common.EvalAttention(args.attention, args.seq),
+                            args.rope)
   report = run_needle(model, tokenizer, grid, needles, args.out, args.haystack, args.seed,
                       common.MemoryBudget.from_gib(args.max_memory_gb),
                       {"checkpoint": os.path.abspath(args.checkpoint), "tokenizer": args.tokenizer})

@@ -101,7 +101,7 @@ def run_passkey(model, tokenizer: Tokenizer, lengths: Sequence[int], trials: int
   budget = budget or common.MemoryBudget.from_gib(None)
   for n in lengths:
     common.check_fits(model.config, min(batch_size, trials), n, NEW_TOKENS, budget,
-                      f"passkey length {n}")
+                      f"passkey length {n}", getattr(model, "attention", None))
   cells = [(n, d) for n in lengths for d in (depths if depths is not None else [None])]
   results, by_cell = [], {}
   for n, d in tqdm(cells, desc="passkey", disable=not progress):
@@ -173,7 +173,8 @@ def main(args: argparse.Namespace) -> dict:
   depths = common.parse_floats(args.depths, "--depths") if args.depths else None
   if args.heatmap and depths is None:
     raise ValueError("--heatmap: expected --depths too (the heatmap is lengths × depths)")
-  model = common.load_model(args.checkpoint)
+  model = common.load_model(args.checkpoint, common.EvalAttention(args.attention, args.seq),
+                            args.rope)
   report = run_passkey(model, tokenizer, common.parse_ints(args.lengths, "--lengths"),
                        args.trials, args.seed, args.batch_size,
                        common.MemoryBudget.from_gib(args.max_memory_gb), depths, progress=True)

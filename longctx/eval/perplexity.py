@@ -94,7 +94,8 @@ def run_perplexity(model, tokens: np.ndarray, lengths: Sequence[int], stride: in
                      f"[{tokens.min()}, {tokens.max()}]")
   budget = budget or common.MemoryBudget.from_gib(None)
   for n in lengths:
-    common.check_fits(model.config, batch_size, n, 0, budget, f"perplexity length {n}")
+    common.check_fits(model.config, batch_size, n, 0, budget, f"perplexity length {n}",
+                      getattr(model, "attention", None))
   per_length = [perplexity_at(model, tokens, n, stride, batch_size, max_windows) for n in lengths]
   return {"task": "perplexity", "stride": stride, "tokens": int(len(tokens)),
           "results": per_length}
@@ -119,7 +120,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> dict:
   tokenizer = common.tokenizer_from_flag(args.tokenizer)
   tokens = load_tokens(args.data, tokenizer)
-  model = common.load_model(args.checkpoint)
+  model = common.load_model(args.checkpoint, common.EvalAttention(args.attention, args.seq),
+                            args.rope)
   report = run_perplexity(model, tokens, common.parse_ints(args.lengths, "--lengths"),
                           args.stride, args.batch_size, args.max_windows,
                           common.MemoryBudget.from_gib(args.max_memory_gb))

@@ -226,6 +226,21 @@ class ModelConfig:
     fields.update(overrides)
     return cls(**fields)
 
+  @classmethod
+  def from_directory(cls, path: str) -> "ModelConfig":
+    """The config of `path`: an HF directory (config.json) or a longctx checkpoint
+    (model_config.json); local or remote (gs://) paths."""
+    import json
+
+    from etils import epath
+    folder = epath.Path(path)
+    if (folder / "config.json").exists():
+      return cls.from_hf(json.loads((folder / "config.json").read_text()))
+    if (folder / "model_config.json").exists():
+      return cls.from_dict(json.loads((folder / "model_config.json").read_text()))
+    raise FileNotFoundError(f"{path!r}: expected config.json (HF) or model_config.json "
+                            "(longctx), found neither")
+
   def to_hf(self, torch_dtype: str = "float32") -> dict[str, Any]:
     """An HF config.json dict that transformers 4.x and 5.x load into the same model."""
     return {

@@ -325,3 +325,44 @@ def apply_rope(x_BLHD, positions_BL, rope: RopeScaling, max_position_BL=None):
   sin_BL1D = (jnp.sin(emb_BLD) * scale)[:, :, None, :]
   x32_BLHD = x_BLHD.astype(jnp.float32)
   return (x32_BLHD * cos_BL1D + _rotate_half(x32_BLHD) * sin_BL1D).astype(x_BLHD.dtype)
+
+
+def registered() -> dict[str, type]:
+  """{rope_type: scaling class} of every registered scaling."""
+  return dict(_REGISTRY)
+
+
+# fields of a new scaling that default to the base model's trained context length
+_TRAINED_LENGTH_KEYS = ("original_max_position_embeddings", "max_position_embeddings",
+                        "trained_length")
+
+
+def override(base: RopeScaling, trained_length: int, given: Mapping[str, Any]) -> RopeScaling:
+  """`base` (a model's RoPE, trained to `trained_length` positions) changed by `given`.
+
+  Keys without `rope_type` (e.g. {"theta": 1e6}, ABF) replace fields of `base`'s scaling; a
+  `rope_type` makes a new scaling whose `theta` and trained length default to the base's.
+  None values count as not given.
+  """
+  given = {k: v for k, v in given.items() if v is not None}
+  if not given:
+    return base
+  if "rope_type" not in given:
+    try:
+      return dataclasses.replace(base, **given)
+    except TypeError:
+      names = [f.name for f in dataclasses.fields(base)]
+      raise ValueError(f"model.rope: the checkpoint's rope_type {base.rope_type!r} has keys "
+                       f"{names}; found {sorted(given)} (set rope_type to change the scaling)"
+                       ) from None
+  cls = _REGISTRY.get(given["rope_type"])
+  if cls is None:
+    raise ValueError(f"model.rope.rope_type: expected one of {sorted(_REGISTRY)}, found "
+                     f"{given['rope_type']!r}")
+  names = {f.name for f in dataclasses.fields(cls)}
+  extra = sorted(set(given) - names - {"rope_type"})
+  if extra:
+    raise ValueError(f"model.rope: rope_type {cls.rope_type!r} takes {sorted(names)}; found "
+                     f"{extra} as well")
+  defaults = {"theta": base.theta, **{k: trained_length for k in _TRAINED_LENGTH_KEYS}}
+  return RopeScaling.from_dict({**{k: v for k, v in defaults.items() if k in names}, **given})

@@ -17,7 +17,6 @@ both values. Reads are JSON only (local or remote paths); the weights are loaded
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, Mapping
 
 import ml_collections
@@ -33,14 +32,11 @@ ARCHITECTURE_FIELDS = (
     "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id")
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str, "int | None": int,
           "float | None": float}
-# fields of a new RoPE scaling that default to the checkpoint's trained context length
-_TRAINED_LENGTH_KEYS = ("original_max_position_embeddings", "max_position_embeddings",
-                        "trained_length")
 
 
 def _rope_fields() -> dict[str, type]:
   fields = {"rope_type": str}
-  for cls in rope_lib._REGISTRY.values():
+  for cls in rope_lib.registered().values():
     fields.update({f.name: _TYPES[f.type] for f in dataclasses.fields(cls)})
   return fields
 
@@ -60,14 +56,10 @@ def unset_architecture(**fields) -> dict[str, Any]:
 
 def read_architecture(path: str) -> ModelConfig:
   """The ModelConfig of `path`: an HF directory (config.json) or a longctx checkpoint."""
-  from etils import epath
-  folder = epath.Path(path)
-  if (folder / "config.json").exists():
-    return ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
-  if (folder / "model_config.json").exists():
-    return ModelConfig.from_dict(json.loads((folder / "model_config.json").read_text()))
-  raise FileNotFoundError(f"config init.path: expected config.json (HF) or model_config.json "
-                          f"(longctx) in {path!r}, found neither")
+  try:
+    return ModelConfig.from_directory(path)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"config init.path: {e}") from None
 
 
 def unset_fields(section: Mapping[str, Any]) -> list[str]:
@@ -76,33 +68,6 @@ def unset_fields(section: Mapping[str, Any]) -> list[str]:
   if isinstance(rope, Mapping) and all(v is None for v in rope.values()):
     names.append("rope")
   return names
-
-
-def _rope(given: Mapping[str, Any], base: ModelConfig) -> rope_lib.RopeScaling:
-  given = {k: v for k, v in given.items() if v is not None}
-  if not given:
-    return base.rope
-  if "rope_type" not in given:
-    try:
-      return dataclasses.replace(base.rope, **given)
-    except TypeError:
-      names = [f.name for f in dataclasses.fields(base.rope)]
-      raise ValueError(f"model.rope: the checkpoint's rope_type {base.rope.rope_type!r} has keys "
-                       f"{names}; found {sorted(given)} (set model.rope.rope_type to change "
-                       "the scaling)") from None
-  cls = rope_lib._REGISTRY.get(given["rope_type"])
-  if cls is None:
-    raise ValueError(f"model.rope.rope_type: expected one of {sorted(rope_lib._REGISTRY)}, "
-                     f"found {given['rope_type']!r}")
-  names = {f.name for f in dataclasses.fields(cls)}
-  defaults = {"theta": base.rope.theta, **{k: base.max_position_embeddings
-                                           for k in _TRAINED_LENGTH_KEYS}}
-  extra = sorted(set(given) - names - {"rope_type"})
-  if extra:
-    raise ValueError(f"model.rope: rope_type {cls.rope_type!r} takes {sorted(names)}; found "
-                     f"{extra} as well")
-  return rope_lib.RopeScaling.from_dict(
-      {**{k: v for k, v in defaults.items() if k in names}, **given})
 
 
 def resolve(section: Mapping[str, Any], base: ModelConfig | None) -> dict[str, Any]:
@@ -118,7 +83,8 @@ def resolve(section: Mapping[str, Any], base: ModelConfig | None) -> dict[str, A
   given = {k: v for k, v in section.items() if v is not None and k != "rope"}
   fields = {**{k: v for k, v in base.to_dict().items() if k in ARCHITECTURE_FIELDS}, **given}
   rope = section.get("rope")
-  fields["rope"] = _rope(rope, base) if isinstance(rope, Mapping) else rope
+  fields["rope"] = (rope_lib.override(base.rope, base.max_position_embeddings, rope)
+                    if isinstance(rope, Mapping) else rope)
   return fields
 
 
