@@ -8,7 +8,8 @@ sharded along the sequence).
 The limit on lengths: an evaluation at prompt length P with T new tokens and batch B holds the
 parameters, the KV cache (2 · layers · B · (P+T) · kv_heads · head_dim), the prefill's attention
 scores (B · heads · P · keys per tile, float32, scores and probabilities; P keys when dense) and
-the prefill logits (B · P · vocab, float32); under the ring everything but the parameters is
+the logits (B · P · vocab, float32, when scoring; B · vocab for a prefill, which computes only
+the last position's); under the ring everything but the parameters is
 split over the devices. `check_fits` compares that estimate with a `MemoryBudget` (by default
 90% of the accelerator's memory, or of the host's RAM on CPU) and, when it does not fit, says the
 longest length that would.
@@ -177,7 +178,8 @@ def estimate_bytes(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: in
   per_device = {
       "kv_cache": 2 * cfg.num_layers * batch * slots * cfg.num_kv_heads * cfg.head_dim * act,
       "attention_scores": 2 * batch * cfg.num_heads * prompt_len * keys * 4,
-      "logits": batch * prompt_len * cfg.vocab_size * 4,
+      # scoring (no new tokens) needs every position's logits; a prefill only the last one's
+      "logits": batch * (prompt_len if new_tokens == 0 else 1) * cfg.vocab_size * 4,
       "activations": 4 * batch * prompt_len * max(cfg.hidden_size, cfg.intermediate_size) * act,
   }
   return {"params": 4 * cfg.num_params(),

@@ -123,8 +123,8 @@ def prefill(module: Llama, params, tokens_BP, positions_BP, segments_BP, new_slo
                                          NamedSharding(cp.mesh, P(None, cp.axis)))
         for x in (tokens_BP, positions_BP, segments_BP))
     last = int(layouts.Layout.parse(cp.layout).inverse(tokens_BP.shape[1], cp.size)[last])
-  logits_BPV, (k_NBPKD, v_NBPKD) = module.apply(
-      {"params": params}, tokens_BP, positions_BP, segments_BP, return_kv=True)
+  logits_B1V, (k_NBPKD, v_NBPKD) = module.apply(
+      {"params": params}, tokens_BP, positions_BP, segments_BP, return_kv=True, logits_at=last)
   pad = ((0, 0), (0, 0), (0, new_slots), (0, 0), (0, 0))
   b = tokens_BP.shape[0]
   cache = KVCache(jnp.pad(k_NBPKD, pad), jnp.pad(v_NBPKD, pad),
@@ -132,7 +132,7 @@ def prefill(module: Llama, params, tokens_BP, positions_BP, segments_BP, new_slo
                   jnp.int32(tokens_BP.shape[1]))
   if cp is not None:
     cache = jax.lax.with_sharding_constraint(cache, cp.cache_sharding())
-  return logits_BPV[:, last], cache
+  return logits_B1V[:, 0], cache
 
 
 @functools.partial(jax.jit, static_argnames=("module", "sampling", "cp"))

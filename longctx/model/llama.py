@@ -210,9 +210,11 @@ class Llama(nn.Module):
   @nn.compact
   def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, *,
                kv_cache: KVCache | None = None, return_kv: bool = False,
-               return_hidden: bool = False):
+               return_hidden: bool = False, logits_at: int | None = None):
     """Logits [B, L, V] float32.
 
+    logits_at: only the logits at that index, [B, 1, V] (a prefill needs the last position's:
+      no [B, L, V] array is made).
     return_hidden: return the final normed hidden states [B, L, E] (compute dtype) instead of
       the logits, for a loss that applies the head itself (`head_weight`, train.loss).
     return_kv: also return every layer's keys/values, ([N, B, L, K, D], same) — a prefill.
@@ -246,6 +248,8 @@ class Llama(nn.Module):
       name="layers")(x_BLE, (positions_BL, segment_ids_BL, extra), *scan_args)
 
     x_BLE = RMSNorm(cfg, name="norm")(x_BLE)
+    if logits_at is not None:
+      x_BLE = jax.lax.dynamic_slice_in_dim(x_BLE, logits_at, 1, axis=1)
     if return_hidden:  # the head is applied by the caller (lm_head's parameters go unused here)
       return constrain(x_BLE, RESIDUAL_AXES)
     if cfg.tie_word_embeddings:
