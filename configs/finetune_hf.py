@@ -12,7 +12,8 @@ Overrides: any model key replaces the checkpoint's value. A new RoPE for a longe
            (theta and the trained length default to the checkpoint's); ABF alone:
            --config.model.rope.theta=1000000. A value the checkpoint's shapes cannot take
            (e.g. --config.model.num_layers=4 on a 30-layer model) stops the run naming both.
-Data:      synthetic LongAlign-like conversations in ChatML, tokenized with the model's own
+Data:      synthetic LongAlign-like conversations rendered by the model's own chat template
+           (`data.template="model"`: loss on the assistant turns only) and tokenized with its
            tokenizer.json (`data.tokenizer_path` empty = the one in init.path); your own:
            --config.data.source.kind=jsonl --config.data.source.paths='/data/sft/*.jsonl'.
 Hardware:  mesh data=2 × seq=4, 8 devices: one 8-GPU node, or a CPU (launch emulates 8 devices).
@@ -35,7 +36,7 @@ def get_config(arg=None):
   config.data = default_data_config()
   config.data.tokenizer = "hf"
   config.data.tokenizer_path = ""  # empty: init.path's tokenizer.json
-  config.data.template = "chatml"
+  config.data.template = "model"  # the directory's own chat template
   config.data.max_len = 2048
   config.data.source.num_examples = 256
   config.data.source.min_tokens, config.data.source.max_tokens = 256, 2048

@@ -119,7 +119,7 @@ def test_dropped_examples_are_counted_not_silent():
 
 @pytest.mark.parametrize("key,value,match", [
     ("template", "vicuna", "data.template: expected one of 'plain', 'llama2', 'chatml', "
-                           "found 'vicuna'"),
+                           "'model', found 'vicuna'"),
     ("objective", "mean", "data.objective: expected one of 'token', 'sequence'"),
     ("max_len", 100, "multiple of pad_multiple=128"),
 ])

@@ -63,6 +63,29 @@ def test_hf_special_tokens_come_from_the_directory_before_names(tmp_path, bpe_pa
     make_tokenizer(TokenizerKind.HF, path)
 
 
+def test_model_template_needs_an_incremental_template(tmp_path, bpe_path):
+  import shutil
+
+  from longctx.data.config import TemplateKind
+  shutil.copy(bpe_path, tmp_path / "tokenizer.json")
+  doc = to_document(CONV, "t:1")
+  with pytest.raises(ValueError, match="has no chat template beside it"):
+    tokenize_document(doc, TemplateKind.MODEL, make_tokenizer(TokenizerKind.HF,
+                                                              str(tmp_path / "tokenizer.json")))
+  # A template that writes the turn count first renders no prefix as a prefix of the whole.
+  (tmp_path / "chat_template.jinja").write_text(
+      "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+  tok = make_tokenizer(TokenizerKind.HF, str(tmp_path / "tokenizer.json"))
+  with pytest.raises(ValueError, match="does not render .* as a continuation"):
+    tokenize_document(doc, TemplateKind.MODEL, tok)
+  (tmp_path / "chat_template.jinja").write_text(
+      "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+      "{% if add_generation_prompt %}<assistant>{% endif %}")
+  tok = make_tokenizer(TokenizerKind.HF, str(tmp_path / "tokenizer.json"))
+  ids, mask = tokenize_document(doc, TemplateKind.MODEL, tok)
+  assert tok.decode(ids[mask]) == "A1</s>A2</s>"
+
+
 def test_missing_tokenizer_file_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="expected a local file"):
     make_tokenizer(TokenizerKind.HF, str(tmp_path / "nope.json"))

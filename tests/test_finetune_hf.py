@@ -45,7 +45,9 @@ def hf_dir(tmp_path_factory):
   transformers.LlamaForCausalLM(config).save_pretrained(d)
   train_bpe_tokenizer([TEXT], d / "tokenizer.json", 320)
   (d / "tokenizer_config.json").write_text(json.dumps(
-      {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}))
+      {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "chat_template":
+       "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}"
+       "{% if add_generation_prompt %}assistant: {% endif %}"}))
   return d
 
 

@@ -176,3 +176,33 @@ def test_passkey_prompts_never_pass_their_length(smollm2_dir):
   for length in (1000, 8192):
     sizes = [len(tok.encode(ex.prompt)) + 1 for ex in passkey_examples(tok, length, 3, seed=0)]
     assert all(length - 24 <= n <= length for n in sizes), (length, sizes)
+
+
+def test_sft_rows_use_the_models_own_chat_template(smollm2_dir):
+  """data.template='model': the tokens are apply_chat_template's; only answers are targets."""
+  from longctx.data.chat import to_document, tokenize_document
+  from longctx.data.config import TemplateKind
+  messages = [{"role": "user", "content": "What is RoPE?"},
+              {"role": "assistant", "content": "Rotary position embeddings."},
+              {"role": "user", "content": "And ABF?"},
+              {"role": "assistant", "content": "A larger RoPE base frequency."}]
+  tok = HFTokenizer(f"{smollm2_dir}/tokenizer.json")
+  ids, mask = tokenize_document(to_document({"messages": messages}, "t:1"), TemplateKind.MODEL,
+                                tok)
+  want = transformers.AutoTokenizer.from_pretrained(smollm2_dir).apply_chat_template(
+      messages, tokenize=True)
+  want = list(want["input_ids"] if hasattr(want, "keys") else want)
+  assert ids.tolist() == want and ids[0] == tok.bos_id and not mask[0]
+  assert tok.decode(ids[mask]) == ("Rotary position embeddings.<|im_end|>\n"
+                                   "A larger RoPE base frequency.<|im_end|>\n")
+
+
+def test_longbench_chat_prompts_use_the_models_own_template(smollm2_dir):
+  from longctx.data.config import TemplateKind
+  from longctx.eval.longbench_chat import Question, encode_prompt
+  tok = HFTokenizer(f"{smollm2_dir}/tokenizer.json")
+  question = Question(id="q", query="Summarize.", prompt="A long text. Summarize.", reference="")
+  ids, truncated = encode_prompt(tok, question, TemplateKind.MODEL, 4096)
+  want = transformers.AutoTokenizer.from_pretrained(smollm2_dir).apply_chat_template(
+      [{"role": "user", "content": question.prompt}], add_generation_prompt=True, tokenize=True)
+  assert ids == list(want["input_ids"] if hasattr(want, "keys") else want) and not truncated

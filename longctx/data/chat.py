@@ -119,6 +119,16 @@ def _render_chatml(turns: tuple[Turn, ...], eos: int) -> list[Piece]:
   return pieces
 
 
+def _render_model(turns: tuple[Turn, ...], tok: Tokenizer) -> list[Piece]:
+  from longctx.data import chat_template
+  template = getattr(tok, "chat_template", None)
+  if not template:
+    raise ValueError(f"data.template='model': the tokenizer {getattr(tok, 'path', 'byte')!r} "
+                     "has no chat template beside it (chat_template.jinja or tokenizer_config."
+                     "json's chat_template); choose chatml, llama2 or plain")
+  return chat_template.render_pieces(chat_template.renderer(template, tok.special_text), turns)
+
+
 def render(doc: Document, template: TemplateKind, tok: Tokenizer) -> list[Piece]:
   """The pieces of one document after its leading BOS."""
   if doc.text is not None:
@@ -127,13 +137,16 @@ def render(doc: Document, template: TemplateKind, tok: Tokenizer) -> list[Piece]
       TemplateKind.PLAIN: lambda: _render_plain(doc.turns) + [(tok.eos_id, True)],
       TemplateKind.LLAMA2: lambda: _render_llama2(doc.turns, tok.eos_id, tok.bos_id),
       TemplateKind.CHATML: lambda: _render_chatml(doc.turns, tok.eos_id),
+      TemplateKind.MODEL: lambda: _render_model(doc.turns, tok),
   }
   return renderers[template]()
 
 
 def tokenize_document(doc: Document, template: TemplateKind,
                       tok: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-  """(tokens int32 [n], target_mask bool [n]); tokens[0] is BOS, never a target."""
+  """(tokens int32 [n], target_mask bool [n]); tokens[0] is BOS, never a target. A model's own
+  template that starts with the BOS token (SmolLM2's <|im_start|>, Llama-3's
+  <|begin_of_text|>) keeps its own: the tokens are the template's, as transformers makes them."""
   ids = [np.asarray([tok.bos_id], np.int32)]
   mask = [np.zeros(1, bool)]
   for piece, is_target in render(doc, template, tok):
@@ -141,4 +154,7 @@ def tokenize_document(doc: Document, template: TemplateKind,
                  else tok.encode(piece))
     ids.append(piece_ids)
     mask.append(np.full(piece_ids.shape, is_target))
-  return np.concatenate(ids), np.concatenate(mask)
+  ids_n, mask_n = np.concatenate(ids), np.concatenate(mask)
+  if template is TemplateKind.MODEL and len(ids_n) > 1 and ids_n[1] == tok.bos_id:
+    ids_n, mask_n = ids_n[1:], mask_n[1:]
+  return ids_n, mask_n

@@ -41,6 +41,7 @@ class TemplateKind(enum.Enum):
   PLAIN = "plain"    # plain LM: every token is a target
   LLAMA2 = "llama2"  # [INST] … [/INST] answer </s>
   CHATML = "chatml"  # <|im_start|>role\n … <|im_end|>
+  MODEL = "model"    # the tokenizer directory's own jinja chat template (data/chat_template.py)
 
 
 class OverLengthPolicy(enum.Enum):

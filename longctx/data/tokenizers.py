@@ -11,6 +11,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from longctx.data.chat_template import find_chat_template
 from longctx.data.config import TokenizerKind
 
 
@@ -27,6 +28,7 @@ class Tokenizer(Protocol):
 @dataclasses.dataclass(frozen=True)
 class ByteTokenizer:
   """UTF-8 bytes shifted by 4: 0 pad, 1 BOS, 2 EOS, 3 unused; vocab 260. Needs no file."""
+  chat_template = None  # no file, so no template of its own
   vocab_size: int = 260
   pad_id: int = 0
   bos_id: int = 1
@@ -129,6 +131,9 @@ class HFTokenizer:
       declared["pad"] = (int(pad), "by name") if pad is not None else (0, "default 0")
     self.bos_id, self.eos_id, self.pad_id = (declared[r][0] for r in ("bos", "eos", "pad"))
     self.specials = {role: where for role, (_, where) in declared.items()}
+    self.chat_template = find_chat_template(path)
+    self.special_text = {f"{r}_token": self._tok.id_to_token(i) for r, i in
+                         (("bos", self.bos_id), ("eos", self.eos_id), ("pad", self.pad_id))}
 
   def __getstate__(self):  # reload from the file in worker processes
     return {"path": self.path}
@@ -157,6 +162,9 @@ class SentencePieceTokenizer:
                        f"bos={self._sp.bos_id()} eos={self._sp.eos_id()}")
     self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
     self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else 0
+    self.chat_template = find_chat_template(path)
+    self.special_text = {f"{r}_token": self._sp.id_to_piece(i) for r, i in
+                         (("bos", self.bos_id), ("eos", self.eos_id), ("pad", self.pad_id))}
 
   def __getstate__(self):  # reload from the file in worker processes
     return {"path": self.path}

@@ -124,13 +124,27 @@ def middle_truncate(ids: np.ndarray, max_length: int) -> np.ndarray:
   return np.concatenate([ids[:half], ids[len(ids) - (max_length - half):]])
 
 
+def _prompt_wrap(tokenizer: Tokenizer, template: TemplateKind) -> tuple[str, str]:
+  if template is not TemplateKind.MODEL:
+    return _PROMPT_WRAP[template]
+  from longctx.data import chat_template
+  if not getattr(tokenizer, "chat_template", None):
+    raise ValueError("--template=model: the tokenizer has no chat template beside it")
+  mark = "\x00question\x00"
+  text = chat_template.renderer(tokenizer.chat_template, tokenizer.special_text)(
+      [{"role": "user", "content": mark}], add_generation_prompt=True)
+  before, after = text.split(mark)
+  bos = tokenizer.special_text["bos_token"]
+  return (before[len(bos):] if bos and before.startswith(bos) else before), after
+
+
 def encode_prompt(tokenizer: Tokenizer, question: Question, template: TemplateKind,
                   max_length: int) -> tuple[list[int], bool]:
   """(BOS + template around the middle-truncated question text, whether it was truncated).
 
   The whole prompt, template and BOS included, is at most `max_length` tokens.
   """
-  before, after = (tokenizer.encode(s) for s in _PROMPT_WRAP[template])
+  before, after = (tokenizer.encode(s) for s in _prompt_wrap(tokenizer, template))
   room = max_length - 1 - len(before) - len(after)
   if room < 2:
     raise ValueError(f"--max_length {max_length} leaves no room for the question after the "
