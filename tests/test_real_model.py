@@ -206,3 +206,12 @@ def test_longbench_chat_prompts_use_the_models_own_template(smollm2_dir):
   want = transformers.AutoTokenizer.from_pretrained(smollm2_dir).apply_chat_template(
       [{"role": "user", "content": question.prompt}], add_generation_prompt=True, tokenize=True)
   assert ids == list(want["input_ids"] if hasattr(want, "keys") else want) and not truncated
+
+
+def test_the_baselines_bench_runs(smollm2_dir, tmp_path):
+  from tests.bench_scripts import run_bench
+  done = run_bench("smollm2_baselines.py", "--model", smollm2_dir, "--lengths", "128",
+                   "--scalings", "default,yarn", "--out", str(tmp_path / "b.json"))
+  report = json.loads((tmp_path / "b.json").read_text())
+  assert [r["scaling"] for r in report["results"]] == ["default", "yarn"]
+  assert "| default |" in done.stdout
