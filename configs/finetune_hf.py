@@ -17,8 +17,9 @@ Data:      synthetic LongAlign-like conversations rendered by the model's own ch
            tokenizer.json (`data.tokenizer_path` empty = the one in init.path); your own:
            --config.data.source.kind=jsonl --config.data.source.paths='/data/sft/*.jsonl'.
 Hardware:  mesh data=2 × seq=4, 8 devices: one 8-GPU node, or a CPU (launch emulates 8 devices).
-Expect:    on this repository's 2-core CPU, SmolLM2-135M at 2048-token rows trains at ~100
-           tokens/s; the pre-flight check says before anything loads whether a stage fits.
+Expect:    on a 2-core CPU, SmolLM2-135M at 2048-token rows trained at 79 tokens/s, 10 GB peak
+           RSS (bench/RESULTS.md); the pre-flight check says before anything loads whether a
+           stage fits.
 """
 from longctx.data.config import default_config as default_data_config
 from longctx.train.config import default_config as default_train_sections, model_section
