@@ -47,7 +47,8 @@ from longctx.attention import (Layout, blockwise_attention, dense_attention,  # 
 from longctx.attention.tiles import (BLOCK_K, BLOCK_K_BWD, BLOCK_Q, BLOCK_Q_BWD,  # noqa: E402
                                      tile_config)
 from longctx.attention.reference import MaskSpec  # noqa: E402
-from longctx.attention.ring import collective_permute_bytes, ring_tiles_computed  # noqa: E402
+from longctx.attention.costs import collective_permute_bytes  # noqa: E402
+from longctx.attention.ring import ring_tiles_computed  # noqa: E402
 from timing import best_seconds  # noqa: E402  (bench/timing.py)
 
 ACT, TOK = PS(None, "seq", None, None), PS(None, "seq")

@@ -11,7 +11,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as PS
 
 from longctx.attention import Layout, original_index, ring_attention
-from longctx.attention.ring import collective_permute_bytes, ring_tiles_computed
+from longctx.attention.costs import collective_permute_bytes
+from longctx.attention.ring import ring_tiles_computed
 
 ACT, TOK = PS(None, "seq", None, None), PS(None, "seq")
 

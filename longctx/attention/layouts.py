@@ -100,53 +100,51 @@ def unpermute_batch(batch: Mapping[str, jax.Array], layout: LayoutLike, num_devi
   return {k: unpermute(v, layout, num_devices) for k, v in batch.items()}
 
 
-def run_context_parallel(local_fn, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, *, mesh, axis,
-                         layout: LayoutLike, check_vma: bool = True):
-  """Permutes natural-order arrays into `layout`, runs `local_fn` under `jax.shard_map` over
-  `axis` (with `check_vma`), and unpermutes its output.
+def sequence_axes(mesh, axis) -> tuple[str, ...]:
+  """`axis` (a mesh axis name, or a tuple of them sharding the sequence jointly, major first)
+  as a tuple; raises ValueError naming the mesh's axes if one is not in the mesh."""
+  axes = (axis,) if isinstance(axis, str) else tuple(axis)
+  for name in axes:
+    if name not in mesh.shape:
+      raise ValueError(f"mesh has no axis {name!r}; its axes are {tuple(mesh.shape)} "
+                       f"(sizes {dict(mesh.shape)})")
+  return axes
 
+
+def run_context_parallel(local_fn, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, *, mesh, axis,
+                         layout: LayoutLike, check_vma: bool = True, layout_devices=None):
+  """Permutes natural-order arrays into `layout`, runs `local_fn` under `jax.shard_map` with the
+  sequence sharded over `axis` (with `check_vma`), and unpermutes its output.
+
+  axis: a mesh axis, or a tuple of axes that shard the sequence jointly (major first, as in a
+  PartitionSpec). layout_devices: the number of devices the layout balances (default: all of
+  `axis`); the hybrid strategy balances its ring devices only. Auto and Explicit meshes both
+  work, with unsharded or sharded inputs (`meshes.run_on_auto_mesh`).
   local_fn(q_BCHD, k_BCKD, v_BCKD, seg_BC, index_BC) -> out_BCHD runs on each device's chunk.
   """
   from jax.sharding import PartitionSpec as P
 
+  from longctx.attention.meshes import run_on_auto_mesh
   from longctx.attention.reference import check_inputs
 
   check_inputs(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
   layout = Layout.parse(layout)
-  if axis not in mesh.shape:
-    raise ValueError(f"mesh has no axis {axis!r}; its axes are {tuple(mesh.shape)}")
-  size = mesh.shape[axis]
+  axes = sequence_axes(mesh, axis)
+  size = int(np.prod([mesh.shape[name] for name in axes]))
+  parts = size if layout_devices is None else layout_devices
   b, l = q_BLHD.shape[:2]
-  layout.check_length(l, size)
-  seg_BL = jnp.ones((b, l), jnp.int32) if segment_ids_BL is None else segment_ids_BL
-  q, k, v, seg = (permute(x, layout, size) for x in (q_BLHD, k_BLKD, v_BLKD, seg_BL))
-  act, tok = P(None, axis, None, None), P(None, axis)
-  out = jax.shard_map(local_fn, mesh=mesh, in_specs=(act, act, act, tok, tok), out_specs=act,
-                      check_vma=check_vma)(q, k, v, seg, original_index(layout, b, l, size))
-  return unpermute(out, layout, size)
+  layout.check_length(l, parts)
+  if l % size:
+    raise ValueError(f"the sequence length must be a multiple of the {size} devices of mesh "
+                     f"axes {axes}; got {l}")
+  seq = axes[0] if len(axes) == 1 else axes
+  act, tok = P(None, seq, None, None), P(None, seq)
 
+  def body(mesh, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL):
+    seg_BL = jnp.ones((b, l), jnp.int32) if segment_ids_BL is None else segment_ids_BL
+    q, k, v, seg = (permute(x, layout, parts) for x in (q_BLHD, k_BLKD, v_BLKD, seg_BL))
+    out = jax.shard_map(local_fn, mesh=mesh, in_specs=(act, act, act, tok, tok), out_specs=act,
+                        check_vma=check_vma)(q, k, v, seg, original_index(layout, b, l, parts))
+    return unpermute(out, layout, parts)
 
-def context_parallel_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *, mesh, axis="seq",
-                               causal=True, layout: LayoutLike = "zigzag", scale=None,
-                               block_q=None, block_k=None, block_q_bwd=None, block_k_bwd=None,
-                               spec=None, kernel=None):
-  """Ring attention over mesh axis `axis` on global arrays in natural order.
-
-  Applies the layout, runs `ring.ring_attention` under `jax.shard_map`, and undoes the layout.
-  q: [B, L, Hq, D]; k, v: [B, L, Hkv, D]; segment_ids: [B, L] int32 (0 = padding) or None;
-  layout: Layout or "contiguous" / "zigzag" / "striped"; block_*: tile sizes and kernel: the
-  inner kernel (see `ring.ring_attention`). Returns out like q, equal to `dense_attention`
-  (values and gradients). Other mesh axes see the arrays replicated.
-  Raises ValueError on bad shapes, dtypes, layouts, axes or lengths the layout cannot split.
-  """
-  from longctx.attention.kernels import check_vma
-  from longctx.attention.ring import ring_attention
-
-  def local(q_BCHD, k_BCKD, v_BCKD, seg_BC, idx_BC):
-    return ring_attention(q_BCHD, k_BCKD, v_BCKD, seg_BC, idx_BC, axis=axis, causal=causal,
-                          scale=scale, block_q=block_q, block_k=block_k,
-                          block_q_bwd=block_q_bwd, block_k_bwd=block_k_bwd, spec=spec,
-                          kernel=kernel)
-
-  return run_context_parallel(local, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, mesh=mesh,
-                              axis=axis, layout=layout, check_vma=check_vma(kernel))
+  return run_on_auto_mesh(body, mesh, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)

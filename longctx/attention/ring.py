@@ -20,13 +20,12 @@ Two inner-kernel paths share that loop (`_forward_ring`, `_backward_ring`). The 
 kernel ("blockwise") lays Q, K and V out in tiles once per layer and runs the online softmax
 on across ring steps, unnormalised. A Pallas kernel (`kernels`) attends a whole chunk pair per
 step and returns a normalised output and its lse, merged step by step (`merge_partials`).
-`collective_permute_bytes` reads the bytes moved from the compiled HLO, multiplying loop
-bodies by their trip counts.
+`costs.collective_permute_bytes` reads the bytes moved from the compiled HLO, multiplying loop
+bodies by their trip counts (`costs.collective_bytes` reads every collective).
 """
 from __future__ import annotations
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -186,16 +185,20 @@ def _ring_bwd(cfg, axis, size, res, do_BCHD):
 _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
-def _config(q_BCHD, k_BCKD, spec, scale, blocks, kernel=None) -> TileConfig:
+def chunk_config(q_BCHD, k_BCKD, spec, scale, blocks, kernel=None,
+                 what="ring attention, the chunk on each device") -> TileConfig:
+  """The tiles of a C-token chunk (capped at C/2: zigzag half-chunks never share a tile);
+  `what` names the caller in the warning of `tiles.fitted_tiles`."""
   c, d = q_BCHD.shape[1], q_BCHD.shape[3]
   tiles = functools.partial(tile_config, spec, default_scale(d, scale), kernel=kernel,
                             group=q_BCHD.shape[2] // k_BCKD.shape[2], cap=c // 2,
                             **dict(zip(("block_q", "block_k", "block_q_bwd", "block_k_bwd"),
                                        blocks)))
-  return fitted_tiles(c, tiles, "ring attention, the chunk on each device")
+  return fitted_tiles(c, tiles, what)
 
 
-def _meta(segment_ids_BC, index_BC):
+def chunk_meta(segment_ids_BC, index_BC) -> TokenMeta:
+  """TokenMeta of a local chunk: index [B, C] and segment ids (all 1 when None), int32."""
   b, c = index_BC.shape
   # None: ones, varying like the index, or they could not travel in the ring's loop carry
   seg = (varying_like(jnp.ones((b, c), jnp.int32), index_BC) if segment_ids_BC is None
@@ -223,8 +226,9 @@ def ring_attention(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC, index_BC, *, axis="se
     raise ValueError(f"index must be [B, C] = {q_BCHD.shape[:2]}; got {index_BC.shape}")
   spec = MaskSpec(causal=causal) if spec is None else spec
   size = jax.lax.axis_size(axis)
-  cfg = _config(q_BCHD, k_BCKD, spec, scale, (block_q, block_k, block_q_bwd, block_k_bwd), kernel)
-  return _ring(cfg, axis, size, q_BCHD, k_BCKD, v_BCKD, _meta(segment_ids_BC, index_BC))
+  cfg = chunk_config(q_BCHD, k_BCKD, spec, scale, (block_q, block_k, block_q_bwd, block_k_bwd),
+                     kernel)
+  return _ring(cfg, axis, size, q_BCHD, k_BCKD, v_BCKD, chunk_meta(segment_ids_BC, index_BC))
 
 
 def ring_tiles_computed(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC, index_BC, *, axis="seq",
@@ -232,58 +236,6 @@ def ring_tiles_computed(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC, index_BC, *, axi
   """Number of (query tile, key tile) blocks this device computes in the forward ring, [1]."""
   spec = MaskSpec(causal=causal) if spec is None else spec
   size = jax.lax.axis_size(axis)
-  cfg = _config(q_BCHD, k_BCKD, spec, None, (block_q, block_k))
-  meta = _meta(segment_ids_BC, index_BC)
+  cfg = chunk_config(q_BCHD, k_BCKD, spec, None, (block_q, block_k))
+  meta = chunk_meta(segment_ids_BC, index_BC)
   return _ring_forward(cfg, axis, size, q_BCHD, k_BCKD, v_BCKD, meta)[2][None]
-
-
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
-                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
-_ARRAY = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
-_HEADER = re.compile(r"^(?:ENTRY )?%([\w.\-]+) ")
-_CALLEE = re.compile(r"(?:calls|to_apply|body|true_computation|false_computation)=%([\w.\-]+)")
-_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-
-
-def _array_bytes(type_text: str) -> int:
-  total = 0
-  for dtype, dims in _ARRAY.findall(type_text):
-    n = 1
-    for dim in filter(None, dims.split(",")):
-      n *= int(dim)
-    total += n * _DTYPE_BYTES.get(dtype, 0)
-  return total
-
-
-def collective_permute_bytes(hlo_text: str) -> int:
-  """Bytes one device sends by collective-permute in a compiled HLO module (`.as_text()`).
-
-  Loop bodies count once per trip (`known_trip_count`), called computations once per call.
-  For async `collective-permute-start` only the first element of its tuple (the operand) counts.
-  """
-  comps, entry, name = {}, None, None
-  for line in hlo_text.splitlines():
-    header = _HEADER.match(line)
-    if header:
-      name = header.group(1)
-      comps[name] = []
-      entry = name if line.startswith("ENTRY") else entry
-    elif name is not None and line.strip():
-      comps[name].append(line)
-
-  @functools.lru_cache(maxsize=None)
-  def total(comp: str) -> int:
-    nbytes = 0
-    for line in comps.get(comp, ()):
-      if " collective-permute(" in line:
-        nbytes += _array_bytes(line.split(" collective-permute(")[0].split("=", 1)[1])
-      elif " collective-permute-start(" in line:
-        result = line.split(" collective-permute-start(")[0].split("=", 1)[1]
-        nbytes += _array_bytes(_ARRAY.search(result).group(0))
-      trips = _TRIP.search(line)
-      for callee in _CALLEE.findall(line):
-        is_body = f"body=%{callee}" in line
-        nbytes += total(callee) * (int(trips.group(1)) if (is_body and trips) else 1)
-    return nbytes
-
-  return total(entry)

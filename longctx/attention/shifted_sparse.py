@@ -15,7 +15,7 @@ from typing import Tuple
 
 import jax.numpy as jnp
 
-from longctx.attention.blockwise import blockwise_attention
+from longctx.attention.local import blockwise_attention
 from longctx.attention.reference import MaskSpec, dense_attention
 
 

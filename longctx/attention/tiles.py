@@ -19,7 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from longctx.attention import kernels
+from longctx.attention.kernels import base as kernels
 from longctx.attention.reference import MaskSpec
 
 

@@ -97,7 +97,7 @@ def shifted_sparse(group_size: int, causal: bool = True, **blocks) -> AttentionF
     raise ValueError("shifted_sparse needs causal attention: its groups are taken on positions")
   import jax.numpy as jnp
 
-  from longctx.attention.blockwise import tiled_attention
+  from longctx.attention.local import tiled_attention
   from longctx.attention.reference import check_inputs, default_scale
   from longctx.attention.shifted_sparse import apply_s2
   from longctx.attention.tiles import TokenMeta, fitted_tiles, tile_config

@@ -32,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from longctx.attention.kernels import block_mask, out_struct as _out
+from longctx.attention.kernels.base import block_mask, out_struct as _out
 from longctx.attention.reference import MaskSpec
 from longctx.attention.tiles import TileStats, tile_full_empty
 

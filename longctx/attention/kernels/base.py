@@ -1,0 +1,68 @@
+"""The inner kernels' names and what every kernel shares (the mask of a block pair, output
+shapes, whether a Pallas kernel runs interpreted). Imports nothing of longctx: the tiles, the
+Pallas kernels and the dispatch in kernels/__init__.py all build on it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+
+KERNELS = ("blockwise", "pallas_gpu", "pallas_tpu")
+_PLATFORMS = {"pallas_gpu": ("gpu", "cuda", "rocm"), "pallas_tpu": ("tpu",)}
+_PLANNED = {"cudnn": "jax.nn.dot_product_attention does not return the lse the ring merges",
+            "splash": "splash attention's masks are static; a ring step's mask is not (use "
+                      "pallas_tpu)"}
+
+
+def check_kernel(name: Optional[str]) -> str:
+  """The kernel name, validated (None = "blockwise"). Raises ValueError for an unknown name and
+  NotImplementedError for a planned kernel that does not exist yet."""
+  if name is None:
+    return "blockwise"
+  name = str(name).lower()
+  if name in KERNELS:
+    return name
+  if name in _PLANNED:
+    raise NotImplementedError(f"attention kernel {name!r}: {_PLANNED[name]}; available: "
+                              f"{list(KERNELS)}")
+  raise ValueError(f"unknown attention kernel {name!r}; expected one of {list(KERNELS)}")
+
+
+def block_mask(spec, iq_Q1, sq_Q1, ik_1T, sk_1T):
+  """[Q, T] allowed pairs of a query block and a key block from their original indices and
+  segment ids, given as a column [Q, 1] and a row [1, T] (`reference.make_mask` inside a
+  Pallas kernel). Indices are ≥ 0, so truncating division is floor division."""
+  from jax import lax
+  mask = (sq_Q1 == sk_1T) & (sq_Q1 != 0)
+  if spec.causal:
+    mask &= ik_1T <= iq_Q1
+  if spec.group_size is not None:
+    gq = lax.div(iq_Q1 + spec.group_shift, spec.group_size)
+    gk = lax.div(ik_1T + spec.group_shift, spec.group_size)
+    mask &= gq == gk
+  return mask
+
+
+def interpret(kernel: str = "pallas_gpu", platform: Optional[str] = None) -> bool:
+  """Whether a Pallas kernel runs interpreted: on every backend but its own."""
+  platform = jax.default_backend() if platform is None else platform
+  return platform not in _PLATFORMS[check_kernel(kernel)]
+
+
+def check_vma(kernel: Optional[str]) -> bool:
+  """The `check_vma` a `jax.shard_map` around attention with `kernel` can use: False only for
+  a Pallas kernel run interpreted (off its platform), because Pallas' interpreter loses the
+  varying-axes types of its loop carries (JAX 0.10) and shard_map's check then refuses them."""
+  kernel = check_kernel(kernel)
+  return not (kernel in _PLATFORMS and interpret(kernel))
+
+
+def out_struct(shape, like):
+  """A float32 pallas_call output shape that varies over the same mesh axes as `like` (inside
+  `jax.shard_map` with check_vma, pallas_call needs to be told)."""
+  import jax.numpy as jnp
+  mat = getattr(jax.typeof(like), "manual_axis_type", None)
+  if mat is None:
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+  return jax.ShapeDtypeStruct(shape, jnp.float32, manual_axis_type=mat)
