@@ -11,8 +11,8 @@ __version__ = "0.1.0"
 
 
 def load_pretrained(path, **kwargs):
-  """Loads an HF Llama directory or a longctx checkpoint; see `longctx.checkpoint.pretrained`."""
-  from longctx.checkpoint.pretrained import load_pretrained as _load
+  """Loads an HF Llama directory or a longctx checkpoint; see `longctx.eval.pretrained`."""
+  from longctx.eval.pretrained import load_pretrained as _load
   return _load(path, **kwargs)
 
 

@@ -75,12 +75,17 @@ def main(argv):
   say = print if jax.process_index() == 0 else (lambda *a, **k: None)
   say(f"longctx: config {config_flags.get_config_filename(flags.FLAGS['config'])}; "
       f"workdir {workdir}")
+  from longctx.checkpoint.manager import CheckpointError
+  from longctx.train.loop import NonFiniteLossError
   from longctx.train.memory import MemoryPlanError
   try:
     summaries = run(config, workdir, log=say, preflight=_PREFLIGHT.value)
   except MemoryPlanError as e:
     say(f"longctx: refused before training: {e}")
     sys.exit(2)
+  except (NonFiniteLossError, CheckpointError) as e:
+    say(f"longctx: stopped: {e}")
+    sys.exit(3)
   say("summary:")
   for s in summaries:
     if s.skipped:

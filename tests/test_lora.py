@@ -15,6 +15,7 @@ import pytest
 
 from longctx.attention import permute_batch, s2_dense_attention, unpermute
 from longctx.model import Llama, ModelConfig, attention_fns, init_params, lora
+from longctx.model.lora_params import add_lora_params
 
 CFG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8, max_position_embeddings=64)
@@ -56,7 +57,7 @@ def tokens():
 
 
 def test_zero_b_leaves_the_model_unchanged(base, tokens):
-  params = lora.add_lora_params(base, LCFG, jax.random.PRNGKey(1))
+  params = add_lora_params(base, LCFG, jax.random.PRNGKey(1))
   q = params["layers"]["self_attn"]["q_proj"]
   assert q["lora_a"].shape == (2, 32, 4) and q["lora_b"].shape == (2, 4, 4, 8)
   assert params["layers"]["self_attn"]["o_proj"]["lora_a"].shape == (2, 4, 8, 4)
@@ -68,7 +69,7 @@ def test_zero_b_leaves_the_model_unchanged(base, tokens):
 @pytest.mark.parametrize("targets", [TARGETS, ("o_proj", "gate_proj", "up_proj", "down_proj")])
 def test_lora_model_equals_merged_weights(base, tokens, targets):
   cfg = lora.with_lora(CFG, 4, 8.0, targets)
-  params = _randomise_b(lora.add_lora_params(base, cfg, jax.random.PRNGKey(1)), 2)
+  params = _randomise_b(add_lora_params(base, cfg, jax.random.PRNGKey(1)), 2)
   merged, base_cfg = lora.merge_lora(params, cfg)
   assert base_cfg == CFG
   assert jax.tree.structure(merged) == jax.tree.structure(base)
@@ -90,23 +91,23 @@ def test_module_params_match_add_lora_params_and_have_logical_axes(base):
   assert specs["q_proj"]["lora_b"] == P("layers", "lora_rank", "heads", "head_dim")
   assert specs["o_proj"]["lora_a"] == P("layers", "heads", "head_dim", "lora_rank")
   assert specs["o_proj"]["lora_b"] == P("layers", "lora_rank", "embed")
-  added = lora.add_lora_params(base, LCFG, jax.random.PRNGKey(1))
+  added = add_lora_params(base, LCFG, jax.random.PRNGKey(1))
   assert jax.tree.map(jnp.shape, added) == jax.tree.map(jnp.shape, nn.meta.unbox(boxed))
   a = np.asarray(lora.lora_a_init(jax.random.PRNGKey(0), (4, 8, 3)))  # o_proj-like: fan-in 32
   assert np.abs(a).max() <= 32**-0.5 and np.abs(a).max() > 0.8 * 32**-0.5
 
 
 def test_add_lora_params_keeps_existing_and_checks_shapes(base):
-  params = _randomise_b(lora.add_lora_params(base, LCFG, jax.random.PRNGKey(1)), 2)
-  again = lora.add_lora_params(params, LCFG, jax.random.PRNGKey(3))
+  params = _randomise_b(add_lora_params(base, LCFG, jax.random.PRNGKey(1)), 2)
+  again = add_lora_params(params, LCFG, jax.random.PRNGKey(3))
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with pytest.raises(ValueError, match="shape"):
-    lora.add_lora_params(params, lora.with_lora(CFG, 2, 8.0, TARGETS), jax.random.PRNGKey(3))
+    add_lora_params(params, lora.with_lora(CFG, 2, 8.0, TARGETS), jax.random.PRNGKey(3))
   with pytest.raises(ValueError, match="does not target"):
-    lora.add_lora_params(params, lora.with_lora(CFG, 4, 8.0, ("q_proj",)), jax.random.PRNGKey(3))
+    add_lora_params(params, lora.with_lora(CFG, 4, 8.0, ("q_proj",)), jax.random.PRNGKey(3))
   with pytest.raises(ValueError, match="lora_rank=0"):
-    lora.add_lora_params(base, CFG, jax.random.PRNGKey(3))
+    add_lora_params(base, CFG, jax.random.PRNGKey(3))
 
 
 def test_lora_config_serialisation():
@@ -124,7 +125,7 @@ def test_lora_config_serialisation():
 
 
 def test_trainable_mask_selects_lora_embedding_and_norms(base):
-  params = lora.add_lora_params(base, LCFG, jax.random.PRNGKey(1))
+  params = add_lora_params(base, LCFG, jax.random.PRNGKey(1))
   mask = lora.trainable_mask(params, ("embed_tokens", "norm"))
   flat = {"/".join(lora.path_names(p)): m for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
   assert sorted(k for k, m in flat.items() if m) == sorted(
@@ -137,7 +138,7 @@ def test_trainable_mask_selects_lora_embedding_and_norms(base):
 
 
 def test_masked_training_step_changes_only_trainable_leaves(base, tokens):
-  params = _randomise_b(lora.add_lora_params(base, LCFG, jax.random.PRNGKey(1)), 2)
+  params = _randomise_b(add_lora_params(base, LCFG, jax.random.PRNGKey(1)), 2)
   mask = lora.trainable_mask(params, lora.DEFAULT_TRAINABLE)
   labels = jax.tree.map(lambda m: "train" if m else "freeze", mask)
   tx = optax.partition({"train": optax.adamw(1e-2), "freeze": optax.set_to_zero()}, labels)
@@ -250,7 +251,7 @@ def test_context_parallel_shifted_sparse_matches_dense_s2(split):
 def test_s2_in_the_model_ring_equals_one_device(base):
   """The trainer's path: a LoRA model on a permuted packed batch with the S² ring gives the
   logits of the single-device S² model."""
-  params = _randomise_b(lora.add_lora_params(base, LCFG, jax.random.PRNGKey(1)), 2)
+  params = _randomise_b(add_lora_params(base, LCFG, jax.random.PRNGKey(1)), 2)
   mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "seq"))
   seg, pos = _rows(True)
   tokens = np.random.default_rng(5).integers(0, 61, (2, 32)).astype(np.int32)

@@ -15,6 +15,7 @@ from longctx import convert
 from longctx.checkpoint import peft as peft_export
 from longctx.checkpoint.params import save_params
 from longctx.model import ModelConfig, init_params, lora
+from longctx.model.lora_params import add_lora_params
 from tests.hf_models import hf_logits
 
 TOL = 1e-4
@@ -43,7 +44,7 @@ def random_params(cfg, seed):
 
 def trained(base, lcfg, seed):
   """The base after a LoRA+ run: random adapters (B ≠ 0), embedding and norms changed."""
-  params = lora.add_lora_params(base, lcfg, jax.random.PRNGKey(seed))
+  params = add_lora_params(base, lcfg, jax.random.PRNGKey(seed))
   mask = lora.trainable_mask(params, lora.DEFAULT_TRAINABLE)
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda x, m: (np.asarray(x) + 0.2 * rng.standard_normal(x.shape)).astype(
@@ -123,7 +124,7 @@ def test_export_errors(tmp_path):
   with pytest.raises(ValueError, match="no LoRA"):
     peft_export.write_peft(base, cfg, str(tmp_path / "a"))
   lcfg = lora.with_lora(cfg, 4, 8.0, targets)
-  params = lora.add_lora_params(base, lcfg, jax.random.PRNGKey(0))
+  params = add_lora_params(base, lcfg, jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match="LoRA adapts"):
     peft_export.write_peft(params, lcfg, str(tmp_path / "a"), modules_to_save=("self_attn",))
   with pytest.raises(ValueError, match="matches no parameter"):

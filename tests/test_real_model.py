@@ -18,6 +18,7 @@ from longctx.checkpoint.params import load_params, save_params
 from longctx.data.tokenizers import HFTokenizer
 from longctx.eval import __main__ as eval_main
 from longctx.model import lora
+from longctx.model.lora_params import add_lora_params
 from tests.real_model import real_text
 
 LOGIT_TOL = 5e-4     # float32 both sides, 30 layers, logits up to ~41
@@ -109,7 +110,7 @@ def test_lora_peft_export_loads_onto_the_real_base(smollm2_dir, tmp_path):
   assert convert.main(["from-hf", smollm2_dir, str(tmp_path / "base"), "--no-progress"]) == 0
   cfg, base = load_params(str(tmp_path / "base"))
   lcfg = lora.with_lora(cfg, 4, 8.0, ("q_proj", "v_proj"))
-  params = lora.add_lora_params(base, lcfg, jax.random.PRNGKey(0))
+  params = add_lora_params(base, lcfg, jax.random.PRNGKey(0))
   rng = np.random.default_rng(1)  # a trained adapter: B ≠ 0
   params = jax.tree_util.tree_map_with_path(
       lambda path, x: (np.asarray(x) + 0.02 * rng.standard_normal(x.shape)).astype(np.float32)

@@ -1,9 +1,8 @@
-"""The trainer: exact resume (mid-stage and across a stage boundary), mesh and layout invariance
+"""The trainer (exact resume at every kill point: test_faults.py): mesh and layout invariance
 of the loss and gradients, micro-batch invariance, two hosts = one host, and clear errors before
 any compute."""
 import dataclasses
 import functools
-import importlib.util
 import json
 import os
 import socket
@@ -15,11 +14,12 @@ import numpy as np
 import pytest
 
 from longctx.parallel.mesh import make_mesh
-from longctx.train import loop
+from longctx.train import checks, loop
 from longctx.train.config import AttentionConfig, AttentionImpl, read_stages
 from longctx.train.data import GlobalBatches
 from longctx.train.metrics import read_metrics
 from longctx.train.step import make_loss_and_grads
+from tests.fault_config import tiny_config_with
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = {
@@ -33,40 +33,25 @@ SMALL_FLAGS = [f"--config.{k}={v}" for k, v in SMALL.items()]
 
 
 def tiny_config(overrides=None):
-  spec = importlib.util.spec_from_file_location("tiny", os.path.join(ROOT, "configs", "tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.update_from_flattened_dict({**SMALL, **(overrides or {})})
-  return config
+  return tiny_config_with({**SMALL, **(overrides or {})})
+
+
+def stop_after(steps):
+  """A hook that stops the run (with a checkpoint, as SIGTERM does) after `steps` steps of this
+  call, across stages."""
+  from longctx.train.hooks import Hook
+  count = [0]
+
+  def fn(ctx):
+    count[0] += 1
+    if count[0] >= steps:
+      ctx.request_stop()
+  return Hook("stop_after", fn, every=1, needs_state=True, at_end=True)
 
 
 def _losses(workdir, stage):
   return [(r["step"], r["loss"]) for r in read_metrics(os.path.join(workdir, stage))
           if "loss" in r]
-
-
-def test_resume_is_exact_mid_stage_and_across_stages(tmp_path):
-  config = tiny_config()
-  full, parts = str(tmp_path / "full"), str(tmp_path / "parts")
-  summaries = loop.run(config, full, log=lambda *_: None)
-  assert [s.name for s in summaries] == ["short", "long"]
-  # Stop after 2 steps (mid `short`), then after 2 more (one in `short`, one in `long`), then
-  # finish: every step's loss must equal the uninterrupted run's.
-  assert loop.run(config, parts, log=lambda *_: None, stop_after_steps=2)[0].preempted
-  second = loop.run(config, parts, log=lambda *_: None, stop_after_steps=2)
-  assert second[0].resumed_from == 2 and second[1].preempted
-  third = loop.run(config, parts, log=lambda *_: None)
-  assert third[0].skipped and third[1].resumed_from == 1
-  for stage in ("short", "long"):
-    a, b = _losses(full, stage), _losses(parts, stage)
-    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3]
-    np.testing.assert_allclose([x for _, x in b], [x for _, x in a], rtol=0, atol=1e-6)
-  # The loss falls, and the final weights of each stage are a loadable checkpoint.
-  assert summaries[0].last_loss < summaries[0].first_loss
-  from longctx.checkpoint.params import load_params
-  cfg, params = load_params(os.path.join(full, "long", "final"))
-  assert cfg.rope.theta == 500000.0 and params["embed_tokens"].shape == (260, 64)
 
 
 def _grads_on(mesh_sizes, attention, micro_batches=1, rows=8):
@@ -174,9 +159,11 @@ def test_mistyped_command_line_key():
 
 def test_workdir_of_another_config(tmp_path):
   workdir = str(tmp_path)
-  loop.check_workdir(workdir, tiny_config())
-  loop.check_workdir(workdir, tiny_config({"mesh.data": 1, "mesh.seq": 8}))  # mesh may change
-  with pytest.raises(loop.ConfigMismatchError, match=r"another config: sections \['model'\]"):
+  checks.check_workdir(workdir, tiny_config())
+  checks.check_workdir(workdir, tiny_config({"mesh.data": 1, "mesh.seq": 8}))  # mesh may change
+  checks.check_workdir(workdir, tiny_config({"train.learning_rate": 1e-4}))  # and so may lr
+  with pytest.raises(checks.ConfigMismatchError,
+                     match=r"another config: keys \['model.hidden_size'\] differ"):
     loop.run(tiny_config({"model.hidden_size": 32}), workdir, log=lambda *_: None)
 
 
@@ -235,7 +222,7 @@ def test_sigterm_saves_a_restorable_checkpoint(tmp_path):
   assert steps and max(steps) >= 2
   config = tiny_config({"stages.short.train.steps": 200, "stage_order": "short",
                         "checkpoint.every_steps": 1000})
-  summary = loop.run(config, str(workdir), log=lambda *_: None, stop_after_steps=1)
+  summary = loop.run(config, str(workdir), log=lambda *_: None, hooks=[stop_after(1)])
   assert summary[0].resumed_from == max(steps)
   with open(workdir / "short" / "metrics.jsonl") as f:
     assert [json.loads(line)["step"] for line in f] == list(range(1, max(steps) + 2))
@@ -272,8 +259,13 @@ def test_evaluation_during_training(tmp_path):
   """eval.every_steps: held-out loss / perplexity (full attention) and passkey in metrics.jsonl."""
   config = tiny_config({"stage_order": "short", "eval.every_steps": 2,
                         "eval.passkey_lengths": "96", "eval.passkey_trials": 2,
-                        "lora.enabled": True})
-  loop.run(config, str(tmp_path), log=lambda *_: None)
+                        "lora.enabled": True, "train.profile_start": 1, "train.profile_steps": 1})
+  said = []
+  loop.run(config, str(tmp_path), log=said.append)
+  # and the profiler hook: a trace of step 2
+  assert any(f.endswith(".xplane.pb") for _, _, fs in os.walk(tmp_path / "short" / "profile")
+             for f in fs), said
+  assert any("profile of steps 2-2" in line for line in said), said
   records = read_metrics(str(tmp_path / "short"))
   evals = [r for r in records if "eval_loss" in r]
   assert [r["step"] for r in evals] == [2, 3]
@@ -288,7 +280,7 @@ def test_restore_onto_another_mesh_shape(tmp_path):
   overrides = {"stage_order": "short"}
   full, moved = str(tmp_path / "full"), str(tmp_path / "moved")
   loop.run(tiny_config(overrides), full, log=lambda *_: None)
-  loop.run(tiny_config(overrides), moved, log=lambda *_: None, stop_after_steps=1)
+  loop.run(tiny_config(overrides), moved, log=lambda *_: None, hooks=[stop_after(1)])
   resumed = loop.run(tiny_config({**overrides, "mesh.data": 1, "mesh.fsdp": 2}), moved,
                      log=lambda *_: None)
   assert resumed[0].resumed_from == 1

@@ -118,7 +118,7 @@ def load_model(checkpoint: str, attention: EvalAttention | None = None, rope: st
   if not os.path.isdir(checkpoint):
     raise FileNotFoundError(f"--checkpoint: expected a directory (longctx checkpoint or HF model), "
                             f"found nothing at {checkpoint!r}")
-  import longctx
+  from longctx.eval.pretrained import load_pretrained
   from longctx.model import rope as rope_lib
   attention = attention or EvalAttention()
   overrides = {}
@@ -126,7 +126,7 @@ def load_model(checkpoint: str, attention: EvalAttention | None = None, rope: st
     base = ModelConfig.from_directory(checkpoint)
     overrides["rope"] = rope_lib.override(base.rope, base.max_position_embeddings,
                                           parse_rope(rope))
-  model = longctx.load_pretrained(checkpoint, progress=False,
+  model = load_pretrained(checkpoint, progress=False,
                                   attention_fn=attention.attention_fn(), **overrides)
   model.attention = attention
   model.mesh = attention.mesh() if attention.kind == "ring" else None

@@ -87,7 +87,7 @@ def run_passkey(model, tokenizer: Tokenizer, lengths: Sequence[int], trials: int
 
   model: anything with `.config` (ModelConfig) and `.generate(prompts, max_new_tokens=…,
   temperature=0, eos_token_id=…) -> list[list[int]]`: a `PretrainedModel`, e.g. during training
-  `PretrainedModel(model_config, state_params)` from longctx.checkpoint.pretrained.
+  `PretrainedModel(model_config, state_params)` from longctx.eval.pretrained.
   Returns {"accuracy": {length: fraction}, "lengths", "trials", "seed", "results": [per trial]};
   with `depths`, `trials` per (length, depth) and also "depths" and "grid" [lengths][depths].
   Raises ContextTooLongError before any work when a length does not fit the budget.

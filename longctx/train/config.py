@@ -28,6 +28,7 @@ import ml_collections
 
 from longctx.data.config import DataConfig, parse_enum
 from longctx.model.config import ModelConfig
+from longctx.train import schema
 
 
 class Schedule(enum.Enum):
@@ -48,25 +49,12 @@ class InitKind(enum.Enum):
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Every training section with its defaults (model, data and stages are the recipe's)."""
+  """Every training section with its defaults (model, data and stages are the recipe's), derived
+  from the dataclasses below (train.schema)."""
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.init = ml_collections.ConfigDict(dict(kind="random", path=""))
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, seq=1, tensor=1))
-  config.attention = ml_collections.ConfigDict(dict(
-      impl="ring", layout="zigzag", block_q=0, block_k=0, block_q_bwd=0, block_k_bwd=0,
-      kernel="blockwise"))
-  config.lora = ml_collections.ConfigDict(dict(
-      enabled=False, rank=8, alpha=16.0, targets="q_proj,k_proj,v_proj,o_proj",
-      trainable="embed_tokens,norm", s2_group_fraction=0.25))
-  config.train = ml_collections.ConfigDict(dict(
-      steps=100, micro_batches=1, learning_rate=3e-4, schedule="cosine", warmup_steps=10,
-      min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
-      log_every=10, peak_tflops_per_device=0.0, loss_chunk=0, offload_optimizer=False))
-  config.checkpoint = ml_collections.ConfigDict(dict(
-      every_steps=100, max_to_keep=2, async_save=True))
-  config.eval = ml_collections.ConfigDict(dict(
-      every_steps=0, batches=2, passkey_lengths="", passkey_trials=5))
+  for name, cls in SECTIONS.items():
+    config[name] = schema.defaults(cls)
   return config
 
 
@@ -100,6 +88,12 @@ def model_section(*, from_init: bool = False, **fields) -> ml_collections.Config
   section = {k: ",".join(v) if isinstance(v, (tuple, list)) else v for k, v in values.items()
              if k not in _NOT_IN_MODEL_SECTION}
   return ml_collections.ConfigDict(section)
+
+
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+  kind: InitKind = InitKind.RANDOM
+  path: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,78 +135,61 @@ class LoraConfig:
   uses 1/4); 0 trains with full attention. Evaluation always uses full attention.
   """
   enabled: bool = False
-  rank: int = 8
+  rank: int = schema.field(8, **schema.POSITIVE)
   alpha: float = 16.0
   targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
   trainable: tuple[str, ...] = ("embed_tokens", "norm")
-  s2_group_fraction: float = 0.25
+  s2_group_fraction: float = schema.field(0.25, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  steps: int = 100
-  micro_batches: int = 1
+  steps: int = schema.field(100, **schema.POSITIVE)
+  micro_batches: int = schema.field(1, **schema.POSITIVE)
   learning_rate: float = 3e-4
   schedule: Schedule = Schedule.COSINE
-  warmup_steps: int = 10
+  warmup_steps: int = schema.field(10, **schema.NON_NEGATIVE)
   min_lr_ratio: float = 0.1
   b1: float = 0.9
   b2: float = 0.95
   eps: float = 1e-8
   weight_decay: float = 0.1
   clip_norm: float = 1.0          # 0: no clipping
-  log_every: int = 10
+  log_every: int = schema.field(10, **schema.POSITIVE)
   peak_tflops_per_device: float = 0.0  # for MFU; 0: from the device kind, if known
   # tokens of each row per device in one chunk of the fused lm_head + cross-entropy
   # (longctx.train.loss); 0: the unchunked reference path (full [tokens, vocab] logits)
   loss_chunk: int = 0
   offload_optimizer: bool = False  # keep the optimizer state in pinned host memory
+  # a JAX profiler trace of steps profile_start+1 … +profile_steps in <stage>/profile (0: none)
+  profile_start: int = schema.field(0, **schema.NON_NEGATIVE)
+  profile_steps: int = schema.field(3, **schema.POSITIVE)
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-  every_steps: int = 0                     # 0: no evaluation during training
-  batches: int = 2                         # held-out batches for eval_loss / eval_ppl
-  passkey_lengths: tuple[int, ...] = ()    # empty: no passkey
-  passkey_trials: int = 5
-
-  @classmethod
-  def from_config(cls, cd: ml_collections.ConfigDict | None) -> "EvalConfig":
-    if cd is None:
-      return cls()
-    lengths = tuple(int(x) for x in _split(str(cd.passkey_lengths)))
-    cfg = cls(int(cd.every_steps), int(cd.batches), lengths, int(cd.passkey_trials))
-    if cfg.every_steps < 0 or cfg.batches < 1 or cfg.passkey_trials < 1 or \
-        any(n <= 0 for n in lengths):
-      raise ValueError(f"config eval: expected every_steps >= 0, batches >= 1, passkey_trials "
-                       f">= 1 and positive passkey_lengths, found {cfg}")
-    return cfg
+  every_steps: int = schema.field(0, **schema.NON_NEGATIVE)  # 0: no evaluation during training
+  batches: int = schema.field(2, **schema.POSITIVE)  # held-out batches for eval_loss / eval_ppl
+  passkey_lengths: tuple[int, ...] = schema.field(  # empty: no passkey
+      (), lambda v: all(n > 0 for n in v), "positive lengths")
+  passkey_trials: int = schema.field(5, **schema.POSITIVE)
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-  every_steps: int = 100
-  max_to_keep: int = 2
+  every_steps: int = schema.field(100, **schema.POSITIVE)
+  max_to_keep: int = schema.field(2, **schema.POSITIVE)
   async_save: bool = True
+
+
+# The top-level sections a config holds besides model, data and stages, each read by its class.
+SECTIONS = {"init": InitConfig, "mesh": MeshConfig, "attention": AttentionConfig,
+            "lora": LoraConfig, "train": TrainConfig, "checkpoint": CheckpointConfig,
+            "eval": EvalConfig}
 
 
 def _split(text: str) -> tuple[str, ...]:
   return tuple(t.strip() for t in text.split(",") if t.strip())
-
-
-def _positive(where: str, value: int) -> int:
-  if value <= 0:
-    raise ValueError(f"config {where}: expected > 0, found {value}")
-  return value
-
-
-def _block(attention: ml_collections.ConfigDict, name: str) -> int | None:
-  """attention.<name>: a tile size, 0 (or absent) = the default."""
-  value = int(attention.get(name, 0) or 0)
-  if value < 0:
-    raise ValueError(f"config attention.{name}: expected a tile size > 0, or 0 for the "
-                     f"default; found {value}")
-  return value or None
 
 
 def _kernel(attention: ml_collections.ConfigDict) -> str:
@@ -246,27 +223,10 @@ class StageSpec:
       model = ModelConfig.from_dict(resolve(cd.model.to_dict(), init_model))
     except (TypeError, ValueError) as e:
       raise ValueError(f"config stages.{name}.model: {e}") from None
-    t = cd.train
-    train = TrainConfig(
-        steps=_positive("train.steps", int(t.steps)),
-        micro_batches=_positive("train.micro_batches", int(t.micro_batches)),
-        learning_rate=float(t.learning_rate),
-        schedule=parse_enum(Schedule, t.schedule, "train.schedule"),
-        warmup_steps=int(t.warmup_steps), min_lr_ratio=float(t.min_lr_ratio), b1=float(t.b1),
-        b2=float(t.b2), eps=float(t.eps), weight_decay=float(t.weight_decay),
-        clip_norm=float(t.clip_norm), log_every=_positive("train.log_every", int(t.log_every)),
-        peak_tflops_per_device=float(t.peak_tflops_per_device),
-        loss_chunk=int(t.get("loss_chunk", 0)),
-        offload_optimizer=bool(t.get("offload_optimizer", False)))
-    lo = cd.lora
-    lora = LoraConfig(enabled=bool(lo.enabled), rank=int(lo.rank), alpha=float(lo.alpha),
-                      targets=_split(lo.targets), trainable=_split(lo.trainable),
-                      s2_group_fraction=float(lo.s2_group_fraction))
-    a = cd.attention
-    blocks = {name: _block(a, name) for name in ("block_q", "block_k", "block_q_bwd",
-                                                 "block_k_bwd")}
-    attention = AttentionConfig(impl=parse_enum(AttentionImpl, a.impl, "attention.impl"),
-                                layout=str(a.layout), kernel=_kernel(a), **blocks)
+    train = schema.read(TrainConfig, cd.train, "train")
+    lora = schema.read(LoraConfig, cd.lora, "lora")
+    attention = schema.read(AttentionConfig, cd.attention, "attention",
+                            kernel=_kernel(cd.attention))
     if attention.impl is AttentionImpl.RING:
       from longctx.attention.layouts import Layout
       parse_enum(Layout, attention.layout, "attention.layout")
@@ -275,21 +235,24 @@ class StageSpec:
       # gather the global batch onto every device; the ring runs it inside shard_map
       raise ValueError(f"config attention.kernel={attention.kernel!r} needs attention.impl="
                        f"'ring' (found {attention.impl.value!r}); use kernel='blockwise'")
+    num_shards = int(cd.data.num_shards)
+    if num_shards <= 0:
+      raise ValueError(f"config data.num_shards: expected > 0, found {num_shards}")
     return cls(name=name, model=model, data=DataConfig.from_config_dict(cd.data),
-               num_shards=_positive("data.num_shards", int(cd.data.num_shards)), train=train,
-               lora=lora, attention=attention, eval=EvalConfig.from_config(cd.get("eval")))
+               num_shards=num_shards, train=train, lora=lora, attention=attention,
+               eval=schema.read(EvalConfig, cd.get("eval"), "eval"))
 
 
 def mesh_config(cd: ml_collections.ConfigDict) -> MeshConfig:
-  m = cd.mesh
-  return MeshConfig(data=int(m.data), fsdp=int(m.fsdp), seq=int(m.seq), tensor=int(m.tensor))
+  return schema.read(MeshConfig, cd.mesh, "mesh")
 
 
 def checkpoint_config(cd: ml_collections.ConfigDict) -> CheckpointConfig:
-  c = cd.checkpoint
-  return CheckpointConfig(every_steps=_positive("checkpoint.every_steps", int(c.every_steps)),
-                          max_to_keep=_positive("checkpoint.max_to_keep", int(c.max_to_keep)),
-                          async_save=bool(c.async_save))
+  return schema.read(CheckpointConfig, cd.checkpoint, "checkpoint")
+
+
+def init_config(cd: ml_collections.ConfigDict) -> InitConfig:
+  return schema.read(InitConfig, cd.init, "init")
 
 
 def stage_names(cd: ml_collections.ConfigDict) -> tuple[str, ...]:

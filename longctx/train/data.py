@@ -13,11 +13,9 @@ layout (contract 3: once per batch, at the data → model boundary).
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Iterator
 
 import jax
-from etils import epath
 import numpy as np
 from jax.sharding import Mesh
 
@@ -121,19 +119,3 @@ class GlobalBatches:
     denom = jax.make_array_from_callback(denominator.shape, self.row_sharding,
                                          lambda i: denominator[i])
     return batches, denom, (k_steps, self.rows, length)
-
-
-def save_state_files(directory: str, states: dict[str, Any]) -> None:
-  """One JSON file per logical shard; every process writes the shards it ran (same content)."""
-  directory = epath.Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
-  for shard, state in states.items():
-    (directory / f"shard_{shard}.process_{jax.process_index()}.json").write_text(json.dumps(state))
-
-
-def load_state_files(directory: str) -> dict[str, Any]:
-  states = {}
-  for path in sorted(epath.Path(directory).iterdir(), key=lambda p: p.name):
-    if path.name.startswith("shard_") and path.name.endswith(".json"):
-      states.setdefault(path.name.split(".")[0][len("shard_"):], json.loads(path.read_text()))
-  return states

@@ -70,7 +70,7 @@ class Evaluator:
     loss = total / max(count, 1.0)
     out = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 80.0))}
     if self.cfg.passkey_lengths:
-      from longctx.checkpoint.pretrained import PretrainedModel
+      from longctx.eval.pretrained import PretrainedModel
       from longctx.eval.passkey import run_passkey
       model = PretrainedModel(self.model_cfg, params)
       report = run_passkey(model, self.tokenizer, self.cfg.passkey_lengths,

@@ -1,53 +1,57 @@
 """The training loop: every stage of a config, in order, resumable from the workdir.
 
-  <workdir>/config.json           the config this workdir trains (a different one is refused)
-  <workdir>/<stage>/checkpoints/  orbax CheckpointManager: train state + data state per step
-  <workdir>/<stage>/final/        the stage's final parameters (longctx params checkpoint)
-  <workdir>/<stage>/metrics.jsonl, tensorboard/
+  <workdir>/config.json                 the config this workdir trains (another one is refused)
+  <workdir>/<stage>/checkpoints/<step>/ orbax CheckpointManager: train state, data state and
+                                        an integrity digest per step (checkpoint.manager)
+  <workdir>/<stage>/final/              the stage's final parameters (longctx params checkpoint)
+  <workdir>/<stage>/metrics.jsonl, tensorboard/, profile/
 
 A stage starts from the previous stage's final parameters (the first from `init`) with a fresh
-optimizer; a stage with a `final/` is skipped, one with checkpoints resumes from the latest.
-Everything that can be checked without compute (every stage's config, the mesh against the
-devices, lengths against the layout, the init path, the workdir) is checked first.
+optimizer; a stage with a complete `final/` is skipped, one with checkpoints resumes from the
+newest that restores. Everything that can be checked without compute is checked first
+(train.checks).
+
+The step loop (`_steps`) dispatches step n + 1 before it reads step n's metrics, so the device
+is never idle while the host builds the next batch and writes logs; hooks (train.hooks) do the
+rest. Crash safety, kill point by kill point (tests/test_faults.py kills at each):
+  during a step, or an async save   orbax finalises a step by renaming its directory; the rerun
+                                    resumes from the newest complete step, and metrics.jsonl is
+                                    cut back to it (a partial last line repaired)
+  after the last step's checkpoint  the rerun restores it, runs no step and writes final/
+  while final/ is written           final/ is complete only once model_config.json, written
+                                    last, exists; until then the rerun rewrites it
+  between stages                    the next stage starts from the complete final/
+A non-finite loss stops the run after saving the last good state; a checkpoint that does not
+restore is moved aside and the previous one used (checkpoint.manager.restore_latest).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
-import json
 import os
-import signal
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import ml_collections
-from etils import epath
-import numpy as np
 from jax.sharding import Mesh
 
 from longctx.checkpoint import manager as ckpt
-from longctx.data.config import parse_enum
 from longctx.parallel.mesh import make_mesh
+from longctx.train import checks
 from longctx.train import metrics as metrics_lib
 from longctx.train.config import (AttentionImpl, InitKind, StageSpec, checkpoint_config,
-                                  mesh_config, read_stages)
-from longctx.train.architecture import read_architecture
-from longctx.train.data import GlobalBatches, check_length
-from longctx.train.runner import HOST_MEMORY, StageRunner, check_same_architecture, s2_group
-
-# Config sections that may differ when a run resumes in the same workdir.
-_RESUMABLE_CHANGES = ("mesh", "checkpoint", "attention", "eval")
-
-
-class ConfigMismatchError(ValueError):
-  pass
+                                  init_config, mesh_config, read_stages)
+from longctx.train.data import GlobalBatches
+from longctx.train.hooks import Hook, Preemption, StepContext, StepRecord, profile_hook
+from longctx.train.runner import StageRunner
 
 
 @dataclasses.dataclass
 class StageSummary:
   name: str
   steps: int
-  first_loss: float | None = None
+  first_loss: float | None = None  # of the steps run in this call (None: none ran)
   last_loss: float | None = None
   tokens: int = 0
   seconds: float = 0.0
@@ -56,147 +60,40 @@ class StageSummary:
   preempted: bool = False
 
 
-# ---- checks before compute ----------------------------------------------------------------------
-def _comparable(cd: dict) -> dict:
-  return {k: v for k, v in cd.items() if k not in _RESUMABLE_CHANGES}
+class NonFiniteLossError(FloatingPointError):
+  """A step's loss or gradient norm was not finite; the last good state was saved."""
 
-
-def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Write <workdir>/config.json, or refuse a workdir that trains another config."""
-  path = epath.Path(workdir) / "config.json"
-  current = json.loads(config.to_json_best_effort())
-  if path.exists():
-    saved = json.loads(path.read_text())
-    if _comparable(saved) != _comparable(current):
-      diff = sorted(k for k in set(_comparable(saved)) | set(_comparable(current))
-                    if saved.get(k) != current.get(k))
-      raise ConfigMismatchError(
-          f"workdir {workdir} holds checkpoints of another config: sections {diff} differ from "
-          f"{path}. Use a new --workdir, or restore that config (only {list(_RESUMABLE_CHANGES)} "
-          "may change on resume).")
-  if jax.process_index() == 0:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(current, indent=2, sort_keys=True))
-
-
-def check_stage(stage: StageSpec, mesh: Mesh, first: bool, init_kind: InitKind,
-                init_path: str) -> None:
-  seq = mesh.shape["seq"]
-  layout = stage.attention.layout if stage.attention.impl is AttentionImpl.RING else None
-  if stage.attention.impl is not AttentionImpl.RING and seq > 1:
-    raise ValueError(f"config stages.{stage.name}.attention.impl={stage.attention.impl.value!r} "
-                     f"with mesh seq={seq}: only 'ring' splits a row across devices")
-  check_length(stage.data.max_len, seq, layout, f"stages.{stage.name}.data.max_len")
-  check_memory_options(stage, seq, layout)
-  if stage.lora.enabled and stage.lora.s2_group_fraction > 0:
-    from longctx.attention.shifted_sparse import check_s2
-    try:
-      check_s2(stage.data.max_len, stage.model.num_heads, stage.model.num_kv_heads,
-               s2_group(stage))
-    except ValueError as e:
-      raise ValueError(f"config stages.{stage.name}.lora.s2_group_fraction="
-                       f"{stage.lora.s2_group_fraction} (data.max_len={stage.data.max_len}): {e}; "
-                       "lora.s2_group_fraction=0 trains LoRA with full attention") from None
-  if first and init_kind is not InitKind.RANDOM:
-    if not init_path:
-      raise ValueError(f"config init.path: expected a directory for init.kind="
-                       f"{init_kind.value!r}, found ''")
-    marker = "config.json" if init_kind is InitKind.HF else "model_config.json"
-    if not (epath.Path(init_path) / marker).exists():
-      raise FileNotFoundError(f"config init.path: expected {marker} in {init_path} "
-                              f"(init.kind={init_kind.value!r})")
-    check_same_architecture(read_architecture(init_path), stage.model, init_path)
-
-
-def check_memory_options(stage: StageSpec, seq: int, layout: str | None) -> None:
-  """Token chunks that tile every row length the stage can see; host memory for offload."""
-  from longctx.data.config import BatchingKind
-  from longctx.model.chunking import check_chunk
-  from longctx.train.runner import has_host_memory
-  if stage.data.batching is BatchingKind.PACKED:
-    length = stage.data.max_len
-  else:  # sorted batches are padded to multiples of this, so a chunk must tile it
-    length = int(np.lcm(2 * seq if layout == "zigzag" else seq, stage.data.pad_multiple))
-  where = f"stages.{stage.name}."
-  check_chunk(length, seq, stage.train.loss_chunk, where + "train.loss_chunk")
-  check_chunk(length, seq, stage.model.mlp_chunk, where + "model.mlp_chunk")
-  offload = [key for key, on in (("model.remat_offload", stage.model.remat_offload),
-                                 ("train.offload_optimizer", stage.train.offload_optimizer)) if on]
-  if offload and not has_host_memory():
-    kinds = sorted({m.kind for m in jax.devices()[0].addressable_memories()})
-    raise ValueError(f"config {where}{offload[0]}: offloading needs a '{HOST_MEMORY}' memory "
-                     f"on the {jax.devices()[0].platform} devices, found memories {kinds}")
-
-
-# ---- preemption ----------------------------------------------------------------------------------
-class Preemption:
-  """SIGTERM sets a flag; the loop saves a checkpoint at the next step and stops cleanly."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handler)
-    except ValueError:  # not the main thread
-      self._previous = None
-    return self
-
-  def _handler(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-  def any_process(self) -> bool:
-    if jax.process_count() == 1:
-      return self.requested
-    from jax.experimental import multihost_utils
-    return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
-
-
-# ---- the loop ------------------------------------------------------------------------------------
-def _progress(total: int, initial: int, desc: str):
-  if jax.process_index() != 0:
-    return None
-  from tqdm.auto import tqdm
-  return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True)
+  def __init__(self, message: str, step: int, loss: float, grad_norm: float,
+               checkpoint: str | None):
+    super().__init__(message)
+    self.step, self.loss, self.grad_norm, self.checkpoint = step, loss, grad_norm, checkpoint
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, log: Callable[[str], None] = print,
-        devices=None, stop_after_steps: int | None = None,
-        preflight: bool = True) -> list[StageSummary]:
+        devices=None, preflight: bool = True, hooks: Sequence[Hook] = ()) -> list[StageSummary]:
   """Train every stage of `config` in `workdir`; returns a summary per stage.
 
   preflight: before anything is materialised, compile every stage's step from abstract shapes
   and refuse (MemoryPlanError: the plan's breakdown and the cheapest config change that fits)
   a stage whose plan exceeds the devices' memory (train.memory); the compiled steps are then
   the ones that train.
-
-  stop_after_steps: stop (saving a checkpoint, as on SIGTERM) once this many optimizer steps
-  have run in this call — for tests of interrupted runs.
+  hooks: more hooks (train.hooks.Hook) for every stage, after the built-in ones. One that calls
+  `ctx.request_stop()` stops the run after that step with a checkpoint, as SIGTERM does.
+  Raises NonFiniteLossError (after saving the last good state), CheckpointError (no checkpoint
+  of a stage restores), ValueError / ConfigMismatchError / FileNotFoundError before compute.
   """
   stages = read_stages(config)
   mesh = make_mesh(dataclasses.asdict(mesh_config(config)), devices)
-  ckpt_cfg = checkpoint_config(config)
-  init_kind = parse_enum(InitKind, config.init.kind, "init.kind")
-  for i, stage in enumerate(stages):
-    check_stage(stage, mesh, i == 0, init_kind, config.init.path)
-  check_workdir(workdir, config)
+  checks.check_all(config, stages, mesh, workdir)
   log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
       f"{jax.process_count()} process(es); stages: {', '.join(s.name for s in stages)}")
-
-  plans = _preflight(config, stages, mesh, workdir, log) if preflight else {}
+  plans = checks.preflight(config, stages, mesh, workdir, log) if preflight else {}
   summaries: list[StageSummary] = []
   previous_final: str | None = None
-  budget = [stop_after_steps]
+  init_kind = init_config(config).kind
   with Preemption() as preemption:
     for i, stage in enumerate(stages):
-      stage_dir = os.path.join(workdir, stage.name)
-      final_dir = os.path.join(stage_dir, "final")
+      final_dir = os.path.join(workdir, stage.name, "final")
       if ckpt.is_complete(final_dir):
         log(f"[{stage.name}] done earlier ({final_dir}); skipping")
         summaries.append(StageSummary(stage.name, stage.train.steps, skipped=True))
@@ -208,47 +105,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, log: Callable[[str],
         init = (init_kind, config.init.path)
       else:
         init = None  # random
-      summary = _run_stage(stage, mesh, config, ckpt_cfg, stage_dir, final_dir, init=init,
-                           log=log, preemption=preemption, budget=budget,
-                           planned=plans.get(stage.name))
+      stage_run = _StageRun(stage, mesh, config, os.path.join(workdir, stage.name), init, log,
+                            preemption, plans.get(stage.name))
+      summary = stage_run(list(hooks))
       summaries.append(summary)
       if summary.preempted:
         break
       previous_final = final_dir
   return summaries
-
-
-def _preflight(config, stages: list[StageSpec], mesh: Mesh, workdir: str, log) -> dict:
-  """{stage name: its plan} for the stages still to run; MemoryPlanError if one does not fit."""
-  from longctx.train import memory
-  capacity, where = memory.device_capacity()
-  plans = {}
-  for stage in stages:
-    if ckpt.is_complete(os.path.join(workdir, stage.name, "final")):
-      continue
-    plan = memory.plan_stage(stage, mesh, int(config.seed), residuals=False)
-    log(f"[{stage.name}] memory plan: {memory.gb(plan.total_bytes)} per device"
-        + (f" (+ {memory.gb(plan.host_bytes)} in host memory)" if plan.host_bytes else "")
-        + f"; {where}")
-    memory.check_fits(stage, plan, mesh, capacity, where, seed=int(config.seed), log=log,
-                      flag=lambda key, name=stage.name: _flag(config, name, key))
-    plans[stage.name] = plan
-  return plans
-
-
-def _flag(config, stage_name: str, key: str) -> str:
-  """The command-line spelling of a config key for one stage: the stage's own override when it
-  has one, else the top-level key (which every stage inherits)."""
-  stage_cd = config.stages.get(stage_name) if "stages" in config and config.stages else None
-  if stage_cd is not None:
-    node = stage_cd
-    for part in key.split("."):
-      node = node.get(part) if hasattr(node, "get") else None
-      if node is None:
-        break
-    else:
-      return f"--config.stages.{stage_name}.{key}"
-  return f"--config.{key}"
 
 
 def _planned_step(runner: StageRunner, planned):
@@ -258,130 +122,218 @@ def _planned_step(runner: StageRunner, planned):
     return jitted
   shape = planned.batch_shape
 
-  def step(state, batches, denominator):
+  def step(state, batches, denominator, ok):
     if batches["inputs"].shape == shape:
-      return planned.compiled(state, batches, denominator)
-    return jitted(state, batches, denominator)
+      return planned.compiled(state, batches, denominator, ok)
+    return jitted(state, batches, denominator, ok)
   return step
 
 
-def _run_stage(stage: StageSpec, mesh: Mesh, config, ckpt_cfg, stage_dir: str, final_dir: str,
-               *, init, log, preemption: Preemption, budget: list,
-               planned=None) -> StageSummary:
-  runner = StageRunner(stage, mesh, int(config.seed), log)
-  cfg = runner.model_cfg
-  summary = StageSummary(stage.name, stage.train.steps)
-  layout = stage.attention.layout if stage.attention.impl is AttentionImpl.RING else None
-  loader = GlobalBatches(stage.data, stage.num_shards, mesh, stage.train.micro_batches, layout)
-  manager = ckpt.make_manager(os.path.join(stage_dir, "checkpoints"), ckpt_cfg.max_to_keep,
-                              ckpt_cfg.async_save)
-  writer = metrics_lib.MetricsWriter(stage_dir)
-  start_step = manager.latest_step()
-  if start_step is not None:
-    state, data_states = ckpt.restore(manager, start_step, runner.abstract_state)
-    loader.set_state(data_states)
-    summary.resumed_from = start_step
-    _truncate_metrics(writer.path, start_step)
-    log(f"[{stage.name}] resumed at step {start_step} from {manager.directory}")
-  else:
-    params = runner.random_params() if init is None else runner.load_params(*init)
-    state = runner.init_state(params)
-    start_step = 0
-    source = "random init" if init is None else f"{init[1]}"
-    log(f"[{stage.name}] {cfg.num_params():,} parameters from {source}; "
-        f"{stage.train.steps} steps")
+@dataclasses.dataclass
+class _Pending:
+  """A dispatched step whose metrics the host has not read yet."""
+  step: int
+  metrics: dict
+  shape: tuple[int, int, int]
+  data_state: dict  # the data iterators' state after this step's batch
 
-  step_fn = _planned_step(runner, planned)
-  evaluator = None
-  if stage.eval.every_steps:
+
+class _NonFinite(Exception):
+  def __init__(self, record: StepRecord, good_step: int, good_data: dict):
+    super().__init__(record.step)
+    self.record, self.good_step, self.good_data = record, good_step, good_data
+
+
+def _fetch(pending: _Pending) -> StepRecord:
+  m = {k: float(v) for k, v in jax.device_get(pending.metrics).items()}
+  return StepRecord(pending.step, m, *pending.shape)
+
+
+class _StepLoop:
+  """Steps start+1 … last with metrics read one step late; see the module docstring."""
+
+  def __init__(self, step_fn, loader: GlobalBatches, last: int, hooks: list[Hook],
+               preemption: Preemption):
+    self.step_fn, self.loader, self.last, self.preemption = step_fn, loader, last, preemption
+    self.lagged = [h for h in hooks if not h.needs_state]
+    self.synced = [h for h in hooks if h.needs_state]
+    self.pending: collections.deque[_Pending] = collections.deque()
+    self.stop = False
+    # XLA:CPU runs every emulated device's part of a program on one shared thread pool; with a
+    # second multi-device program queued, a device can block in its collective while the pool
+    # threads its peers need are taken, and the rendezvous times out. On CPU the next step is
+    # therefore dispatched only once the previous one is done (its batch is still built while
+    # that step runs, and its metrics are still read one step late).
+    self.serial = jax.devices()[0].platform == "cpu"
+
+  def __call__(self, state, start: int, ok):
+    """(state, the step reached, stopped early?). Raises _NonFinite; `self.state` is then the
+    last good step's state (the step's latch: train.step)."""
+    self.good = (start, self.loader.get_state())
+    self.state, step = state, start
+    while step < self.last:
+      batches, denominator, shape = next(self.loader)
+      if self.serial:
+        jax.block_until_ready((state, ok))
+      state, m = self.step_fn(state, batches, denominator, ok)
+      self.state = state  # the input was donated: this is the only live state
+      ok, step = m["applied"], step + 1
+      self.pending.append(_Pending(step, m, shape, self.loader.get_state()))
+      self.stop = self.stop or self.preemption.reached(step)
+      due = [h for h in self.synced if h.due(step, self.last)]
+      sync = self.stop or step == self.last or bool(due)
+      self._drain(keep=0 if sync else 1)
+      if self.stop and self.pending:  # a lagged hook asked: the step in flight is the last
+        self._drain(keep=0)
+      if self.pending:
+        continue
+      ctx = StepContext(self.record, self.last, state)
+      for hook in due:
+        hook.fn(ctx)
+      self.stop = self.stop or ctx.stop_requested
+      if self.stop and step < self.last:
+        return state, step, True
+    return state, step, False
+
+  def _drain(self, keep: int) -> None:
+    """Reads the metrics of all pending steps but the newest `keep`, runs the lagged hooks."""
+    while len(self.pending) > keep:
+      done = self.pending.popleft()
+      self.record = _fetch(done)
+      if not self.record.metrics["finite"]:
+        raise _NonFinite(self.record, *self.good)
+      self.good = (done.step, done.data_state)
+      ctx = StepContext(self.record, self.last)
+      for hook in self.lagged:
+        if hook.due(done.step, self.last):
+          hook.fn(ctx)
+      self.stop = self.stop or ctx.stop_requested
+
+
+class _StageRun:
+  """One stage: restore or initialise, the step loop with its hooks, then final/."""
+
+  def __init__(self, stage: StageSpec, mesh: Mesh, config, stage_dir: str, init, log,
+               preemption: Preemption, planned):
+    self.stage, self.mesh, self.config, self.dir, self.init = stage, mesh, config, stage_dir, init
+    self.log, self.preemption, self.planned = log, preemption, planned
+    self.ckpt_cfg = checkpoint_config(config)
+    self.final_dir = os.path.join(stage_dir, "final")
+    self.summary = StageSummary(stage.name, stage.train.steps)
+    self.saved: int | None = None
+
+  def __call__(self, extra_hooks: list[Hook]) -> StageSummary:
+    stage = self.stage
+    self.runner = runner = StageRunner(stage, self.mesh, int(self.config.seed), self.log)
+    layout = stage.attention.layout if stage.attention.impl is AttentionImpl.RING else None
+    self.loader = GlobalBatches(stage.data, stage.num_shards, self.mesh,
+                                stage.train.micro_batches, layout)
+    self.manager = ckpt.make_manager(os.path.join(self.dir, "checkpoints"),
+                                     self.ckpt_cfg.max_to_keep, self.ckpt_cfg.async_save)
+    start, state = self._start()
+    self.writer = metrics_lib.MetricsWriter(self.dir, resume_step=start, log=self.log)
+    hooks = self._hooks(start) + extra_hooks
+    loop = _StepLoop(_planned_step(runner, self.planned), self.loader, stage.train.steps, hooks,
+                     self.preemption)
+    began = time.perf_counter()
+    try:
+      state, step, stopped = loop(state, start, runner.first_ok())
+    except _NonFinite as bad:  # the latch kept the last good step's state (train.step)
+      self._save(bad.good_step, loop.state, bad.good_data, wait=True)
+      raise self._non_finite(bad) from None
+    finally:
+      for hook in hooks:
+        if hook.close is not None:
+          hook.close()
+      self.writer.close()
+      self.manager.wait_until_finished()
+    self.summary.seconds = time.perf_counter() - began
+    if stopped:
+      self._save(step, state, self.loader.get_state(), wait=True)
+      self.log(f"[{stage.name}] stopped at step {step}; checkpoint saved in "
+               f"{self.manager.directory}")
+      self.summary.preempted = True
+      return self.summary
+    return self._finish(state)
+
+  def _start(self):
+    """(step, state): the newest checkpoint that restores, else the stage's init."""
+    restored = ckpt.restore_latest(self.manager, self.runner.abstract_state, self.log)
+    if restored is not None:
+      step, state, data_states = restored
+      self.loader.set_state(data_states)
+      self.summary.resumed_from = self.saved = step
+      self.log(f"[{self.stage.name}] resumed at step {step} from {self.manager.directory}")
+      return step, state
+    init = self.init
+    params = self.runner.random_params() if init is None else self.runner.load_params(*init)
+    self.log(f"[{self.stage.name}] {self.runner.model_cfg.num_params():,} parameters from "
+             f"{'random init' if init is None else init[1]}; {self.stage.train.steps} steps")
+    return 0, self.runner.init_state(params)
+
+  def _hooks(self, start: int) -> list[Hook]:
+    train = self.stage.train
+    log_hook = metrics_lib.LogHook(self.stage, self.runner.model_cfg, self.writer, self.summary,
+                                   start)
+    hooks = [Hook("log", log_hook, every=1, close=log_hook.close)]
+    if self.stage.eval.every_steps:
+      hooks.append(self._eval_hook(log_hook))
+    hooks.append(Hook("checkpoint", lambda ctx: self._save(ctx.record.step, ctx.state,
+                                                           self.loader.get_state()),
+                      every=self.ckpt_cfg.every_steps, needs_state=True))
+    profile = profile_hook(os.path.join(self.dir, "profile"), train.profile_start,
+                           train.profile_steps, self.log)
+    return hooks + ([profile] if profile else [])
+
+  def _eval_hook(self, log_hook) -> Hook:
     from longctx.train.evaluate import Evaluator
-    evaluator = Evaluator(stage, cfg, mesh)
-  peak = metrics_lib.peak_flops_per_device(stage.train.peak_tflops_per_device)
-  bar = _progress(stage.train.steps, start_step, stage.name)
-  step = start_step
-  window_tokens, window_start, window_steps = 0, time.perf_counter(), 0
-  stage_start = time.perf_counter()
-  try:
-    while step < stage.train.steps:
-      batches, denominator, (micro, rows, length) = next(loader)
-      state, m = step_fn(state, batches, denominator)
-      m = jax.device_get(m)
-      if not m["finite"]:
-        raise FloatingPointError(
-            f"[{stage.name}] step {step + 1}: loss {float(m['loss'])}, grad norm "
-            f"{float(m['grad_norm'])} — not finite. The update was not applied; the last good "
-            f"checkpoint is step {manager.latest_step()} in {manager.directory}.")
-      step += 1
-      loss = float(m["loss"])
-      summary.first_loss = loss if summary.first_loss is None else summary.first_loss
-      summary.last_loss = loss
-      step_tokens = micro * rows * length  # slots, padding included
-      summary.tokens += step_tokens
-      window_tokens += step_tokens
-      window_steps += 1
-      if bar is not None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
-      evaluation = {}
-      if evaluator is not None and evaluator.due(step, stage.train.steps):
-        eval_start = time.perf_counter()
-        evaluation = evaluator(state.params)
-        window_start += time.perf_counter() - eval_start  # not part of tokens/s
-        if bar is not None:
-          bar.write(f"[{stage.name}] step {step}: " + ", ".join(
-              f"{k} {v:.4g}" for k, v in evaluation.items()))
-      if not (step % stage.train.log_every == 0 or step == stage.train.steps):
-        if evaluation:
-          writer.write(step, evaluation)
-      else:
-        elapsed = time.perf_counter() - window_start
-        record = {"loss": loss, "grad_norm": float(m["grad_norm"]),
-                  "learning_rate": float(m["learning_rate"]),
-                  "tokens_per_s": window_tokens / elapsed,
-                  "step_time_s": elapsed / window_steps, "seq_len": length}
-        achieved = window_tokens / elapsed * metrics_lib.flops_per_token(cfg, length)
-        record["tflops_per_device"] = achieved / jax.device_count() / 1e12
-        if peak:
-          record["mfu"] = achieved / (peak * jax.device_count())
-        record.update(metrics_lib.device_memory())
-        record.update(evaluation)
-        writer.write(step, record)
-        if bar is not None:
-          bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}")
-        window_tokens, window_start, window_steps = 0, time.perf_counter(), 0
-      if budget[0] is not None:
-        budget[0] -= 1
-      stop_now = budget[0] is not None and budget[0] <= 0
-      if preemption.any_process() or stop_now:
-        ckpt.save(manager, step, state, loader.get_state())
-        manager.wait_until_finished()
-        log(f"[{stage.name}] stopped at step {step}; checkpoint saved in {manager.directory}")
-        summary.preempted = True
-        return summary
-      if step % ckpt_cfg.every_steps == 0 or step == stage.train.steps:
-        ckpt.save(manager, step, state, loader.get_state())
-  finally:
-    if bar is not None:
-      bar.close()
-    writer.close()
-    manager.wait_until_finished()
-  summary.seconds = time.perf_counter() - stage_start
-  ckpt.save_final_params(final_dir, state.params, cfg, assets_from=init[1] if init else None)
-  manager.close()
-  stats = loader.example_stats()
-  skipped = {k: v for k, v in stats.items() if v and k in ("truncated", "dropped", "skipped",
-                                                          "no_target")}
-  log(f"[{stage.name}] done: loss {summary.first_loss:.4f} -> {summary.last_loss:.4f}; "
-      f"{summary.tokens:,} tokens in {summary.seconds:.1f} s; final weights in {final_dir}"
-      + (f"; examples not used as-is: {skipped} of {stats.get('examples', 0)}" if skipped else ""))
-  return summary
+    evaluator = Evaluator(self.stage, self.runner.model_cfg, self.mesh)
 
+    def fn(ctx: StepContext) -> None:
+      began = time.perf_counter()
+      results = evaluator(ctx.state.params)
+      log_hook.pause(time.perf_counter() - began)  # not part of tokens/s
+      self.writer.write(ctx.record.step, results)
+      log_hook.say(f"[{self.stage.name}] step {ctx.record.step}: " + ", ".join(
+          f"{k} {v:.4g}" for k, v in results.items()))
+    return Hook("eval", fn, every=self.stage.eval.every_steps, needs_state=True)
 
-def _truncate_metrics(path: str, step: int) -> None:
-  """Drop lines logged after the restored step (they are re-run)."""
-  path = epath.Path(path)
-  if jax.process_index() != 0 or not path.exists():
-    return
-  lines = [line for line in path.read_text().splitlines()
-           if line.strip() and json.loads(line)["step"] <= step]
-  path.write_text("".join(line + "\n" for line in lines))
+  def _save(self, step: int, state, data_state: dict, wait: bool = False) -> None:
+    if step > 0 and step != self.saved:
+      ckpt.save(self.manager, step, state, data_state)
+      self.saved = step
+    if wait:
+      self.manager.wait_until_finished()
+
+  def _non_finite(self, bad: _NonFinite) -> NonFiniteLossError:
+    m, name, step = bad.record.metrics, self.stage.name, bad.record.step
+    where = None if not self.saved else os.path.join(os.fspath(self.manager.directory),
+                                                     str(self.saved))
+    lr = checks.flag(self.config, name, "train.learning_rate")
+    if where:
+      kept = (f"The last good state, step {self.saved}, is saved in {where}. To resume from "
+              f"it, rerun the same command with a lower learning rate, e.g. "
+              f"{lr}={self.stage.train.learning_rate / 2:g}")
+    else:
+      kept = ("No step before it was applied, so nothing was saved; a rerun starts the stage "
+              f"from its start (e.g. with a lower learning rate, {lr}=…)")
+    return NonFiniteLossError(
+        f"[{name}] step {step}: loss {m['loss']}, grad norm {m['grad_norm']} — not finite; the "
+        f"update was not applied and the run stopped. {kept} (a resumed run accepts changes "
+        f"to {checks.resumable_changes()}).", step, m["loss"], m["grad_norm"], where)
+
+  def _finish(self, state) -> StageSummary:
+    s, name = self.summary, self.stage.name
+    ckpt.save_final_params(self.final_dir, state.params, self.runner.model_cfg,
+                           assets_from=self.init[1] if self.init else None)
+    self.manager.close()
+    stats = self.loader.example_stats()
+    skipped = {k: v for k, v in stats.items()
+               if v and k in ("truncated", "dropped", "skipped", "no_target")}
+    ran = ("no step left to run (resumed at the last step)" if s.first_loss is None else
+           f"loss {s.first_loss:.4f} -> {s.last_loss:.4f}; {s.tokens:,} tokens in "
+           f"{s.seconds:.1f} s")
+    self.log(f"[{name}] done: {ran}; final weights in {self.final_dir}"
+             + (f"; examples not used as-is: {skipped} of {stats.get('examples', 0)}"
+                if skipped else ""))
+    return s

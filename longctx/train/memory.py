@@ -138,7 +138,8 @@ def plan_stage(stage: StageSpec, mesh, seed: int = 0, *, length: int | None = No
     stage = _replace(stage, "model", dtype="float16")
   runner = StageRunner(stage, mesh, seed, log=log)
   batches, denominator = runner.abstract_batch()
-  lowered = runner.compiled_step().lower(runner.abstract_state, batches, denominator)
+  lowered = runner.compiled_step().lower(runner.abstract_state, batches, denominator,
+                                           runner.abstract_ok())
   temporaries: list = []
   if report:
     compiled, temporaries = _compile_with_report(lowered)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 from typing import Any
 
 import jax
@@ -57,29 +58,42 @@ def device_memory() -> dict[str, float]:
 
 
 class MetricsWriter:
-  """metrics.jsonl and TensorBoard event files under `directory`, process 0 only."""
+  """metrics.jsonl and TensorBoard event files under `directory`, process 0 only.
 
-  def __init__(self, directory: str):
+  Each record is one JSON line, appended and flushed as it is written. `resume_step`: the step
+  a resumed stage restarts after; lines logged after it (they are re-run) and a partial last
+  line (a kill mid-write) are dropped first, and the repair is reported through `log`.
+  Object stores (gs://…) cannot append, so there the file is rewritten whole on each record.
+  """
+
+  def __init__(self, directory: str, resume_step: int | None = None, log=print):
     self.enabled = jax.process_index() == 0
     self._tb = None
     self.path = epath.Path(directory) / "metrics.jsonl"
+    self._append = "://" not in os.fspath(directory)
     self._lines: list[str] = []
-    if self.enabled:
-      self.path.parent.mkdir(parents=True, exist_ok=True)
-      if self.path.exists():  # a resumed stage (already truncated to the restored step)
-        self._lines = [x for x in self.path.read_text().splitlines() if x.strip()]
-      try:
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.fspath(epath.Path(directory) / "tensorboard"))
-      except ImportError:  # optional: metrics.jsonl is always written
-        self._tb = None
+    if not self.enabled:
+      return
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    if self.path.exists():
+      self._lines = _kept_lines(self.path, resume_step, log)
+      self.path.write_text("".join(line + "\n" for line in self._lines))
+    try:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.fspath(epath.Path(directory) / "tensorboard"))
+    except ImportError:  # optional: metrics.jsonl is always written
+      self._tb = None
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if not self.enabled:
       return
-    # Rewritten whole (small) rather than appended: object stores such as gs:// cannot append.
-    self._lines.append(json.dumps({"step": step, **metrics}))
-    self.path.write_text("".join(line + "\n" for line in self._lines))
+    line = json.dumps({"step": step, **metrics})
+    if self._append:
+      with open(os.fspath(self.path), "a") as f:
+        f.write(line + "\n")
+    else:
+      self._lines.append(line)
+      self.path.write_text("".join(x + "\n" for x in self._lines))
     if self._tb is not None:
       for k, v in metrics.items():
         if isinstance(v, (int, float)):
@@ -91,11 +105,98 @@ class MetricsWriter:
       self._tb.close()
 
 
+def _kept_lines(path: epath.Path, resume_step: int | None, log) -> list[str]:
+  """The lines of an existing metrics.jsonl up to `resume_step` (all, if None); a line that does
+  not parse is dropped and reported (only the last can be partial: a kill mid-append)."""
+  kept, dropped, later = [], [], 0
+  for number, line in enumerate(path.read_text().splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+      dropped.append(number)
+      continue
+    if resume_step is None or step <= resume_step:
+      kept.append(line)
+    else:
+      later += 1
+  if dropped:
+    log(f"{path}: dropped {len(dropped)} unreadable line(s) (line {dropped}; a partial write)")
+  if later:
+    log(f"{path}: dropped {later} record(s) after step {resume_step}, which is re-run")
+  return kept
+
+
+class LogHook:
+  """The logging hook of a stage (train.hooks, called once per step's record, one step late):
+  the progress bar, the summary's losses and tokens, and every `train.log_every` steps (and at
+  the last) a metrics.jsonl record with tokens/s, step time, TFLOP/s (MFU) and device memory
+  over the steps since the previous record."""
+
+  def __init__(self, stage, model_cfg: ModelConfig, writer: MetricsWriter, summary, start: int):
+    self.every, self.cfg, self.writer, self.summary = stage.train.log_every, model_cfg, writer, summary
+    self.peak = peak_flops_per_device(stage.train.peak_tflops_per_device)
+    self.bar = None
+    if jax.process_index() == 0:
+      from tqdm.auto import tqdm
+      self.bar = tqdm(total=stage.train.steps, initial=start, desc=stage.name, dynamic_ncols=True,
+                      leave=True)
+    self._window(time.perf_counter())
+
+  def _window(self, now: float) -> None:
+    self.tokens, self.steps, self.began = 0, 0, now
+
+  def pause(self, seconds: float) -> None:
+    """Host time (evaluation) not to count in tokens/s."""
+    self.began += seconds
+
+  def say(self, text: str) -> None:
+    if self.bar is not None:
+      self.bar.write(text)
+
+  def __call__(self, ctx) -> None:
+    r, s = ctx.record, self.summary
+    loss = r.metrics["loss"]
+    s.first_loss = loss if s.first_loss is None else s.first_loss
+    s.last_loss = loss
+    s.tokens += r.tokens
+    self.tokens, self.steps = self.tokens + r.tokens, self.steps + 1
+    if self.bar is not None:
+      self.bar.update(1)
+    if not (r.step % self.every == 0 or r.step == ctx.last_step):
+      return
+    now = time.perf_counter()
+    elapsed = max(now - self.began, 1e-9)
+    record = {"loss": loss, "grad_norm": r.metrics["grad_norm"],
+              "learning_rate": r.metrics["learning_rate"], "tokens_per_s": self.tokens / elapsed,
+              "step_time_s": elapsed / self.steps, "seq_len": r.length}
+    achieved = self.tokens / elapsed * flops_per_token(self.cfg, r.length)
+    record["tflops_per_device"] = achieved / jax.device_count() / 1e12
+    if self.peak:
+      record["mfu"] = achieved / (self.peak * jax.device_count())
+    record.update(device_memory())
+    self.writer.write(r.step, record)
+    if self.bar is not None:
+      self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+    self._window(now)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
 def read_metrics(directory: str) -> list[dict[str, Any]]:
   path = epath.Path(directory) / "metrics.jsonl"
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  records = []
+  for line in path.read_text().splitlines():
+    try:
+      records.append(json.loads(line))
+    except ValueError:  # blank, or a partial last line of a killed run (repaired on resume)
+      continue
+  return records
 
 
 def plot_losses(workdir: str, stages: list[str], path: str | None = None) -> str | None:

@@ -152,8 +152,8 @@ class StageRunner:
         from longctx.model import lora
         params, _ = lora.merge_lora(params, load_config(path))
     if self.stage.lora.enabled:
-      from longctx.model import lora
-      params = lora.add_lora_params(params, self.model_cfg, jax.random.PRNGKey(self.seed + 1))
+      from longctx.model.lora_params import add_lora_params
+      params = add_lora_params(params, self.model_cfg, jax.random.PRNGKey(self.seed + 1))
       params = jax.device_put(params, self.param_shardings)
     return params
 
@@ -196,9 +196,9 @@ class StageRunner:
     device_opt = self.device_state_shardings.opt_state
     host_opt = self.state_shardings.opt_state
 
-    def offloaded(state, batches, denominator):
+    def offloaded(state, batches, denominator, ok):
       state = state.replace(opt_state=jax.device_put(state.opt_state, device_opt))
-      state, metrics = step(state, batches, denominator)
+      state, metrics = step(state, batches, denominator, ok)
       return state.replace(opt_state=jax.device_put(state.opt_state, host_opt)), metrics
     return offloaded
 
@@ -206,8 +206,15 @@ class StageRunner:
     replicated = NamedSharding(self.mesh, P())
     return jax.jit(self.step_fn(), in_shardings=(self.state_shardings,
                                                  step_batch_sharding(self.mesh),
-                                                 step_rows_sharding(self.mesh)),
+                                                 step_rows_sharding(self.mesh), replicated),
                    out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+
+  def first_ok(self) -> jax.Array:
+    """The `ok` input of a stage's first step (train.step.make_train_step)."""
+    return jax.device_put(jnp.int32(1), NamedSharding(self.mesh, P()))
+
+  def abstract_ok(self) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(self.mesh, P()))
 
   def abstract_batch(self, length: int | None = None):
     """(batches, denominator) as ShapeDtypeStructs of one step at `length` (default max_len)."""

@@ -10,6 +10,11 @@ Parameters are float32 masters; the model computes in its config dtype. Only the
 part of the parameters (all of them, or LongLoRA's LoRA + embedding + norms) is differentiated
 and has optimizer state. A non-finite loss or gradient leaves the state unchanged and is
 reported in the metrics (`finite` = 0), so the loop can stop with the last good state.
+
+The step also takes `ok`, the previous step's `applied` metric, still on the device: once a
+step is not applied, no later one is either. The loop reads metrics one step late (the next
+step is already queued when it sees a non-finite loss), and this latch keeps the state at the
+last good step until then.
 """
 from __future__ import annotations
 
@@ -124,22 +129,24 @@ def make_loss_and_grads(numerator_fn: NumeratorFn, grad_shardings=None):
 
 def make_train_step(numerator_fn: NumeratorFn, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, grad_shardings=None):
-  """train_step(state, batches, denominator) -> (state, metrics); pure, jit it with shardings."""
+  """train_step(state, batches, denominator, ok) -> (state, metrics); pure, jit it with
+  shardings. ok: int32 scalar, the previous step's metrics["applied"] (1 for the first)."""
   loss_and_grads = make_loss_and_grads(numerator_fn, grad_shardings)
 
-  def train_step(state: TrainState, batches: dict, denominator_KB: jax.Array):
+  def train_step(state: TrainState, batches: dict, denominator_KB: jax.Array, ok: jax.Array):
     loss, grads = loss_and_grads(state.trainable, state.frozen, batches, denominator_KB)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    applied = finite & (ok > 0)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     keep = lambda new, old: jax.tree.map(  # noqa: E731
-        lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = state.replace(step=state.step + finite.astype(jnp.int32),
+        lambda n, o: jnp.where(applied, n, o), new, old)
+    new_state = state.replace(step=state.step + applied.astype(jnp.int32),
                               trainable=keep(trainable, state.trainable),
                               opt_state=keep(opt_state, state.opt_state))
     metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
-               "finite": finite.astype(jnp.int32)}
+               "finite": finite.astype(jnp.int32), "applied": applied.astype(jnp.int32)}
     return new_state, metrics
 
   return train_step
