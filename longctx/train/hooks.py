@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import signal
-import time
 from typing import Any, Callable
 
 import jax
@@ -119,20 +118,20 @@ def profile_hook(directory: str, start: int, steps: int, log) -> Hook | None:
   profile plugin or Perfetto read it); None when start is 0."""
   if start <= 0 or steps <= 0:
     return None
-  active = []
+  tracing = [False]
 
   def fn(ctx: StepContext) -> None:
     step = ctx.record.step
-    if step == start and not active:
+    if step == start and not tracing[0]:
       jax.profiler.start_trace(directory)
-      active.append(time.perf_counter())
-    elif active and (step >= start + steps or step == ctx.last_step):
+      tracing[0] = True
+    elif tracing[0] and (step >= start + steps or step == ctx.last_step):
       jax.profiler.stop_trace()
       log(f"profile of steps {start + 1}-{step} in {directory}")
-      active.clear()
+      tracing[0] = False
 
   def close() -> None:
-    if active:
+    if tracing[0]:
       jax.profiler.stop_trace()
-      active.clear()
+      tracing[0] = False
   return Hook("profile", fn, every=1, close=close)
