@@ -6,10 +6,16 @@ hybrid) and S²-Attn.
                                      strategy="ring")
 
 q: [B, L, Hq, D]; k, v: [B, L, Hkv, D] (Hq % Hkv == 0); segment_ids: [B, L] int32, 0 = padding.
-See DESIGN.md contract 3.
+A model's attention function comes from one typed `AttentionSpec` (spec.py):
+
+    attend = AttentionSpec(strategy="all_gather", layout="zigzag").function(mesh)
+    out = attend(q, k, v, segment_ids, positions)
+
+See docs/DESIGN.md contract 3.
 """
 from longctx.attention.all_gather import all_gather_attention
 from longctx.attention.blockwise import merge_partials
+from longctx.attention.kernels.base import Kernel
 from longctx.attention.local import blockwise_attention, blockwise_attention_with_lse
 from longctx.attention.layouts import (Layout, original_index, permute, permute_batch, unpermute,
                                        unpermute_batch)
@@ -18,11 +24,13 @@ from longctx.attention.ring import ring_attention
 from longctx.attention.shifted_sparse import (context_parallel_shifted_sparse_attention,
                                               s2_dense_attention, shifted_sparse_attention,
                                               shifted_sparse_ring_attention)
+from longctx.attention.spec import AttentionFn, AttentionImpl, AttentionSpec, Tiles
 from longctx.attention.strategies import Strategy, context_parallel_attention
 from longctx.attention.ulysses import hybrid_attention, ulysses_attention
 
 __all__ = [
-    "Layout", "MaskSpec", "Strategy", "all_gather_attention", "blockwise_attention",
+    "AttentionFn", "AttentionImpl", "AttentionSpec", "Kernel", "Layout", "MaskSpec", "Strategy",
+    "Tiles", "all_gather_attention", "blockwise_attention",
     "blockwise_attention_with_lse", "context_parallel_attention",
     "context_parallel_shifted_sparse_attention", "dense_attention", "dense_attention_with_lse",
     "hybrid_attention", "merge_partials", "original_index", "permute", "permute_batch",

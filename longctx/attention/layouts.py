@@ -8,15 +8,16 @@ tokens, which is all the ring needs to mask exactly as the dense reference does.
 """
 from __future__ import annotations
 
-import enum
 from typing import Mapping, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from longctx.attention.names import Name
 
-class Layout(enum.Enum):
+
+class Layout(Name):
   """Which tokens each device of the ring holds."""
   CONTIGUOUS = "contiguous"  # device p: tokens [p·C, (p+1)·C)
   ZIGZAG = "zigzag"          # 2P chunks; device p: chunks p and 2P−1−p (causal balance)

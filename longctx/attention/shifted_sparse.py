@@ -102,3 +102,57 @@ def context_parallel_shifted_sparse_attention(q_BLHD, k_BLKD, v_BLKD, segment_id
 
   return run_context_parallel(local, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, mesh=mesh,
                               axis=axis, layout=layout, check_vma=check_vma(blocks.get("kernel")))
+
+
+# ---- S²-Attn on positions: what the attention spec (spec.py) runs --------------------------------
+#
+# Groups are taken on `positions`: group(t) = (positions[t] + shift) // G, so a packed document is
+# split into groups from its own start, exactly as if it were alone in its row (the natural-order
+# index would cut it at row offsets). For an unpacked row positions are 0..L−1 and this is
+# `s2_dense_attention`'s mask. Causal only: within a document positions increase with the token
+# index and segment ids keep documents apart, so positions serve as the mask index in any order.
+
+def at_positions(spec):
+  """S²-Attn on one device for an `AttentionSpec` with s2_group > 0, rows in natural order:
+  fn(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, positions_BL), blockwise with the tiles outside
+  the groups skipped."""
+  import functools
+
+  from longctx.attention.local import tiled_attention
+  from longctx.attention.reference import check_inputs, default_scale
+  from longctx.attention.tiles import TokenMeta, fitted_tiles, tile_config
+
+  def fn(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, positions_BL):
+    check_inputs(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
+    if positions_BL.shape != q_BLHD.shape[:2]:
+      raise ValueError(f"positions must be [B, L] = {q_BLHD.shape[:2]}; got {positions_BL.shape}")
+    l, d = q_BLHD.shape[1], q_BLHD.shape[3]
+    seg = jnp.ones(q_BLHD.shape[:2], jnp.int32) if segment_ids_BL is None else segment_ids_BL
+    meta = TokenMeta(positions_BL.astype(jnp.int32), seg.astype(jnp.int32))
+
+    def half(q, k, v, mask):
+      tiles = functools.partial(tile_config, mask, default_scale(d, None), **spec.local_kwargs(),
+                                group=q.shape[2] // k.shape[2])
+      return tiled_attention(fitted_tiles(l, tiles, "S²-Attn"), q, k, v, meta)[0]
+    return apply_s2(half, q_BLHD, k_BLKD, v_BLKD, group_size=spec.s2_group, causal=True)
+  return fn
+
+
+def s2_local(attend, q_BCHD, k_BCKD, v_BCKD, seg_BC, pos_BC, *, length, group_size,
+             head_axis=None, heads=1):
+  """S²-Attn on local chunks inside `jax.shard_map`, over any strategy's per-device function
+  attend(mask_spec, q, k, v, segment_ids, index); groups on positions (may straddle chunks).
+
+  heads: devices on `head_axis` (tensor parallelism). With 1, each device splits its heads in
+  the two S² halves. With T > 1 (even), every device holds heads of one half only: the first
+  T/2 the plain half, the others the shifted one, whose shift is added to the mask index —
+  groups and causal order depend only on index differences and index + shift.
+  """
+  import jax
+
+  if heads == 1:
+    return apply_s2(lambda q, k, v, mask: attend(mask, q, k, v, seg_BC, pos_BC),
+                    q_BCHD, k_BCKD, v_BCKD, group_size=group_size, causal=True, length=length)
+  shift = jax.lax.select(jax.lax.axis_index(head_axis) >= heads // 2, group_size // 2, 0)
+  index_BC = pos_BC + shift.astype(pos_BC.dtype)
+  return attend(MaskSpec(True, group_size, 0), q_BCHD, k_BCKD, v_BCKD, seg_BC, index_BC)

@@ -21,14 +21,14 @@ concatenates, in u order, exactly ring chunk r of the layout: [r·U·C, (r+1)·U
 from __future__ import annotations
 
 import dataclasses
-import enum
 import functools
 from typing import Callable, Union
 
 from longctx.attention.layouts import LayoutLike, run_context_parallel, sequence_axes
+from longctx.attention.names import Name
 
 
-class Strategy(enum.Enum):
+class Strategy(Name):
   """How attention over one sequence is split across devices (see the module docstring)."""
   RING = "ring"
   ALL_GATHER = "all_gather"

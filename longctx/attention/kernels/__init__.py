@@ -29,7 +29,7 @@ depends on the device and the step).
 """
 from __future__ import annotations
 
-from longctx.attention.kernels.base import (KERNELS, block_mask, check_kernel,  # noqa: F401
+from longctx.attention.kernels.base import (KERNELS, Kernel, block_mask, check_kernel,  # noqa: F401
                                            check_vma, interpret, out_struct)
 
 
@@ -77,5 +77,5 @@ def pair_backward(cfg, q_BCHD, k_BSKD, v_BSKD, do_BCHD, lse_BCH, delta_BCH, mq, 
   return query_backward(cfg, q_BCHD, do_BCHD, lse_BCH, delta_BCH, mq)(k_BSKD, v_BSKD, mk)
 
 
-__all__ = ["KERNELS", "block_mask", "check_kernel", "check_vma", "interpret", "out_struct",
-           "pair_backward", "pair_forward", "query_backward", "query_forward"]
+__all__ = ["KERNELS", "Kernel", "block_mask", "check_kernel", "check_vma", "interpret",
+           "out_struct", "pair_backward", "pair_forward", "query_backward", "query_forward"]

@@ -4,29 +4,43 @@ Pallas kernels and the dispatch in kernels/__init__.py all build on it.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import jax
 
-KERNELS = ("blockwise", "pallas_gpu", "pallas_tpu")
-_PLATFORMS = {"pallas_gpu": ("gpu", "cuda", "rocm"), "pallas_tpu": ("tpu",)}
+from longctx.attention.names import Name
+
+
+class Kernel(Name):
+  """The registry of inner kernels (a `Name`: a Kernel equals, and formats as, its name)."""
+  BLOCKWISE = "blockwise"    # pure-JAX tiled online softmax; every platform
+  PALLAS_GPU = "pallas_gpu"  # Pallas (Triton) FlashAttention-2
+  PALLAS_TPU = "pallas_tpu"  # Pallas (Mosaic) flash kernels
+
+
+KERNELS = tuple(Kernel)
+_PLATFORMS = {Kernel.PALLAS_GPU: ("gpu", "cuda", "rocm"), Kernel.PALLAS_TPU: ("tpu",)}
 _PLANNED = {"cudnn": "jax.nn.dot_product_attention does not return the lse the ring merges",
             "splash": "splash attention's masks are static; a ring step's mask is not (use "
                       "pallas_tpu)"}
 
 
-def check_kernel(name: Optional[str]) -> str:
-  """The kernel name, validated (None = "blockwise"). Raises ValueError for an unknown name and
+def check_kernel(name: Optional[Union[str, Kernel]]) -> Kernel:
+  """The Kernel of a name (None = BLOCKWISE). Raises ValueError for an unknown name and
   NotImplementedError for a planned kernel that does not exist yet."""
   if name is None:
-    return "blockwise"
-  name = str(name).lower()
-  if name in KERNELS:
+    return Kernel.BLOCKWISE
+  if isinstance(name, Kernel):
     return name
+  name = str(name).lower()
+  try:
+    return Kernel(name)
+  except ValueError:
+    pass
+  names = [k.value for k in Kernel]
   if name in _PLANNED:
-    raise NotImplementedError(f"attention kernel {name!r}: {_PLANNED[name]}; available: "
-                              f"{list(KERNELS)}")
-  raise ValueError(f"unknown attention kernel {name!r}; expected one of {list(KERNELS)}")
+    raise NotImplementedError(f"attention kernel {name!r}: {_PLANNED[name]}; available: {names}")
+  raise ValueError(f"unknown attention kernel {name!r}; expected one of {names}")
 
 
 def block_mask(spec, iq_Q1, sq_Q1, ik_1T, sk_1T):
