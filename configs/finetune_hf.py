@@ -32,7 +32,8 @@ def get_config(arg=None):
   config.init.path = ""  # required: --config.init.path=/models/SmolLM2-135M-Instruct
   config.model = model_section(from_init=True, dtype="float32", remat="full", mlp_chunk=256)
   config.mesh.data, config.mesh.seq = 2, 4
-  config.attention.impl, config.attention.layout = "ring", "zigzag"
+  config.attention.impl, config.attention.strategy, config.attention.layout = (
+      "context_parallel", "ring", "zigzag")
 
   config.data = default_data_config()
   config.data.tokenizer = "hf"

@@ -49,7 +49,8 @@ def get_config(arg=None):
       rope=dict(rope_type="default", theta=50_000_000.0),
       dtype="bfloat16", remat="full", remat_offload="layer_input", mlp_chunk=8192)
   config.mesh.data, config.mesh.fsdp, config.mesh.seq, config.mesh.tensor = 1, 1, 8, 1
-  config.attention.impl, config.attention.layout = "ring", "zigzag"
+  config.attention.impl, config.attention.strategy, config.attention.layout = (
+      "context_parallel", "ring", "zigzag")
 
   config.data = jsonl_section("/data/long_text/*.jsonl", "/models/Llama-2-7b-hf/tokenizer.model",
                               max_len=LENGTH)

@@ -61,7 +61,8 @@ def get_config(arg=None):
       rope=dict(rope_type="default", theta=2_000_000.0),  # LongAlign: base 10k x 200
       dtype="bfloat16", remat="full", mlp_chunk=8192)
   config.mesh.data, config.mesh.fsdp, config.mesh.seq, config.mesh.tensor = 1, 4, 2, 1
-  config.attention.impl, config.attention.layout = "ring", "zigzag"
+  config.attention.impl, config.attention.strategy, config.attention.layout = (
+      "context_parallel", "ring", "zigzag")
 
   config.data = jsonl_section(
       "/data/longalign/*.jsonl", "/models/LongAlign-7B-64k-base/tokenizer.model", max_len=65536,

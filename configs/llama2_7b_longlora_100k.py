@@ -69,7 +69,8 @@ def get_config(arg=None):
       dtype="bfloat16", remat="full", mlp_chunk=10240)
   config.mesh.data, config.mesh.fsdp, config.mesh.seq, config.mesh.tensor = 1, 4, 2, 1
   config.train.loss_chunk = 10240             # 51,200 tokens per device in 5 chunks
-  config.attention.impl, config.attention.layout = "ring", "zigzag"
+  config.attention.impl, config.attention.strategy, config.attention.layout = (
+      "context_parallel", "ring", "zigzag")
 
   config.lora.enabled = True
   config.lora.rank, config.lora.alpha = 8, 16.0

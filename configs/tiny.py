@@ -25,7 +25,8 @@ def get_config(arg=None):
       num_kv_heads=2, head_dim=16, max_position_embeddings=4096,
       rope=dict(rope_type="default", theta=10000.0), dtype="float32", remat="none")
   config.mesh.data, config.mesh.seq = 2, 4
-  config.attention.impl, config.attention.layout = "ring", "zigzag"
+  config.attention.impl, config.attention.strategy, config.attention.layout = (
+      "context_parallel", "ring", "zigzag")
   config.attention.block_q = config.attention.block_k = 256
 
   config.data = default_data_config()

@@ -96,7 +96,8 @@ def get_config(arg=None):
       rope=dict(rope_type="default", theta=10000.0), tie_word_embeddings=False,
       bos_token_id=2, eos_token_id=3, dtype="bfloat16", remat="full", mlp_chunk=4096)
   config.mesh.data, config.mesh.fsdp, config.mesh.seq, config.mesh.tensor = 1, layout["fsdp"], 8, 1
-  config.attention.impl, config.attention.layout = "ring", "zigzag"
+  config.attention.impl, config.attention.strategy, config.attention.layout = (
+      "context_parallel", "ring", "zigzag")
 
   config.data = default_data_config()  # the top level is `abf`'s data (`data inspect` reads it)
   config.data.source.kind = "jsonl"

@@ -88,7 +88,7 @@ def test_eval_attention_memory_and_flags():
           < common.longest_fitting(TINY, 1, 8, budget, ring))
   with pytest.raises(ValueError, match="--attention: expected one of"):
     common.EvalAttention("flash")
-  with pytest.raises(ValueError, match="--seq=2: expected 1, or ≥ 1 devices with --attention=ring"):
+  with pytest.raises(ValueError, match=r"--seq=2: expected 1, or ≥ 1 devices with --attention in \['ring'"):
     common.EvalAttention("blockwise", seq=2)
   assert common.parse_rope("yarn,factor=2") == {"rope_type": "yarn", "factor": 2}
   assert common.parse_rope("theta=1e6") == {"theta": 1e6}

@@ -68,13 +68,15 @@ def test_text_generation_with_eos(tmp_path):
     SamplingConfig(max_new_tokens=0)
 
 
-def _mesh():
+def _mesh(devices=8):
   import jax
-  return jax.sharding.Mesh(np.array(jax.devices()), ("seq",))
+  return jax.sharding.Mesh(np.array(jax.devices()[:devices]), ("seq",))
 
 
-def test_ring_prefill_equals_single_device_prefill(tmp_path):
-  """Ring prefill on 8 emulated devices gives single-device prefill's logits within 1e-5."""
+@pytest.mark.parametrize("strategy,devices", [("ring", 8), ("all_gather", 8), ("ulysses", 4)])
+def test_ring_prefill_equals_single_device_prefill(tmp_path, strategy, devices):
+  """Context-parallel prefill (every strategy; Ulysses over 4 devices: the model has 4 heads)
+  gives single-device prefill's logits and cache within 1e-5."""
   import jax
   from longctx.eval.generate import ContextParallel, left_pad, prefill
   make_hf_model("gqa_yarn_bias").save_pretrained(tmp_path)
@@ -82,13 +84,13 @@ def test_ring_prefill_equals_single_device_prefill(tmp_path):
   rng = np.random.default_rng(2)
   prompts = [rng.integers(3, 97, n).tolist() for n in (70, 41)]
   tokens, positions, segments, _ = left_pad(prompts, multiple=16)
-  cp = ContextParallel(_mesh(), "seq", "zigzag")
+  cp = ContextParallel(_mesh(devices), "seq", "zigzag", strategy)
   run = jax.jit(prefill, static_argnums=(0, 5, 6))
   single, cache1 = run(model.module, model.params, tokens, positions, segments, 16, None)
   ring, cache8 = run(model.module, model.params, tokens, positions, segments, 16, cp)
   np.testing.assert_allclose(np.asarray(ring), np.asarray(single), atol=1e-5, rtol=0)
   from longctx.attention.layouts import Layout
-  inv = Layout.ZIGZAG.inverse(tokens.shape[1], 8)  # the ring's cache holds the prompt in layout order
+  inv = Layout.ZIGZAG.inverse(tokens.shape[1], devices)  # the ring's cache holds the prompt in layout order
   np.testing.assert_allclose(np.asarray(cache8.k_NBSKD)[:, :, inv],
                              np.asarray(cache1.k_NBSKD)[:, :, :tokens.shape[1]], atol=1e-5, rtol=0)
   assert cache8.k_NBSKD.sharding.spec[2] == "seq"  # slots stay spread over the devices

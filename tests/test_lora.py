@@ -14,7 +14,8 @@ import optax
 import pytest
 
 from longctx.attention import permute_batch, s2_dense_attention, unpermute
-from longctx.model import Llama, ModelConfig, attention_fns, init_params, lora
+from longctx.attention import AttentionSpec, Tiles
+from longctx.model import Llama, ModelConfig, init_params, lora
 from longctx.model.lora_params import add_lora_params
 
 CFG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
@@ -200,9 +201,9 @@ def _inputs(b=2, l=32, h=4, kh=2, d=8):
 
 
 @functools.lru_cache(maxsize=None)
-def _s2_case(packed: bool):
+def _s2_case(packed: bool, heads: int = 4):
   """(q, k, v, cotangent, segment ids, positions, oracle (out, dq, dk, dv))."""
-  q, k, v, ct = _inputs()
+  q, k, v, ct = _inputs(h=heads)
   seg, pos = _rows(packed)
   if packed:
     oracle = lambda q, k, v: _s2_oracle(q, k, v, seg, pos)  # noqa: E731
@@ -221,24 +222,26 @@ def _assert_close(want, got):
 @pytest.mark.parametrize("packed", [False, True], ids=["one_document", "packed"])
 def test_shifted_sparse_matches_dense_s2(packed):
   q, k, v, ct, seg, pos, want = _s2_case(packed)
-  fn = attention_fns.shifted_sparse(G, block_q=4, block_k=4)
+  fn = AttentionSpec(impl="blockwise", tiles=Tiles(4, 4), s2_group=G).function()
   got = jax.jit(lambda q, k, v: _value_and_grads(lambda q, k, v: fn(q, k, v, seg, pos),
                                                  q, k, v, ct))(q, k, v)
   _assert_close(want, got)
 
 
+@pytest.mark.parametrize("strategy", ["ring", "all_gather", "ulysses"])
 @pytest.mark.parametrize("split", ["data", "tensor"])
-def test_context_parallel_shifted_sparse_matches_dense_s2(split):
+def test_context_parallel_shifted_sparse_matches_dense_s2(split, strategy):
   """Packed rows (the oracle is `s2_dense_attention` per document) on mesh data=2 × seq=4 (rows
   split over data) or seq=4 × tensor=2 (heads split, one S² half per device), zigzag over seq:
-  shifted groups straddle the chunks."""
+  shifted groups straddle the chunks. Every strategy (Ulysses with 8 heads: it splits each
+  half's, or each device's, 4 heads over seq=4)."""
   names = ("data", "seq") if split == "data" else ("seq", "tensor")
   mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4) if split == "data" else
                            np.array(jax.devices()).reshape(4, 2), names)
-  q, k, v, ct, seg, pos, want = _s2_case(True)
-  fn = attention_fns.context_parallel_shifted_sparse(
-      mesh, "seq", group_size=G, block_q=2, block_k=2,
-      **({"batch_axes": "data"} if split == "data" else {"head_axis": "tensor"}))
+  q, k, v, ct, seg, pos, want = _s2_case(True, 8 if strategy == "ulysses" else 4)
+  spec = AttentionSpec(strategy=strategy, tiles=Tiles(2, 2), s2_group=G)
+  fn = spec.function(mesh, permuted=True,
+                     **({"batch_axes": "data"} if split == "data" else {"head_axis": "tensor"}))
 
   def permuted(q, k, v):
     b = permute_batch({"q": q, "k": k, "v": v, "seg": jnp.asarray(seg), "pos": jnp.asarray(pos)},
@@ -255,8 +258,9 @@ def test_s2_in_the_model_ring_equals_one_device(base):
   mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "seq"))
   seg, pos = _rows(True)
   tokens = np.random.default_rng(5).integers(0, 61, (2, 32)).astype(np.int32)
-  one = _apply(LCFG, params, tokens, pos, seg, attention_fns.shifted_sparse(G))
-  ring = attention_fns.context_parallel_shifted_sparse(mesh, group_size=G, batch_axes="data")
+  one = _apply(LCFG, params, tokens, pos, seg,
+               AttentionSpec(impl="blockwise", s2_group=G).function())
+  ring = AttentionSpec(s2_group=G).function(mesh, permuted=True, batch_axes="data")
   b = permute_batch({"t": jnp.asarray(tokens), "p": jnp.asarray(pos), "s": jnp.asarray(seg)},
                     "zigzag", 4)
   logits = _apply(LCFG, params, b["t"], b["p"], b["s"], ring)

@@ -119,14 +119,14 @@ def test_ring_attention_in_the_model_equals_dense(params, permuted):
   permuted=True is the trainer's path: the whole batch is put in the zigzag layout once and the
   ring uses positions as its mask index."""
   from longctx.attention import permute_batch, unpermute
-  from longctx.model import attention_fns
+  from longctx.attention import AttentionSpec
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("seq",))
   rng = np.random.default_rng(4)
   batch = {"inputs": rng.integers(0, 61, (2, 64)).astype(np.int32),
            "segment_ids": np.repeat(np.array([[1] * 30 + [2] * 26 + [0] * 8]), 2, 0).astype(np.int32),
            "positions": np.repeat(np.array([list(range(30)) + list(range(26)) + [0] * 8]), 2,
                                   0).astype(np.int32)}
-  ring = attention_fns.context_parallel(mesh, "seq", "zigzag", permuted=permuted)
+  ring = AttentionSpec(strategy="ring", layout="zigzag").function(mesh, permuted=permuted)
   if permuted:
     batch_in = permute_batch({k: jnp.asarray(v) for k, v in batch.items()}, "zigzag", 8)
   else:

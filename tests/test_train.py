@@ -15,7 +15,8 @@ import pytest
 
 from longctx.parallel.mesh import make_mesh
 from longctx.train import checks, loop
-from longctx.train.config import AttentionConfig, AttentionImpl, read_stages
+from longctx.attention import AttentionSpec, Tiles
+from longctx.train.config import read_stages
 from longctx.train.data import GlobalBatches
 from longctx.train.metrics import read_metrics
 from longctx.train.step import make_loss_and_grads
@@ -54,15 +55,15 @@ def _losses(workdir, stage):
           if "loss" in r]
 
 
-def _grads_on(mesh_sizes, attention, micro_batches=1, rows=8):
+def _grads_on(mesh_sizes, attention, micro_batches=1, rows=8, model=()):
   config = tiny_config({"data.num_shards": 2, "data.batch_size": rows // 2,
-                        "train.micro_batches": micro_batches})
+                        "train.micro_batches": micro_batches, **dict(model)})
   stage = read_stages(config)[0]
   stage = dataclasses.replace(stage, attention=attention)
   mesh = make_mesh(mesh_sizes)
   runner = loop.StageRunner(stage, mesh, seed=0, log=lambda *_: None)
   params = runner.random_params()
-  layout = attention.layout if attention.impl is AttentionImpl.RING else None
+  layout = attention.batch_layout
   batches, denominator, _ = next(GlobalBatches(stage.data, stage.num_shards, mesh,
                                                micro_batches, layout))
   fn = jax.jit(make_loss_and_grads(runner.numerator_fn))
@@ -70,10 +71,17 @@ def _grads_on(mesh_sizes, attention, micro_batches=1, rows=8):
   return float(loss), jax.device_get(grads), (batches, denominator, runner, params)
 
 
-@functools.lru_cache(maxsize=1)
-def _reference_grads():
-  """The data=8 mesh with dense attention."""
-  return _grads_on({"data": 8}, AttentionConfig(AttentionImpl.DENSE))[:2]
+@functools.lru_cache(maxsize=2)
+def _reference_grads(model=()):
+  """The data=8 mesh with dense attention (model: config overrides, as (key, value) pairs)."""
+  return _grads_on({"data": 8}, AttentionSpec(impl="dense"), model=model)[:2]
+
+
+def _assert_same(loss, grads, ref_loss, ref_grads):
+  assert abs(loss - ref_loss) <= 1e-5
+  ref = dict(jax.tree_util.tree_leaves_with_path(ref_grads))
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    np.testing.assert_allclose(g, ref[path], rtol=0, atol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.mark.parametrize("mesh_sizes,layout", [
@@ -81,12 +89,20 @@ def _reference_grads():
     ({"seq": 8}, "contiguous"), ({"tensor": 2, "seq": 4}, "zigzag"),
 ])
 def test_loss_and_grads_do_not_depend_on_mesh_or_layout(mesh_sizes, layout):
-  ref_loss, ref_grads = _reference_grads()
-  loss, grads, _ = _grads_on(mesh_sizes, AttentionConfig(AttentionImpl.RING, layout, 64, 64))
-  assert abs(loss - ref_loss) <= 1e-5
-  for path, g in jax.tree_util.tree_leaves_with_path(grads):
-    ref = dict(jax.tree_util.tree_leaves_with_path(ref_grads))[path]
-    np.testing.assert_allclose(g, ref, rtol=0, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+  loss, grads, _ = _grads_on(mesh_sizes, AttentionSpec(layout=layout, tiles=Tiles(64, 64)))
+  _assert_same(loss, grads, *_reference_grads())
+
+
+@pytest.mark.parametrize("strategy", ["all_gather", "ulysses"])
+@pytest.mark.parametrize("mesh_sizes", [{"data": 2, "seq": 4}, {"seq": 8}], ids=["2x4", "8"])
+def test_every_strategy_gives_the_same_loss_and_grads(strategy, mesh_sizes):
+  """The ring's invariance above, for the other strategies (Ulysses on seq=8 with an 8-head
+  model: it splits the heads over the devices)."""
+  model = (("model.num_heads", 8),) if strategy == "ulysses" and mesh_sizes.get("seq") == 8 \
+      else ()
+  loss, grads, _ = _grads_on(mesh_sizes, AttentionSpec(strategy=strategy, tiles=Tiles(64, 64)),
+                             model=model)
+  _assert_same(loss, grads, *_reference_grads(model))
 
 
 def test_pallas_kernel_in_the_trainer(monkeypatch):
@@ -101,27 +117,37 @@ def test_pallas_kernel_in_the_trainer(monkeypatch):
         calls.append(_n), _fn(*a, **k))[1])
   ref_loss, ref_grads = _reference_grads()
   with pytest.warns(UserWarning, match="Pallas' interpreter"):
-    loss, grads, _ = _grads_on({"data": 2, "seq": 4}, AttentionConfig(
-        AttentionImpl.RING, "zigzag", block, block, kernel=kernel))
+    loss, grads, _ = _grads_on({"data": 2, "seq": 4}, AttentionSpec(
+        layout="zigzag", tiles=Tiles(block, block), kernel=kernel))
   assert set(calls) == {"forward_for", "backward_for"}
-  assert abs(loss - ref_loss) <= 1e-5
-  for path, g in jax.tree_util.tree_leaves_with_path(grads):
-    ref = dict(jax.tree_util.tree_leaves_with_path(ref_grads))[path]
-    np.testing.assert_allclose(g, ref, rtol=0, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+  _assert_same(loss, grads, ref_loss, ref_grads)
 
 
 def test_unknown_attention_kernel(tmp_path):
   with pytest.raises(ValueError, match="config attention.kernel: unknown attention kernel"):
     loop.run(tiny_config({"attention.kernel": "flash9000"}), str(tmp_path), log=lambda *_: None)
-  with pytest.raises(ValueError, match="attention.kernel='pallas_gpu' needs attention.impl='ring'"):
+  with pytest.raises(ValueError, match="attention.kernel='pallas_gpu' needs impl='context_par"):
     loop.run(tiny_config({"attention.kernel": "pallas_gpu", "attention.impl": "blockwise"}),
              str(tmp_path), log=lambda *_: None)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"attention.strategy": "ulysses", "mesh.seq": 8, "mesh.data": 1},
+     r"attention.strategy='ulysses' with mesh.seq=8: .*model.num_heads=4 = 4\) .* multiple of 8"),
+    ({"attention.strategy": "hybrid"}, "attention.strategy='hybrid': the trainer splits a row"),
+    ({"attention.strategy": "zigzag"}, "attention.strategy: expected one of 'ring', "),
+    ({"attention.impl": "ring", "attention.strategy": "all_gather"},
+     "impl='ring' with attention.strategy='all_gather'"),
+])
+def test_bad_strategy_names_the_keys(tmp_path, overrides, match):
+  with pytest.raises(ValueError, match=match):
+    loop.run(tiny_config(overrides), str(tmp_path), log=lambda *_: None)
 
 
 def test_micro_batches_do_not_change_loss_or_grads():
   """The same global batch as two micro-batches of 4 rows or one of 8 rows."""
   loss2, grads2, (batches, denominator, runner, params) = _grads_on(
-      {"data": 2, "seq": 4}, AttentionConfig(AttentionImpl.RING, "zigzag", 64, 64),
+      {"data": 2, "seq": 4}, AttentionSpec(layout="zigzag", tiles=Tiles(64, 64)),
       micro_batches=2, rows=4)
   one = {k: v.reshape((1, -1) + v.shape[2:]) for k, v in batches.items()}
   loss1, grads1 = jax.jit(make_loss_and_grads(runner.numerator_fn))(

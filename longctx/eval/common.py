@@ -2,8 +2,8 @@
 the memory limit on lengths, output files.
 
 Attention (`EvalAttention`): blockwise by default (tiles of 1024, memory O(P · tile)); `dense`
-is the O(P²) oracle; `ring` splits the prompt over `--seq` devices (the prefill and its KV cache
-sharded along the sequence).
+is the O(P²) oracle; `ring`, `all_gather` and `ulysses` split the prompt over `--seq` devices
+with that context-parallel strategy (the prefill and its KV cache sharded along the sequence).
 
 The limit on lengths: an evaluation at prompt length P with T new tokens and batch B holds the
 parameters, the KV cache (2 · layers · B · (P+T) · kv_heads · head_dim), the prefill's attention
@@ -47,7 +47,9 @@ def tokenizer_from_flag(value: str) -> Tokenizer:
   return make_tokenizer(kind, value)
 
 
-ATTENTION_KINDS = ("blockwise", "dense", "ring")
+ONE_DEVICE_KINDS = ("blockwise", "dense")
+CONTEXT_PARALLEL_KINDS = ("ring", "all_gather", "ulysses")  # attention.Strategy, one seq axis
+ATTENTION_KINDS = ONE_DEVICE_KINDS + CONTEXT_PARALLEL_KINDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,9 +64,20 @@ class EvalAttention:
     if self.kind not in ATTENTION_KINDS:
       raise ValueError(f"--attention: expected one of {list(ATTENTION_KINDS)}, found "
                        f"{self.kind!r}")
-    if self.seq < 1 or (self.kind != "ring" and self.seq != 1):
-      raise ValueError(f"--seq={self.seq}: expected 1, or ≥ 1 devices with --attention=ring "
-                       f"(found --attention={self.kind})")
+    if self.seq < 1 or (not self.context_parallel and self.seq != 1):
+      raise ValueError(f"--seq={self.seq}: expected 1, or ≥ 1 devices with --attention in "
+                       f"{list(CONTEXT_PARALLEL_KINDS)} (found --attention={self.kind})")
+
+  @property
+  def context_parallel(self) -> bool:
+    return self.kind in CONTEXT_PARALLEL_KINDS
+
+  def spec(self):
+    """The `AttentionSpec` of these flags."""
+    from longctx.attention.spec import AttentionSpec, Tiles
+    if self.context_parallel:
+      return AttentionSpec(strategy=self.kind, layout=self.layout)
+    return AttentionSpec(impl=self.kind, tiles=Tiles(block_q=self.tile, block_k=self.tile))
 
   def mesh(self):
     import jax
@@ -75,12 +88,7 @@ class EvalAttention:
     return jax.sharding.Mesh(np.array(jax.devices()[:self.seq]), ("seq",))
 
   def attention_fn(self):
-    from longctx.model import attention_fns
-    if self.kind == "dense":
-      return attention_fns.dense()
-    if self.kind == "blockwise":
-      return attention_fns.blockwise(block_q=self.tile, block_k=self.tile)
-    return attention_fns.context_parallel(self.mesh(), "seq", self.layout)
+    return self.spec().function(self.mesh() if self.context_parallel else None)
 
   def keys_per_query(self, prompt_len: int) -> int:
     return prompt_len if self.kind == "dense" else min(prompt_len, self.tile)
@@ -129,7 +137,7 @@ def load_model(checkpoint: str, attention: EvalAttention | None = None, rope: st
   model = load_pretrained(checkpoint, progress=False,
                                   attention_fn=attention.attention_fn(), **overrides)
   model.attention = attention
-  model.mesh = attention.mesh() if attention.kind == "ring" else None
+  model.mesh = attention.mesh() if attention.context_parallel else None
   return model
 
 

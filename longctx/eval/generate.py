@@ -78,10 +78,12 @@ def sample_token(logits_BV, key, temperature: float, top_p: float):
 
 @dataclasses.dataclass(frozen=True)
 class ContextParallel:
-  """Where a long prompt lives: the mesh, its sequence axis and the ring layout."""
+  """Where a long prompt lives: the mesh, its sequence axis, the layout and the context-parallel
+  strategy of the prefill (`attention.Strategy`: ring, all_gather or ulysses)."""
   mesh: jax.sharding.Mesh
   axis: str = "seq"
   layout: str = "zigzag"
+  strategy: str = "ring"
 
   @property
   def size(self) -> int:
@@ -95,12 +97,12 @@ class ContextParallel:
 
 
 @functools.lru_cache(maxsize=16)
-def ring_module(module: Llama, cp: ContextParallel) -> Llama:
-  """`module` with ring attention over a batch already in `cp.layout` (cached: jit sees one
-  static module)."""
-  from longctx.model import attention_fns
-  return module.clone(attention_fn=attention_fns.context_parallel(
-      cp.mesh, cp.axis, cp.layout, permuted=True))
+def cp_module(module: Llama, cp: ContextParallel) -> Llama:
+  """`module` with context-parallel attention (cp.strategy) over a batch already in
+  `cp.layout` (cached: jit sees one static module)."""
+  from longctx.attention.spec import AttentionSpec
+  spec = AttentionSpec(strategy=cp.strategy, layout=cp.layout)
+  return module.clone(attention_fn=spec.function(cp.mesh, seq_axis=cp.axis, permuted=True))
 
 
 def prefill(module: Llama, params, tokens_BP, positions_BP, segments_BP, new_slots: int,
@@ -117,7 +119,7 @@ def prefill(module: Llama, params, tokens_BP, positions_BP, segments_BP, new_slo
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from longctx.attention import layouts
-    module = ring_module(module, cp)
+    module = cp_module(module, cp)
     tokens_BP, positions_BP, segments_BP = (
         jax.lax.with_sharding_constraint(layouts.permute(x, cp.layout, cp.size),
                                          NamedSharding(cp.mesh, P(None, cp.axis)))

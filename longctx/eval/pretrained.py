@@ -43,13 +43,18 @@ class PretrainedModel:
     return self._apply(self.params, tokens, positions, segment_ids)
 
   def generate(self, prompts, *, mesh=None, axis: str = "seq", layout: str = "zigzag",
-               **sampling) -> list[list[int]]:
+               strategy: str | None = None, **sampling) -> list[list[int]]:
     """New token ids for each prompt (a list of token-id lists); see eval.generate.SamplingConfig
     for `max_new_tokens`, `temperature`, `top_p`, `seed`, `eos_token_id`. With `mesh`, the
-    prompt is prefilled by ring attention over `axis` and the KV cache stays sharded on it."""
+    prompt is prefilled by context-parallel attention over `axis` (`strategy`: ring, all_gather
+    or ulysses; None = the one of the eval flags, else ring) and the KV cache stays sharded on
+    it."""
     from longctx.eval.generate import ContextParallel, SamplingConfig, generate
     mesh = self.mesh if mesh is None else mesh
-    cp = None if mesh is None else ContextParallel(mesh, axis, layout)
+    attention = getattr(self, "attention", None)
+    if strategy is None:
+      strategy = attention.kind if getattr(attention, "context_parallel", False) else "ring"
+    cp = None if mesh is None else ContextParallel(mesh, axis, layout, strategy)
     return generate(self.module, self.params, prompts, SamplingConfig(**sampling), cp)
 
   def __repr__(self) -> str:

@@ -3,7 +3,6 @@ import jax
 import flax.linen as nn
 import jax.numpy as jnp
 
-from longctx.model import attention_fns
 from longctx.model.config import ModelConfig, RematPolicy
 from longctx.model.llama import Llama
 from longctx.model.rope import (DefaultRope, DynamicRope, FixedNtkRope, Llama3Rope, LinearRope,
@@ -19,6 +18,6 @@ def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 8) -> dict:
   return nn.meta.unbox(Llama(config).init(rng, tokens)["params"])
 
 
-__all__ = ["attention_fns", "ModelConfig", "RematPolicy", "Llama", "RopeScaling", "DefaultRope", "LinearRope",
+__all__ = ["ModelConfig", "RematPolicy", "Llama", "RopeScaling", "DefaultRope", "LinearRope",
            "DynamicRope", "FixedNtkRope", "YarnRope", "Llama3Rope", "apply_rope", "rope_types",
            "init_params"]

@@ -5,7 +5,8 @@ Parameters are float32 and carry logical axis names (`embed`, `vocab`, `heads`, 
 `config.dtype`. Attention is a parameter: any function
 `attention_fn(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, positions_BL) -> out_BLHD` (contract 3 plus
 the positions, which a ring over a pre-permuted batch uses as its mask index), so the dense
-reference, blockwise attention or the ring (`longctx.model.attention_fns`) plug in unchanged.
+reference, blockwise attention or a context-parallel strategy (`longctx.attention.AttentionSpec`)
+plug in unchanged.
 
 Legend: B batch, L sequence, E hidden (embed), H query heads, K kv heads, D head dim,
 M mlp hidden, V vocab.
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from longctx.model import lora
-from longctx.model.attention_fns import AttentionFn
+from longctx.attention.spec import AttentionFn
 from longctx.model.chunking import apply_chunked
 from longctx.model.config import ModelConfig, RematPolicy
 from longctx.model.rope import apply_rope
@@ -34,8 +35,8 @@ RESIDUAL_AXES = ("batch", "length", None)
 
 def default_attention_fn() -> AttentionFn:
   """The dense reference attention (causal), the oracle of contract 3."""
-  from longctx.model import attention_fns
-  return attention_fns.dense(causal=True)
+  from longctx.attention.spec import AttentionSpec
+  return AttentionSpec(impl="dense").function()
 
 
 def _init(config: ModelConfig, *names):

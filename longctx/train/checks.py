@@ -15,9 +15,9 @@ from jax.sharding import Mesh
 
 from longctx.checkpoint import manager as ckpt
 from longctx.train.architecture import read_architecture
-from longctx.train.config import AttentionImpl, InitKind, StageSpec
+from longctx.train.config import InitKind, StageSpec
 from longctx.train.data import check_length
-from longctx.train.runner import HOST_MEMORY, check_same_architecture, s2_group
+from longctx.train.runner import HOST_MEMORY, check_same_architecture, head_axis
 
 # What may change when a run resumes in the same workdir: whole sections, and train keys that
 # leave the optimizer state's structure alone (a lower learning rate after a non-finite loss).
@@ -86,17 +86,18 @@ def check_all(config: ml_collections.ConfigDict, stages: list[StageSpec], mesh: 
 def check_stage(stage: StageSpec, mesh: Mesh, first: bool, init_kind: InitKind,
                 init_path: str) -> None:
   seq = mesh.shape["seq"]
-  layout = stage.attention.layout if stage.attention.impl is AttentionImpl.RING else None
-  if stage.attention.impl is not AttentionImpl.RING and seq > 1:
-    raise ValueError(f"config stages.{stage.name}.attention.impl={stage.attention.impl.value!r} "
-                     f"with mesh seq={seq}: only 'ring' splits a row across devices")
+  layout = stage.attention.batch_layout
+  if not stage.attention.context_parallel and seq > 1:
+    raise ValueError(f"config stages.{stage.name}.attention.impl={stage.attention.impl!r} "
+                     f"with mesh seq={seq}: only 'context_parallel' splits a row across devices")
   check_length(stage.data.max_len, seq, layout, f"stages.{stage.name}.data.max_len")
   check_memory_options(stage, seq, layout)
-  if stage.lora.enabled and stage.lora.s2_group_fraction > 0:
+  check_ulysses_heads(stage, mesh)
+  if stage.attention.s2_group:
     from longctx.attention.shifted_sparse import check_s2
     try:
       check_s2(stage.data.max_len, stage.model.num_heads, stage.model.num_kv_heads,
-               s2_group(stage))
+               stage.attention.s2_group)
     except ValueError as e:
       raise ValueError(f"config stages.{stage.name}.lora.s2_group_fraction="
                        f"{stage.lora.s2_group_fraction} (data.max_len={stage.data.max_len}): {e}; "
@@ -110,6 +111,27 @@ def check_stage(stage: StageSpec, mesh: Mesh, first: bool, init_kind: InitKind,
       raise FileNotFoundError(f"config init.path: expected {marker} in {init_path} "
                               f"(init.kind={init_kind.value!r})")
     check_same_architecture(read_architecture(init_path), stage.model, init_path)
+
+
+def check_ulysses_heads(stage: StageSpec, mesh: Mesh) -> None:
+  """ValueError, naming the keys, when Ulysses cannot split each device's query heads over
+  mesh.seq (the heads of one device: model.num_heads / mesh.tensor when the heads are split
+  over it, and each S² half on its own when they are not)."""
+  from longctx.attention.strategies import Strategy
+  spec, seq = stage.attention, mesh.shape["seq"]
+  if not spec.context_parallel or spec.strategy is not Strategy.ULYSSES or seq == 1:
+    return
+  tensor = mesh.shape["tensor"] if head_axis(stage, mesh) else 1
+  halves = bool(spec.s2_group) and tensor == 1
+  local = stage.model.num_heads // tensor // (2 if halves else 1)
+  if local % seq:
+    how = (f" / mesh.tensor={tensor}" if tensor > 1 else "") + (
+        " / 2 (S²-Attn runs Ulysses on each head half)" if halves else "")
+    raise ValueError(f"config stages.{stage.name}.attention.strategy='ulysses' with mesh.seq="
+                     f"{seq}: Ulysses splits each device's query heads (model.num_heads="
+                     f"{stage.model.num_heads}{how} = {local}) over the seq devices, which needs "
+                     f"a multiple of {seq}; use strategy 'ring' or 'all_gather', or a mesh.seq "
+                     f"dividing {local}")
 
 
 def check_memory_options(stage: StageSpec, seq: int, layout: str | None) -> None:

@@ -4,8 +4,10 @@ A training config holds, besides `model` and `data`:
   seed         int
   init         where the first stage's weights come from: kind "random" | "hf" | "checkpoint"
   mesh         data / fsdp / seq / tensor sizes; -1 takes the remaining devices
-  attention    impl "dense" | "blockwise" | "ring"; ring layout "contiguous" | "zigzag" |
-               "striped"; tile sizes
+  attention    impl "dense" | "blockwise" | "context_parallel" ("ring": its old name);
+               context-parallel strategy "ring" | "all_gather" | "ulysses" and layout
+               "contiguous" | "zigzag" | "striped"; inner kernel; tile sizes. Read once into an
+               `attention.AttentionSpec` (with LongLoRA's S² group), the stage's `attention`
   lora         LongLoRA (METHODS.md §2): off unless enabled
   train        optimizer, schedule, step budget, accumulation, logging
   checkpoint   orbax CheckpointManager options
@@ -26,7 +28,11 @@ from typing import Any
 
 import ml_collections
 
-from longctx.data.config import DataConfig, parse_enum
+from longctx.attention.kernels.base import Kernel
+from longctx.attention.layouts import Layout
+from longctx.attention.spec import AttentionImpl, AttentionSpec, Tiles
+from longctx.attention.strategies import Strategy
+from longctx.data.config import DataConfig
 from longctx.model.config import ModelConfig
 from longctx.train import schema
 
@@ -34,12 +40,6 @@ from longctx.train import schema
 class Schedule(enum.Enum):
   COSINE = "cosine"      # linear warm-up, then cosine decay to min_lr_ratio · lr
   CONSTANT = "constant"  # linear warm-up, then constant (LongLoRA's recipe)
-
-
-class AttentionImpl(enum.Enum):
-  DENSE = "dense"
-  BLOCKWISE = "blockwise"
-  RING = "ring"
 
 
 class InitKind(enum.Enum):
@@ -106,25 +106,21 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
-  """impl and layout; block_*: the attention tile sizes, forward (block_q × block_k) and
-  backward (None, 0 in a config dict = the defaults of `attention.tiles.tile_config`);
-  kernel: the inner kernel (`attention.kernels.KERNELS`: "blockwise"; "pallas_gpu" on GPUs,
-  "pallas_tpu" on TPUs, with impl "ring" only).
+  """The `attention` section as written (`attention_spec` turns it into the stage's
+  `AttentionSpec`). impl: dense, blockwise or context_parallel (the row split over mesh.seq by
+  `strategy`: ring, all_gather or ulysses, in `layout`); block_*: the attention tile sizes,
+  forward (block_q × block_k) and backward (None, 0 in a config dict = the defaults of
+  `attention.tiles.tile_config`); kernel: the inner kernel (`attention.kernels.Kernel`:
+  "blockwise"; "pallas_gpu" on GPUs, "pallas_tpu" on TPUs, with impl context_parallel only).
   """
-  impl: AttentionImpl = AttentionImpl.RING
-  layout: str = "zigzag"
+  impl: AttentionImpl = AttentionImpl.CONTEXT_PARALLEL
+  strategy: Strategy = Strategy.RING
+  layout: Layout = Layout.ZIGZAG
   block_q: int | None = None
   block_k: int | None = None
   block_q_bwd: int | None = None
   block_k_bwd: int | None = None
-  kernel: str = "blockwise"
-
-  def blocks(self, kernel: bool = True) -> dict:
-    """The tile sizes and (unless kernel=False: the pure-JAX fallback) the kernel as keyword
-    arguments of the attention functions."""
-    out = dict(block_q=self.block_q, block_k=self.block_k, block_q_bwd=self.block_q_bwd,
-               block_k_bwd=self.block_k_bwd)
-    return dict(out, kernel=self.kernel) if kernel else out
+  kernel: Kernel = Kernel.BLOCKWISE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +188,29 @@ def _split(text: str) -> tuple[str, ...]:
   return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
-def _kernel(attention: ml_collections.ConfigDict) -> str:
+def attention_spec(section: ml_collections.ConfigDict, lora: LoraConfig,
+                   max_len: int) -> AttentionSpec:
+  """The stage's `AttentionSpec` from its `attention` section and LoRA's S² group (round(max_len
+  · lora.s2_group_fraction) when LoRA is on); ValueError names the key."""
+  a = schema.read(AttentionConfig, section, "attention", kernel=_kernel(section))
+  if str(section.get("impl", "")).lower() == "ring" and a.strategy is not Strategy.RING:
+    raise ValueError(f"config attention.impl='ring' with attention.strategy={a.strategy!r}: "
+                     "impl 'ring' is the old name of impl 'context_parallel' with the ring; "
+                     f"set attention.impl='context_parallel', attention.strategy={a.strategy!r}")
+  if a.strategy is Strategy.HYBRID:
+    raise ValueError("config attention.strategy='hybrid': the trainer splits a row over one "
+                     "mesh axis (mesh.seq); use 'ring', 'all_gather' or 'ulysses' (the hybrid is "
+                     "context_parallel_attention(..., strategy='hybrid', axis=(u, r)))")
+  s2 = int(round(max_len * lora.s2_group_fraction)) if lora.enabled else 0
+  try:
+    return AttentionSpec(impl=a.impl, strategy=a.strategy, layout=a.layout, kernel=a.kernel,
+                         tiles=Tiles(a.block_q, a.block_k, a.block_q_bwd, a.block_k_bwd),
+                         causal=True, s2_group=s2)
+  except ValueError as e:  # the spec's messages start with the key: "kernel=... needs ..."
+    raise ValueError(f"config attention.{e}") from None
+
+
+def _kernel(attention: ml_collections.ConfigDict) -> Kernel:
   """attention.kernel, validated (absent = "blockwise")."""
   from longctx.attention.kernels import check_kernel
   try:
@@ -210,7 +228,7 @@ class StageSpec:
   num_shards: int
   train: TrainConfig
   lora: LoraConfig
-  attention: AttentionConfig
+  attention: AttentionSpec
   eval: EvalConfig = EvalConfig()
 
   @classmethod
@@ -225,20 +243,12 @@ class StageSpec:
       raise ValueError(f"config stages.{name}.model: {e}") from None
     train = schema.read(TrainConfig, cd.train, "train")
     lora = schema.read(LoraConfig, cd.lora, "lora")
-    attention = schema.read(AttentionConfig, cd.attention, "attention",
-                            kernel=_kernel(cd.attention))
-    if attention.impl is AttentionImpl.RING:
-      from longctx.attention.layouts import Layout
-      parse_enum(Layout, attention.layout, "attention.layout")
-    elif attention.kernel != "blockwise":
-      # under plain jit XLA cannot split a Pallas call over the data / tensor axes: it would
-      # gather the global batch onto every device; the ring runs it inside shard_map
-      raise ValueError(f"config attention.kernel={attention.kernel!r} needs attention.impl="
-                       f"'ring' (found {attention.impl.value!r}); use kernel='blockwise'")
+    data = DataConfig.from_config_dict(cd.data)
+    attention = attention_spec(cd.attention, lora, data.max_len)
     num_shards = int(cd.data.num_shards)
     if num_shards <= 0:
       raise ValueError(f"config data.num_shards: expected > 0, found {num_shards}")
-    return cls(name=name, model=model, data=DataConfig.from_config_dict(cd.data),
+    return cls(name=name, model=model, data=data,
                num_shards=num_shards, train=train, lora=lora, attention=attention,
                eval=schema.read(EvalConfig, cd.get("eval"), "eval"))
 

@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from longctx.model import Llama, attention_fns
+from longctx.model import Llama
 from longctx.model.config import ModelConfig
-from longctx.parallel.mesh import BATCH_AXES
 from longctx.train.config import StageSpec
 from longctx.train.loss import reference_numerator
+from longctx.train.runner import attention_fn
 
 
 class Evaluator:
@@ -33,14 +33,11 @@ class Evaluator:
     cfg = stage.eval
     from longctx.train.data import GlobalBatches
     self.cfg, self.model_cfg, self.mesh = cfg, model_cfg, mesh
-    self.layout = stage.attention.layout if mesh.shape["seq"] > 1 else None
-    if self.layout is not None:
-      attention = attention_fns.context_parallel(
-          mesh, "seq", self.layout, permuted=True, batch_axes=BATCH_AXES,
-          **stage.attention.blocks())
-    else:  # plain jit: the pure-JAX kernel (a Pallas call would be gathered, see config)
-      attention = attention_fns.blockwise(True, **stage.attention.blocks(kernel=False))
-    self.model = Llama(model_cfg, attention)
+    spec = stage.attention.full_attention()  # evaluation uses full attention
+    self.layout = spec.layout if mesh.shape["seq"] > 1 else None
+    if self.layout is None:  # plain jit: the pure-JAX kernel (a Pallas call would be gathered)
+      spec = dataclasses.replace(spec, impl="blockwise", kernel="blockwise")
+    self.model = Llama(model_cfg, attention_fn(stage, mesh, spec))
     data = dataclasses.replace(stage.data, seed=stage.data.seed + 1000, num_epochs=0)
     loader = GlobalBatches(data, stage.num_shards, mesh, 1, self.layout)
     self.batches = [next(loader)[0] for _ in range(cfg.batches)]

@@ -40,7 +40,7 @@ from longctx.checkpoint import manager as ckpt
 from longctx.parallel.mesh import make_mesh
 from longctx.train import checks
 from longctx.train import metrics as metrics_lib
-from longctx.train.config import (AttentionImpl, InitKind, StageSpec, checkpoint_config,
+from longctx.train.config import (InitKind, StageSpec, checkpoint_config,
                                   init_config, mesh_config, read_stages)
 from longctx.train.data import GlobalBatches
 from longctx.train.hooks import Hook, Preemption, StepContext, StepRecord, profile_hook
@@ -225,7 +225,7 @@ class _StageRun:
   def __call__(self, extra_hooks: list[Hook]) -> StageSummary:
     stage = self.stage
     self.runner = runner = StageRunner(stage, self.mesh, int(self.config.seed), self.log)
-    layout = stage.attention.layout if stage.attention.impl is AttentionImpl.RING else None
+    layout = stage.attention.batch_layout
     self.loader = GlobalBatches(stage.data, stage.num_shards, self.mesh,
                                 stage.train.micro_batches, layout)
     self.manager = ckpt.make_manager(os.path.join(self.dir, "checkpoints"),

@@ -21,12 +21,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from longctx.checkpoint import manager as ckpt
 from longctx.checkpoint.params import load_config
-from longctx.model import Llama, attention_fns
+from longctx.model import Llama
 from longctx.model.config import ModelConfig
 from longctx.model.llama import head_weight
 from longctx.parallel.mesh import (BATCH_AXES, activation_constraints, param_shardings,
                                    step_batch_sharding, step_rows_sharding)
-from longctx.train.config import AttentionImpl, InitKind, StageSpec
+from longctx.train.config import InitKind, StageSpec
 from longctx.train.loss import chunked_numerator, reference_numerator
 from longctx.train.step import (TrainState, init_state, learning_rate_schedule, make_optimizer,
                                 make_train_step)
@@ -42,33 +42,27 @@ def model_config(stage: StageSpec) -> ModelConfig:
   return lora.with_lora(stage.model, stage.lora.rank, stage.lora.alpha, stage.lora.targets)
 
 
-def s2_group(stage: StageSpec) -> int:
-  return int(round(stage.data.max_len * stage.lora.s2_group_fraction))
+def head_axis(stage: StageSpec, mesh: Mesh) -> str | None:
+  """"tensor" when context-parallel attention runs with the heads split over it (it divides
+  both head counts; S²-Attn also needs it even), else None (the heads gathered per device)."""
+  m, tensor = stage.model, mesh.shape["tensor"]
+  if tensor == 1 or m.num_heads % tensor or m.num_kv_heads % tensor:
+    return None
+  return None if stage.attention.s2_group and tensor % 2 else "tensor"
 
 
-def attention_fn(stage: StageSpec, mesh: Mesh):
-  a = stage.attention
+def attention_fn(stage: StageSpec, mesh: Mesh, spec=None):
+  """The model's attention function for `stage` (spec: stage.attention unless given) on the
+  trainer's batches: in the spec's layout when context parallel (`permuted`)."""
+  spec = stage.attention if spec is None else spec
   from longctx.attention.kernels import interpret
-  if a.kernel != "blockwise" and interpret(a.kernel):
-    warnings.warn(f"attention.kernel={a.kernel!r} on {jax.default_backend()}: it runs in Pallas' "
-                  "interpreter, which is for tests and very slow", stacklevel=2)
-  s2 = stage.lora.enabled and stage.lora.s2_group_fraction > 0
-  if a.impl is AttentionImpl.RING:
-    if s2:
-      return attention_fns.context_parallel_shifted_sparse(
-          mesh, "seq", a.layout, group_size=s2_group(stage), batch_axes=BATCH_AXES,
-          permuted=True, **a.blocks())
-    m = stage.model
-    tensor = mesh.shape["tensor"]
-    heads = "tensor" if tensor > 1 and not m.num_heads % tensor and not m.num_kv_heads % tensor \
-        else None
-    return attention_fns.context_parallel(mesh, "seq", a.layout, permuted=True,
-                                          batch_axes=BATCH_AXES, head_axis=heads, **a.blocks())
-  if s2:
-    return attention_fns.shifted_sparse(s2_group(stage), **a.blocks())
-  if a.impl is AttentionImpl.BLOCKWISE:
-    return attention_fns.blockwise(True, **a.blocks())
-  return attention_fns.dense(True)
+  if spec.kernel != "blockwise" and interpret(spec.kernel):
+    warnings.warn(f"attention.kernel={spec.kernel!r} on {jax.default_backend()}: it runs in "
+                  "Pallas' interpreter, which is for tests and very slow", stacklevel=2)
+  if not spec.context_parallel:
+    return spec.function()
+  return spec.function(mesh, seq_axis="seq", permuted=True, batch_axes=BATCH_AXES,
+                       head_axis=head_axis(stage, mesh))
 
 
 def has_host_memory(device: jax.Device | None = None) -> bool:
