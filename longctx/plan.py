@@ -53,8 +53,14 @@ MAX_SEARCH_LEN = 1 << 24  # 16M tokens: the doubling search stops here
 def plan(config, num_devices: int | None = None, report: bool = False,
          accelerator_estimate: bool = True) -> list[StagePlan]:
   stages, mesh = _stages_and_mesh(config, num_devices)
-  return [plan_stage(s, mesh, int(config.seed), report=report,
-                     accelerator_estimate=accelerator_estimate) for s in stages]
+  plans = []
+  for s in stages:
+    p = plan_stage(s, mesh, int(config.seed), report=report,
+                   accelerator_estimate=accelerator_estimate)
+    traffic = strategy_traffic(s, mesh, p.batch_shape)
+    plans.append(dataclasses.replace(p, attention_traffic=traffic, attention_strategy=(
+        s.attention.strategy.value if traffic else "")))
+  return plans
 
 
 def _stages_and_mesh(config, num_devices):
@@ -80,7 +86,7 @@ def length_granule(stage, seq: int) -> int:
   ring's default tile on each device (a row splits into whole tiles)."""
   from longctx.attention.tiles import BLOCK_K
   parts = 2 * seq if stage.attention.layout == "zigzag" else seq
-  granule = math.lcm(parts * (stage.attention.block_k or BLOCK_K), stage.data.pad_multiple)
+  granule = math.lcm(parts * (stage.attention.tiles.block_k or BLOCK_K), stage.data.pad_multiple)
   for chunk in (stage.train.loss_chunk, stage.model.mlp_chunk):
     granule = math.lcm(granule, seq * max(chunk, 1))
   return granule
@@ -128,6 +134,44 @@ def max_len(stage, mesh, capacity: float, headroom: float, seed: int = 0,
   return lo, plans[lo]
 
 
+STRATEGIES = ("ring", "all_gather", "ulysses")  # the trainer's, over one sequence axis
+
+
+def strategy_traffic(stage, mesh, batch_shape) -> dict[str, int | str]:
+  """{strategy: bytes} one device moves for attention in one train step, forward and backward
+  of every layer and micro-batch (`attention.costs.strategy_bytes`), for each strategy the
+  trainer can run; a string instead of bytes where the strategy cannot split these heads. Empty
+  without context parallelism. Not counted: the forward's collectives again when remat
+  recomputes attention in the backward (the same factor for every strategy)."""
+  from longctx.attention.costs import strategy_bytes
+  from longctx.train.runner import head_axis
+  seq, spec, m = mesh.shape["seq"], stage.attention, stage.model
+  if seq == 1 or not spec.context_parallel:
+    return {}
+  tensor = mesh.shape["tensor"] if head_axis(stage, mesh) else 1
+  h, kh = m.num_heads // tensor, m.num_kv_heads // tensor
+  micro, rows, length = batch_shape
+  rows //= mesh.shape["data"] * mesh.shape["fsdp"]
+  nbytes = 4 if m.dtype == "float32" else 2
+  out: dict[str, int | str] = {}
+  for name in STRATEGIES:
+    if name == "ulysses" and h % seq:
+      out[name] = f"cannot: {h} query heads per device over seq={seq}"
+      continue
+    call = strategy_bytes(name, rows, length, h, kh, m.head_dim, nbytes, seq, grad=True)
+    out[name] = sum(call.values()) * m.num_layers * micro
+  return out
+
+
+def traffic_line(traffic: dict, configured) -> str:
+  """One line naming each strategy's bytes and the one that moves the fewest."""
+  sized = {k: v for k, v in traffic.items() if isinstance(v, int)}
+  best = min(sized, key=sized.get)
+  parts = [f"{k} {gb(v) if isinstance(v, int) else v}" for k, v in traffic.items()]
+  return (f"  attention traffic per device per step (formulas, remat recompute not counted): "
+          f"{', '.join(parts)} — fewest: {best} (configured: {configured})")
+
+
 def _mesh_size(config) -> int | None:
   sizes = [int(config.mesh[a]) for a in ("data", "fsdp", "seq", "tensor")]
   return None if -1 in sizes else math.prod(sizes)
@@ -137,6 +181,8 @@ def _print_plan(p: StagePlan, headroom: float) -> None:
   print()
   for line in describe(p):
     print(line)
+  if p.attention_traffic:
+    print(traffic_line(p.attention_traffic, p.attention_strategy))
   fits = [f"{name}: {'fits' if p.fits(cap, headroom) else 'does NOT fit'}"
           for name, cap in ACCELERATORS]
   print(f"  at {headroom:.0%} of memory — " + "; ".join(fits))

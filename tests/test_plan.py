@@ -54,6 +54,7 @@ def test_plan_command_text_and_json():
   accelerator, and the breakdown (state, saved activations, the largest temporaries by name)."""
   text = _plan_command("--config.train.loss_chunk=64")
   assert "stage long" in text and "H100 80GB: fits" in text and "largest temporaries" in text
+  assert "attention traffic per device per step" in text and "fewest: " in text
   out = json.loads(_plan_command("--config.train.loss_chunk=64", "--json", "--noreport"))
   (stage,) = out["stages"]
   assert stage["stage"] == "long" and stage["mesh"]["seq"] == 4 and out["devices"] == 8
@@ -61,6 +62,33 @@ def test_plan_command_text_and_json():
   assert 0 < stage["saved_activation_bytes"] < stage["temp_bytes"] < stage["total_bytes"]
   assert stage["compiled_dtype"] == "float32" and stage["host_bytes"] == 0
   assert stage["largest_temporaries"] == []  # --noreport
+  assert stage["attention_strategy"] == "ring"
+  assert set(stage["attention_traffic"]) == {"ring", "all_gather", "ulysses"}
+
+
+@pytest.mark.parametrize("sizes,heads", [({"data": 2, "seq": 4}, 4), ({"seq": 8}, 4),
+                                         ({"seq": 4, "tensor": 2}, 4)])
+def test_strategy_traffic_is_the_formulas_over_layers_and_micro_batches(sizes, heads):
+  """plan's per-step bytes: `costs.strategy_bytes` (fwd + bwd) × layers × micro-batches, for
+  each device's rows and heads; Ulysses named as impossible where its heads do not divide."""
+  from longctx.attention.costs import strategy_bytes
+  stage = read_stages(tiny_config({"train.micro_batches": 2, "data.batch_size": 4}))[1]
+  mesh = make_mesh(sizes)
+  m, seq, tensor = stage.model, mesh.shape["seq"], mesh.shape["tensor"]
+  shape = (2, 8, stage.data.max_len)
+  traffic = plan_lib.strategy_traffic(stage, mesh, shape)
+  rows = 8 // mesh.shape["data"]
+  for name in ("ring", "all_gather", "ulysses"):
+    if name == "ulysses" and (heads // tensor) % seq:
+      assert traffic[name] == f"cannot: {heads // tensor} query heads per device over seq={seq}"
+      continue
+    call = strategy_bytes(name, rows, shape[2], heads // tensor, m.num_kv_heads // tensor,
+                          m.head_dim, 4, seq, grad=True)
+    assert traffic[name] == sum(call.values()) * m.num_layers * 2
+  line = plan_lib.traffic_line(traffic, "ring")
+  best = min((k for k, v in traffic.items() if isinstance(v, int)), key=traffic.get)
+  assert line.endswith(f"fewest: {best} (configured: ring)")
+  assert plan_lib.strategy_traffic(stage, make_mesh({"data": 8}), shape) == {}
 
 
 def test_offloaded_activations_leave_the_device_total():

@@ -61,6 +61,8 @@ class StagePlan:
     return self.offloaded_activation_bytes + (self.optimizer_bytes if self.optimizer_on_host
                                               else 0)
   largest_temporaries: list = dataclasses.field(default_factory=list)
+  attention_strategy: str = ""  # the configured context-parallel strategy ("" without CP)
+  attention_traffic: dict = dataclasses.field(default_factory=dict)  # plan.strategy_traffic
   compiled: Any = dataclasses.field(default=None, repr=False, compare=False)
 
   def fits(self, capacity: float, headroom: float = 0.9) -> bool:
