@@ -5,11 +5,13 @@
     python bench/attention.py --lengths 4096 8192 --heads 4 --kv-heads 4 --head-dim 64
     python bench/attention.py --tile-sweep 512x512/512x512 256x256/256x256   # tiles, 1 device
 
-For each L: forward+backward time of our ring (contiguous, zigzag, striped), blockwise on one
-device, dense (while its L² scores fit), and the peer `ringattention` (PyPI, haoliuhl; MHA only;
-skipped with a message if not installed); per-device compiled memory from
-`.lower(...).compile().memory_analysis()`; collective-permute bytes per layer from the compiled
-HLO; tiles computed per device for each layout. Attention FLOPs: 4·L²·Hq·D forward, half when
+For each L: forward+backward time of our ring (contiguous, zigzag, striped), the other
+context-parallel strategies (all_gather, ulysses, hybrid = Ulysses over 2 × ring over 4; zigzag),
+blockwise on one device, dense (while its L² scores fit), and the peer `ringattention` (PyPI,
+haoliuhl; MHA only; skipped with a message if not installed); per-device compiled memory from
+`.lower(...).compile().memory_analysis()`; the bytes of every collective per layer from the
+compiled HLO (`costs.collective_bytes`) beside the formula (`costs.strategy_bytes`); tiles
+computed per device for each layout. Attention FLOPs: 4·L²·Hq·D forward, half when
 causal, 3× that for forward+backward. Timings: best of --repeats executions after
 ahead-of-time compilation (the 2 CPU cores are shared, so single runs are noisy).
 
@@ -47,7 +49,8 @@ from longctx.attention import (Layout, blockwise_attention, dense_attention,  # 
 from longctx.attention.tiles import (BLOCK_K, BLOCK_K_BWD, BLOCK_Q, BLOCK_Q_BWD,  # noqa: E402
                                      tile_config)
 from longctx.attention.reference import MaskSpec  # noqa: E402
-from longctx.attention.costs import collective_permute_bytes  # noqa: E402
+from longctx.attention.costs import collective_bytes, strategy_bytes  # noqa: E402
+from longctx.attention.strategies import plan as plan_strategy  # noqa: E402
 from longctx.attention.ring import ring_tiles_computed  # noqa: E402
 from timing import best_seconds  # noqa: E402  (bench/timing.py)
 
@@ -85,6 +88,38 @@ def ring_fn(mesh, layout, block, grad=True):
     return jax.grad(loss_of(f), (0, 1, 2))(q, k, v) if grad else f(q, k, v)
   return jax.shard_map(local, mesh=mesh, in_specs=(ACT, ACT, ACT, TOK, TOK),
                        out_specs=(ACT, ACT, ACT) if grad else ACT)
+
+
+STRATEGIES = {"all_gather": ((8,), ("seq",), "seq"), "ulysses": ((8,), ("seq",), "seq"),
+              "hybrid": ((2, 4), ("u", "r"), ("u", "r"))}  # mesh shape, names, axis
+
+
+def strategy_fn(strategy, heads, block, grad=True):
+  """(mesh, fwd+bwd or fwd of `strategy`'s per-device function on arrays already in the layout
+  (zigzag), the number of devices the layout balances)."""
+  shape, names, axis = STRATEGIES[strategy]
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(shape), names)
+  resolved = plan_strategy(strategy, mesh, axis, heads, **blocks_of(block))
+  seq = resolved.seq_axes[0] if len(resolved.seq_axes) == 1 else resolved.seq_axes
+  act, tok = PS(None, seq, None, None), PS(None, seq)
+
+  def local(q, k, v, seg, idx):
+    f = lambda q, k, v: resolved.local(q, k, v, seg, idx)
+    return jax.grad(loss_of(f), (0, 1, 2))(q, k, v) if grad else f(q, k, v)
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(act, act, act, tok, tok),
+                     out_specs=(act, act, act) if grad else act)
+  return mesh, (act, tok), fn, resolved.layout_devices
+
+
+def formula_mib(name, l, args):
+  """The bytes `costs.strategy_bytes` predicts for a run (fwd+bwd, one call), MiB; None for
+  runs without a formula (the peer, one-device runs)."""
+  strategy = "ring" if name.startswith("ring") else name.split()[0]
+  if strategy not in ("ring",) + tuple(STRATEGIES):
+    return None
+  size = STRATEGIES[strategy][0] if strategy == "hybrid" else 8
+  return sum(strategy_bytes(strategy, 1, l, args.heads, args.kv_heads, args.head_dim, 4, size,
+                            grad=True, regather=False).values()) / 2 ** 20
 
 
 def peer_fn(peer, mesh, block, grad=True):
@@ -257,6 +292,17 @@ def runs_at(l, args, mesh, peer, rng):
          shard(original_index(layout, 1, l, p), TOK))
     fwd = jax.jit(ring_fn(mesh, layout, block, grad=False)) if layout is Layout.ZIGZAG else None
     runs.append((f"ring {layout.value}", jax.jit(ring_fn(mesh, layout, block)), fwd, a, True))
+  for strategy in STRATEGIES:
+    if strategy != "all_gather" and h % STRATEGIES[strategy][0][0]:
+      print(f"# {strategy} skipped: Hq={h} is not divisible by its Ulysses axis")
+      continue
+    smesh, (act, tok), fn, n = strategy_fn(strategy, h, block)
+    perm = Layout.ZIGZAG.permutation(l, n)
+    a = tuple(jax.device_put(jnp.take(x, perm, axis=1), NamedSharding(smesh, spec)) for x, spec in
+              ((q, act), (k, act), (v, act), (seg, tok),
+               (original_index(Layout.ZIGZAG, 1, l, n), tok)))
+    fwd = jax.jit(strategy_fn(strategy, h, block, grad=False)[2])
+    runs.append((f"{strategy} zigzag", jax.jit(fn), fwd, a, True))
   if peer is not None:
     a = (shard(q, ACT), shard(k, ACT), shard(v, ACT), shard(seg, TOK))
     for pb in (args.peer_blocks if l == args.criterion_len else args.peer_blocks[:1]):
@@ -270,7 +316,8 @@ def runs_at(l, args, mesh, peer, rng):
     runs.append(("dense 1 device", jax.jit(jax.grad(loss_of(dense_attention), (0, 1, 2))), None,
                  a1, False))
   if l > args.full_max_len:
-    runs = [r for r in runs if r[0].startswith(("ring zigzag", "peer", "blockwise"))]
+    runs = [r for r in runs if r[0].startswith(("ring zigzag", "peer", "blockwise") +
+                                                tuple(STRATEGIES))]
   return runs
 
 
@@ -285,14 +332,15 @@ def measure(l, runs, args):
       if mm_before is not None:  # the yardstick, measured around the run: the larger counts
         times["matmul"] = max(mm_before, matmul_flops_per_s())
     except Exception as e:  # noqa: BLE001 - report and go on with the other implementations
-      print(f"| {l} | {name} | failed: {type(e).__name__}: {str(e)[:120]} | | | | | |")
+      print(f"| {l} | {name} | failed: {type(e).__name__}: {str(e)[:120]} | | | | | | |")
       continue
     times[name] = secs
-    cp = collective_permute_bytes(compiled.as_text()) / 2 ** 20 if is_ring else 0.0
+    hlo = sum(collective_bytes(compiled.as_text()).values()) / 2 ** 20 if is_ring else 0.0
+    formula = formula_mib(name, l, args)
     ftxt = f"{fsecs:.2f} | {(secs - fsecs) / fsecs:.2f}" if fsecs else " | "
     print(f"| {l} | {name} | {secs:.2f} | {ftxt} | "
           f"{flops(l, args.heads, args.head_dim) / secs / 1e9:.1f} | {mem / 2 ** 20:.1f} | "
-          f"{cp:.2f} |", flush=True)
+          f"{hlo:.2f} | {'' if formula is None else f'{formula:.2f}'} |", flush=True)
   return times
 
 
@@ -341,8 +389,8 @@ def main():
         f"B=1 float32 causal; ours: tiles {tiles}; peer: chunks {args.peer_blocks}; "
         f"best of {args.repeats}")
   print("| L | impl | fwd+bwd s | fwd s | bwd/fwd | GFLOP/s (fwd+bwd) | per-device MiB | "
-        "permute MiB (fwd+bwd) |")
-  print("|---|---|---|---|---|---|---|---|")
+        "collective MiB (HLO, fwd+bwd) | formula MiB |")
+  print("|---|---|---|---|---|---|---|---|---|")
   rng = np.random.default_rng(0)
   summary = [(l, measure(l, runs_at(l, args, mesh, peer, rng), args)) for l in args.lengths]
   single = {r["l"]: r for r in run_single_device(
@@ -350,7 +398,7 @@ def main():
   for l, r in single.items():
     print(f"| {l} | blockwise, 1-device process | {r['secs']:.2f} | {r['fsecs']:.2f} | "
           f"{(r['secs'] - r['fsecs']) / r['fsecs']:.2f} | {flops(l, h, d) / r['secs'] / 1e9:.1f} | "
-          f"{r['mem'] / 2 ** 20:.1f} | 0.00 |", flush=True)
+          f"{r['mem'] / 2 ** 20:.1f} | 0.00 | |", flush=True)
   criterion_lines(summary, single, args)
   l = args.lengths[0]
   c = l // mesh.shape["seq"]
