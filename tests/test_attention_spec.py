@@ -122,11 +122,12 @@ def test_natural_order_on_an_explicit_mesh_with_sharded_inputs(strategy, h, kh):
   _close(_oracle(q, k, v, seg, ct), got, seg)
 
 
-@pytest.mark.parametrize("strategy", ["ring", "all_gather", "ulysses"])
-@pytest.mark.parametrize("layout", ["zigzag", "striped"])
+@pytest.mark.parametrize("strategy,layout", [("ring", "striped"), ("all_gather", "zigzag"),
+                                             ("ulysses", "contiguous")])
 def test_permuted_rows_with_positions_equal_dense(strategy, layout):
   """The trainer's path: rows in the layout once, positions as the mask index, rows over data
-  and heads over tensor (data=2 × seq=2 × tensor=2)."""
+  and heads over tensor (data=2 × seq=2 × tensor=2). (Every strategy × layout on the original
+  index: tests/test_attention_strategies.py.)"""
   q, k, v, seg, pos, ct = _case(h=4, kh=2)
   mesh = jax.make_mesh((2, 2, 2), ("data", "seq", "tensor"))
   fn = AttentionSpec(strategy=strategy, layout=layout, tiles=Tiles(4, 4)).function(
