@@ -153,12 +153,14 @@ def strategy_traffic(stage, mesh, batch_shape) -> dict[str, int | str]:
   micro, rows, length = batch_shape
   rows //= mesh.shape["data"] * mesh.shape["fsdp"]
   nbytes = 4 if m.dtype == "float32" else 2
+  u = spec.ulysses_devices
   out: dict[str, int | str] = {}
-  for name in STRATEGIES:
-    if name == "ulysses" and h % seq:
-      out[name] = f"cannot: {h} query heads per device over seq={seq}"
+  for name in STRATEGIES + (("hybrid",) if u else ()):  # the hybrid: as configured
+    size = (u, seq // u) if name == "hybrid" else seq
+    if name in ("ulysses", "hybrid") and h % (u if name == "hybrid" else seq):
+      out[name] = f"cannot: {h} query heads per device over {u if name == 'hybrid' else seq}"
       continue
-    call = strategy_bytes(name, rows, length, h, kh, m.head_dim, nbytes, seq, grad=True)
+    call = strategy_bytes(name, rows, length, h, kh, m.head_dim, nbytes, size, grad=True)
     out[name] = sum(call.values()) * m.num_layers * micro
   return out
 

@@ -80,7 +80,7 @@ def test_strategy_traffic_is_the_formulas_over_layers_and_micro_batches(sizes, h
   rows = 8 // mesh.shape["data"]
   for name in ("ring", "all_gather", "ulysses"):
     if name == "ulysses" and (heads // tensor) % seq:
-      assert traffic[name] == f"cannot: {heads // tensor} query heads per device over seq={seq}"
+      assert traffic[name] == f"cannot: {heads // tensor} query heads per device over {seq}"
       continue
     call = strategy_bytes(name, rows, shape[2], heads // tensor, m.num_kv_heads // tensor,
                           m.head_dim, 4, seq, grad=True)

@@ -93,15 +93,17 @@ def test_loss_and_grads_do_not_depend_on_mesh_or_layout(mesh_sizes, layout):
   _assert_same(loss, grads, *_reference_grads())
 
 
-@pytest.mark.parametrize("strategy", ["all_gather", "ulysses"])
+@pytest.mark.parametrize("strategy", ["all_gather", "ulysses", "hybrid"])
 @pytest.mark.parametrize("mesh_sizes", [{"data": 2, "seq": 4}, {"seq": 8}], ids=["2x4", "8"])
 def test_every_strategy_gives_the_same_loss_and_grads(strategy, mesh_sizes):
   """The ring's invariance above, for the other strategies (Ulysses on seq=8 with an 8-head
-  model: it splits the heads over the devices)."""
+  model: it splits the heads over the devices; the hybrid: Ulysses over 2 × ring over 2, and
+  Ulysses over 4 × ring over 2 on seq=8)."""
   model = (("model.num_heads", 8),) if strategy == "ulysses" and mesh_sizes.get("seq") == 8 \
       else ()
-  loss, grads, _ = _grads_on(mesh_sizes, AttentionSpec(strategy=strategy, tiles=Tiles(64, 64)),
-                             model=model)
+  spec = AttentionSpec(strategy=strategy, tiles=Tiles(64, 64), ulysses_devices=(
+      0 if strategy != "hybrid" else 2 if mesh_sizes.get("seq") == 4 else 4))
+  loss, grads, _ = _grads_on(mesh_sizes, spec, model=model)
   _assert_same(loss, grads, *_reference_grads(model))
 
 
@@ -134,7 +136,10 @@ def test_unknown_attention_kernel(tmp_path):
 @pytest.mark.parametrize("overrides,match", [
     ({"attention.strategy": "ulysses", "mesh.seq": 8, "mesh.data": 1},
      r"attention.strategy='ulysses' with mesh.seq=8: .*model.num_heads=4 = 4\) .* multiple of 8"),
-    ({"attention.strategy": "hybrid"}, "attention.strategy='hybrid': the trainer splits a row"),
+    ({"attention.strategy": "hybrid"},
+     "attention.strategy='hybrid' with attention.ulysses_devices=0: the hybrid needs"),
+    ({"attention.strategy": "hybrid", "attention.ulysses_devices": 3},
+     "attention.ulysses_devices=3 with mesh.seq=4: .* must divide 4"),
     ({"attention.strategy": "zigzag"}, "attention.strategy: expected one of 'ring', "),
     ({"attention.impl": "ring", "attention.strategy": "all_gather"},
      "impl='ring' with attention.strategy='all_gather'"),
@@ -142,6 +147,18 @@ def test_unknown_attention_kernel(tmp_path):
 def test_bad_strategy_names_the_keys(tmp_path, overrides, match):
   with pytest.raises(ValueError, match=match):
     loop.run(tiny_config(overrides), str(tmp_path), log=lambda *_: None)
+
+
+def test_the_strategy_is_chosen_per_stage():
+  import ml_collections
+  config = tiny_config()
+  with config.unlocked():
+    config.stages.long.attention = ml_collections.ConfigDict(
+        {"strategy": "hybrid", "ulysses_devices": 2})
+    config.stages.short.attention = ml_collections.ConfigDict({"strategy": "all_gather"})
+  short, long = read_stages(config)
+  assert (short.attention.strategy, long.attention.strategy) == ("all_gather", "hybrid")
+  assert (short.attention.ulysses_devices, long.attention.ulysses_devices) == (0, 2)
 
 
 def test_micro_batches_do_not_change_loss_or_grads():

@@ -46,3 +46,19 @@ def run_on_auto_mesh(body, mesh: Mesh, q, *args):
   out = NamedSharding(mesh, sharding.spec if typed else PartitionSpec())
   return jax.sharding.auto_axes(lambda *xs: body(twin, *xs), axes=explicit,
                                 out_sharding=out)(q, *args)
+
+
+def split_axis(mesh: Mesh, axis: str, inner: int, names: tuple[str, str]) -> Mesh:
+  """`mesh` with `axis` (size S) split into names = (outer, inner) of sizes (S / inner, inner),
+  outer major: device i of `axis` becomes (i // inner, i % inner), so an array sharded over
+  `axis` is the same array sharded over (outer, inner). The hybrid strategy runs on it over
+  the trainer's one sequence axis. Raises ValueError when `inner` does not divide S."""
+  size = mesh.shape[axis]
+  if inner < 1 or size % inner:
+    raise ValueError(f"cannot split mesh axis {axis!r} of size {size} into {size // max(inner, 1)}"
+                     f" × {inner}: {inner} must divide {size}")
+  i = mesh.axis_names.index(axis)
+  shape = mesh.devices.shape[:i] + (size // inner, inner) + mesh.devices.shape[i + 1:]
+  axis_names = mesh.axis_names[:i] + tuple(names) + mesh.axis_names[i + 1:]
+  types = mesh.axis_types[:i] + (mesh.axis_types[i],) * 2 + mesh.axis_types[i + 1:]
+  return Mesh(mesh.devices.reshape(shape), axis_names, axis_types=types)

@@ -77,7 +77,9 @@ class AttentionSpec:
   """How attention is computed; strings are accepted for the enums (see the module docstring).
 
   s2_group: LongLoRA's S²-Attn group size G (even, dividing L; groups on positions); 0 = full
-  attention. The Pallas kernels run inside `jax.shard_map` only, so impl must be
+  attention. ulysses_devices: the hybrid's Ulysses devices U on permuted rows, where one
+  sequence axis of S devices is split into S/U ring × U Ulysses devices (`meshes.split_axis`;
+  on natural-order rows the hybrid takes two mesh axes instead). The Pallas kernels run inside `jax.shard_map` only, so impl must be
   context_parallel for them.
   """
   impl: AttentionImpl = AttentionImpl.CONTEXT_PARALLEL
@@ -87,6 +89,7 @@ class AttentionSpec:
   tiles: Tiles = Tiles()
   causal: bool = True
   s2_group: int = 0
+  ulysses_devices: int = 0
 
   def __post_init__(self):
     from longctx.attention.kernels.base import check_kernel
@@ -146,6 +149,9 @@ class AttentionSpec:
     return _natural(self, mesh, seq_axis)
 
 
+_RING, _ULYSSES = "seq_ring", "seq_ulysses"  # the hybrid's split of the sequence axis
+
+
 def _one_device(spec: AttentionSpec) -> AttentionFn:
   from longctx.attention.local import blockwise_attention
   from longctx.attention.reference import dense_attention
@@ -194,17 +200,21 @@ def _in_layout(spec: AttentionSpec, mesh, seq_axis, batch_axes, head_axis) -> At
   if not spec.causal:
     raise ValueError("attention on permuted rows needs causal attention: positions stand in "
                      "for the original token index only under a causal mask")
-  if spec.strategy is Strategy.HYBRID or not isinstance(seq_axis, str):
+  hybrid = spec.strategy is Strategy.HYBRID
+  if not isinstance(seq_axis, str) or (hybrid and spec.ulysses_devices < 1):
     raise ValueError(f"strategy {spec.strategy.value!r} with seq_axis={seq_axis!r} on permuted "
-                     "rows: the trainer's batches are laid out over one sequence axis; use "
-                     "strategy 'ring', 'all_gather' or 'ulysses' there (the hybrid runs on "
-                     "natural-order rows: context_parallel_attention(..., strategy='hybrid'))")
+                     "rows: the trainer's batches are laid out over one sequence axis (for the "
+                     "hybrid, set ulysses_devices: it splits that axis into ring × Ulysses)")
   heads = 1 if head_axis is None else mesh.shape[head_axis]
-  act, tok = P(batch_axes, seq_axis, head_axis, None), P(batch_axes, seq_axis)
+  # the hybrid: seq split ring-major (same placement); the layout stays over all S devices,
+  # which balances any grouping of them into ring devices (masks use the index)
+  seq = (_RING, _ULYSSES) if hybrid else seq_axis
+  axis = (_ULYSSES, _RING) if hybrid else seq_axis
+  act, tok = P(batch_axes, seq, head_axis, None), P(batch_axes, seq)
 
-  def local(q_BCHD, k_BCKD, v_BCKD, seg_BC, pos_BC, *, length):
+  def local(q_BCHD, k_BCKD, v_BCKD, seg_BC, pos_BC, *, mesh, length):
     def attend(mask, q, k, v, seg, index):
-      return plan(spec.strategy, mesh, seq_axis, q.shape[2], spec=mask,
+      return plan(spec.strategy, mesh, axis, q.shape[2], spec=mask,
                   **spec.local_kwargs()).local(q, k, v, seg, index)
     if spec.s2_group:
       return s2_local(attend, q_BCHD, k_BCKD, v_BCKD, seg_BC, pos_BC, length=length,
@@ -214,11 +224,18 @@ def _in_layout(spec: AttentionSpec, mesh, seq_axis, batch_axes, head_axis) -> At
 
   def body(auto_mesh, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, positions_BL):
     _check_split(spec, mesh, seq_axis, head_axis, q_BLHD, k_BLKD)
-    fn = functools.partial(local, length=q_BLHD.shape[1])
-    return jax.shard_map(lambda q, k, v, s, i: fn(q, k, v, s, i), mesh=auto_mesh,
-                         in_specs=(act, act, act, tok, tok), out_specs=act,
-                         check_vma=check_vma(spec.kernel))(
-                             q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, positions_BL)
+    if hybrid:
+      from longctx.attention.meshes import split_axis
+      auto_mesh = split_axis(auto_mesh, seq_axis, spec.ulysses_devices, (_RING, _ULYSSES))
+    fn = functools.partial(local, mesh=auto_mesh, length=q_BLHD.shape[1])
+    run = jax.shard_map(lambda q, k, v, s, i: fn(q, k, v, s, i), mesh=auto_mesh,
+                        in_specs=(act, act, act, tok, tok), out_specs=act,
+                        check_vma=check_vma(spec.kernel))
+    args = (q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, positions_BL)
+    if hybrid and not jax.sharding.get_abstract_mesh().empty:
+      with jax.sharding.use_abstract_mesh(auto_mesh.abstract_mesh):  # shard_map's own
+        return run(*args)
+    return run(*args)
 
   return functools.partial(run_on_auto_mesh, body, mesh)
 
@@ -236,11 +253,15 @@ def _check_split(spec, mesh, seq_axis, head_axis, q_BLHD, k_BLKD) -> None:
     if heads > 1 and heads % 2:
       raise ValueError(f"S²-Attn with heads split over {head_axis!r} needs an even number of "
                        f"devices on it (each holding one half's heads); found {heads}")
-  if spec.strategy is Strategy.ULYSSES:
+  if spec.strategy in (Strategy.ULYSSES, Strategy.HYBRID):
     from longctx.attention.ulysses import check_heads
+    size = mesh.shape[seq_axis] if spec.strategy is Strategy.ULYSSES else spec.ulysses_devices
+    if size < 1 or mesh.shape[seq_axis] % size:
+      raise ValueError(f"hybrid: ulysses_devices={size} must divide the {mesh.shape[seq_axis]} "
+                       f"devices of {seq_axis!r}")
     halves = spec.s2_group and heads == 1  # each S² head half runs its own Ulysses
     try:
-      check_heads(hq // heads // (2 if halves else 1), mesh.shape[seq_axis], seq_axis)
+      check_heads(hq // heads // (2 if halves else 1), size, seq_axis)
     except ValueError as e:
       where = (" (S²-Attn runs Ulysses on each half of the query heads)" if halves else "") + (
           f" (after {head_axis!r} split the {hq} query heads over {heads} devices)"

@@ -119,19 +119,25 @@ def check_ulysses_heads(stage: StageSpec, mesh: Mesh) -> None:
   over it, and each S² half on its own when they are not)."""
   from longctx.attention.strategies import Strategy
   spec, seq = stage.attention, mesh.shape["seq"]
-  if not spec.context_parallel or spec.strategy is not Strategy.ULYSSES or seq == 1:
+  where = f"config stages.{stage.name}.attention"
+  if not spec.context_parallel or spec.strategy not in (Strategy.ULYSSES, Strategy.HYBRID):
     return
+  hybrid = spec.strategy is Strategy.HYBRID
+  size = spec.ulysses_devices if hybrid else seq
+  if hybrid and seq % size:
+    raise ValueError(f"{where}.ulysses_devices={size} with mesh.seq={seq}: the hybrid splits "
+                     f"the seq devices into ring × Ulysses, so ulysses_devices must divide {seq}")
   tensor = mesh.shape["tensor"] if head_axis(stage, mesh) else 1
   halves = bool(spec.s2_group) and tensor == 1
   local = stage.model.num_heads // tensor // (2 if halves else 1)
-  if local % seq:
+  if local % size:
     how = (f" / mesh.tensor={tensor}" if tensor > 1 else "") + (
         " / 2 (S²-Attn runs Ulysses on each head half)" if halves else "")
-    raise ValueError(f"config stages.{stage.name}.attention.strategy='ulysses' with mesh.seq="
-                     f"{seq}: Ulysses splits each device's query heads (model.num_heads="
-                     f"{stage.model.num_heads}{how} = {local}) over the seq devices, which needs "
-                     f"a multiple of {seq}; use strategy 'ring' or 'all_gather', or a mesh.seq "
-                     f"dividing {local}")
+    over = f"ulysses_devices={size}" if hybrid else f"mesh.seq={seq}"
+    raise ValueError(f"{where}.strategy={spec.strategy!r} with {over}: Ulysses splits each "
+                     f"device's query heads (model.num_heads={stage.model.num_heads}{how} = "
+                     f"{local}) over {size} devices, which needs a multiple of {size}; use "
+                     f"strategy 'ring' or 'all_gather', or Ulysses over a divisor of {local}")
 
 
 def check_memory_options(stage: StageSpec, seq: int, layout: str | None) -> None:

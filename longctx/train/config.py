@@ -5,7 +5,8 @@ A training config holds, besides `model` and `data`:
   init         where the first stage's weights come from: kind "random" | "hf" | "checkpoint"
   mesh         data / fsdp / seq / tensor sizes; -1 takes the remaining devices
   attention    impl "dense" | "blockwise" | "context_parallel" ("ring": its old name);
-               context-parallel strategy "ring" | "all_gather" | "ulysses" and layout
+               context-parallel strategy "ring" | "all_gather" | "ulysses" | "hybrid" (with
+               ulysses_devices) and layout
                "contiguous" | "zigzag" | "striped"; inner kernel; tile sizes. Read once into an
                `attention.AttentionSpec` (with LongLoRA's S² group), the stage's `attention`
   lora         LongLoRA (METHODS.md §2): off unless enabled
@@ -108,7 +109,8 @@ class MeshConfig:
 class AttentionConfig:
   """The `attention` section as written (`attention_spec` turns it into the stage's
   `AttentionSpec`). impl: dense, blockwise or context_parallel (the row split over mesh.seq by
-  `strategy`: ring, all_gather or ulysses, in `layout`); block_*: the attention tile sizes,
+  `strategy`: ring, all_gather, ulysses, or hybrid = Ulysses over `ulysses_devices` of the seq
+  devices × the ring over mesh.seq / ulysses_devices, in `layout`); block_*: the attention tile sizes,
   forward (block_q × block_k) and backward (None, 0 in a config dict = the defaults of
   `attention.tiles.tile_config`); kernel: the inner kernel (`attention.kernels.Kernel`:
   "blockwise"; "pallas_gpu" on GPUs, "pallas_tpu" on TPUs, with impl context_parallel only).
@@ -121,6 +123,7 @@ class AttentionConfig:
   block_q_bwd: int | None = None
   block_k_bwd: int | None = None
   kernel: Kernel = Kernel.BLOCKWISE
+  ulysses_devices: int = schema.field(0, lambda v: v >= 0, ">= 0")  # hybrid only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,15 +200,16 @@ def attention_spec(section: ml_collections.ConfigDict, lora: LoraConfig,
     raise ValueError(f"config attention.impl='ring' with attention.strategy={a.strategy!r}: "
                      "impl 'ring' is the old name of impl 'context_parallel' with the ring; "
                      f"set attention.impl='context_parallel', attention.strategy={a.strategy!r}")
-  if a.strategy is Strategy.HYBRID:
-    raise ValueError("config attention.strategy='hybrid': the trainer splits a row over one "
-                     "mesh axis (mesh.seq); use 'ring', 'all_gather' or 'ulysses' (the hybrid is "
-                     "context_parallel_attention(..., strategy='hybrid', axis=(u, r)))")
+  if (a.strategy is Strategy.HYBRID) != (a.ulysses_devices > 0):
+    raise ValueError(f"config attention.strategy={a.strategy!r} with attention.ulysses_devices="
+                     f"{a.ulysses_devices}: the hybrid needs ulysses_devices ≥ 1 (Ulysses over "
+                     "that many of the mesh.seq devices, the ring over the rest), and only the "
+                     "hybrid takes it")
   s2 = int(round(max_len * lora.s2_group_fraction)) if lora.enabled else 0
   try:
     return AttentionSpec(impl=a.impl, strategy=a.strategy, layout=a.layout, kernel=a.kernel,
                          tiles=Tiles(a.block_q, a.block_k, a.block_q_bwd, a.block_k_bwd),
-                         causal=True, s2_group=s2)
+                         causal=True, s2_group=s2, ulysses_devices=a.ulysses_devices)
   except ValueError as e:  # the spec's messages start with the key: "kernel=... needs ..."
     raise ValueError(f"config attention.{e}") from None
 
