@@ -93,3 +93,18 @@ def test_unset_architecture_without_an_init_checkpoint_is_an_error(hf_dir):
   with pytest.raises(ValueError, match=r"stages.main.model: \[.*'num_layers'.*\] unset; they "
                                        r"come from the init checkpoint"):
     read_stages(finetune_config(hf_dir, {"init.kind": "random"}))
+
+
+def test_data_inspect_takes_the_tokenizer_of_the_init_directory(hf_dir):
+  """`python -m longctx.data inspect` on configs/finetune_hf.py with only init.path: the
+  tokenizer (and the model's chat template beside it) come from the directory, as in training."""
+  import subprocess
+  import sys
+  cmd = [sys.executable, "-m", "longctx.data", "inspect", "--config=configs/finetune_hf.py",
+         f"--config.init.path={hf_dir}", "--config.data.source.num_examples=4",
+         "--config.data.source.max_tokens=512", "--config.data.max_len=512", "--json",
+         "--max_batches=1"]
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr
+  assert json.loads(out.stdout)["counts"]["kept"] > 0

@@ -1,7 +1,9 @@
 """`python -m longctx.data inspect --config=configs/data_example.py [--config.data.x=…] [--json]`
 
 Runs the configured data pipeline and prints lengths, rows, packing efficiency, sequences per
-row, dropped / truncated counts and tokens/s (with a progress bar on stderr).
+row, dropped / truncated counts and tokens/s (with a progress bar on stderr). On a training
+config that starts from a model directory (`init.path`), an empty `data.tokenizer_path` takes
+that directory's tokenizer, as training does.
 """
 from __future__ import annotations
 
@@ -25,12 +27,27 @@ _SHARD = flags.DEFINE_string("shard", "0/1", "INDEX/COUNT of the process share t
 COMMANDS = ("inspect",)
 
 
+def _data_section(config):
+  """config.data, its empty tokenizer_path filled from config.init.path when there is one."""
+  data = config.data
+  init = config.get("init")
+  path = str(init.get("path", "") or "") if init is not None else ""
+  if not data.get("tokenizer_path") and path and str(init.get("kind", "")) != "random":
+    from longctx.data.tokenizers import tokenizer_in
+    found = tokenizer_in(path, data.get("tokenizer"))
+    if found:
+      data = data.copy_and_resolve_references()
+      with data.unlocked():
+        data.tokenizer_path = found
+  return data
+
+
 def main(argv: list[str]) -> None:
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"expected one command among {COMMANDS}, found {argv[1:]}")
   if _CONFIG.value is None:
     raise app.UsageError("expected --config=configs/NAME.py, found none")
-  cfg = DataConfig.from_config_dict(_CONFIG.value.data)
+  cfg = DataConfig.from_config_dict(_data_section(_CONFIG.value))
   if cfg.num_epochs == 0 and not _MAX_BATCHES.value:  # a repeating source would never end
     cfg = dataclasses.replace(cfg, num_epochs=1)
     print("data.num_epochs=0 repeats the source forever; inspecting one epoch", file=sys.stderr)

@@ -186,6 +186,20 @@ _REGISTRY: dict[TokenizerKind, Callable[[str], Tokenizer]] = {
 }
 
 
+TOKENIZER_FILES = {"hf": "tokenizer.json", "sentencepiece": "tokenizer.model"}
+
+
+def tokenizer_in(directory: str, kind) -> str:
+  """The tokenizer file of `kind` (a TokenizerKind or its name) in a model directory, or ""
+  when the kind has no file or the directory holds none."""
+  name = TOKENIZER_FILES.get(getattr(kind, "value", str(kind)))
+  if not name or not directory:
+    return ""
+  from etils import epath
+  path = epath.Path(directory) / name
+  return str(path) if path.exists() else ""
+
+
 def make_tokenizer(kind: TokenizerKind, path: str = "") -> Tokenizer:
   """The tokenizer of `kind`, loaded from the local `path` where it needs one."""
   return _REGISTRY[kind](path)

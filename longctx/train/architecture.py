@@ -93,9 +93,6 @@ def _partial_rope(section: Mapping[str, Any]) -> bool:
   return isinstance(rope, Mapping) and any(v is None for v in rope.values())
 
 
-_TOKENIZER_FILES = {"hf": "tokenizer.json", "sentencepiece": "tokenizer.model"}
-
-
 def init_defaults(cd: ml_collections.ConfigDict, stages: list[ml_collections.ConfigDict]
                   ) -> ModelConfig | None:
   """The init checkpoint's architecture where a stage leaves model fields unset (else None);
@@ -103,11 +100,10 @@ def init_defaults(cd: ml_collections.ConfigDict, stages: list[ml_collections.Con
   kind, path = str(cd.init.kind), str(cd.init.path)
   if kind == "random" or not path:
     return None
-  from etils import epath
+  from longctx.data.tokenizers import tokenizer_in
   for stage in stages:
-    name = _TOKENIZER_FILES.get(str(stage.data.tokenizer))
-    if name and not stage.data.tokenizer_path and (epath.Path(path) / name).exists():
-      stage.data.tokenizer_path = str(epath.Path(path) / name)
+    if not stage.data.tokenizer_path:
+      stage.data.tokenizer_path = tokenizer_in(path, stage.data.tokenizer)
   needs = any(unset_fields(s.model.to_dict()) or _partial_rope(s.model.to_dict())
               for s in stages)
   return read_architecture(path) if needs else None
