@@ -13,7 +13,7 @@ from longctx.attention import (context_parallel_shifted_sparse_attention, s2_den
                                shifted_sparse_attention)
 from longctx.attention.blockwise import chunk_forward
 from longctx.attention.tiles import TileConfig, TokenMeta
-from longctx.attention.reference import MaskSpec, make_mask
+from longctx.attention.reference import MaskSpec, dense_attention, make_mask
 from longctx.attention.shifted_sparse import s2_specs
 
 TOL = 2e-5
@@ -81,6 +81,37 @@ def test_s2_ring_matches_dense_s2(rng, p, layout):
   got = value_and_grads(lambda q, k, v: context_parallel_shifted_sparse_attention(
       q, k, v, seg, mesh=mesh, group_size=8, layout=layout, block_q=2, block_k=2), q, k, v, ct)
   assert_close(want, got)
+
+
+def s2_per_head_oracle(q, k, v, seg, group_size):
+  """Dense attention head by head, each head's S² mask chosen from its kv group alone: of K > 1
+  kv groups the last ⌊K/2⌋ are shifted; with K = 1 the second half of the query heads."""
+  hq, hk = q.shape[2], k.shape[2]
+  plain, shifted = s2_specs(group_size)
+  outs = []
+  for h in range(hq):
+    g = h // (hq // hk)
+    is_shifted = h >= hq // 2 if hk == 1 else g >= hk - hk // 2
+    outs.append(dense_attention(q[:, :, h:h + 1], k[:, :, g:g + 1], v[:, :, g:g + 1], seg,
+                                spec=shifted if is_shifted else plain))
+  return jnp.concatenate(outs, axis=2)
+
+
+@pytest.mark.parametrize("heads", [(9, 3), (6, 3), (4, 2), (4, 1)],
+                         ids=["smollm2-9-3", "odd-kv-6-3", "gqa-4-2", "mqa-4-1"])
+def test_s2_splits_heads_by_kv_group(rng, heads):
+  """Odd kv head counts (SmolLM2's 9 / 3) split by kv group; even ones as LongLoRA's halves."""
+  q, k, v = make_inputs(rng, h=heads[0], kh=heads[1])
+  seg = segments(32)
+  ct = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+  want = value_and_grads(lambda q, k, v: s2_per_head_oracle(q, k, v, seg, 8), q, k, v, ct)
+  for fn in (lambda q, k, v: s2_dense_attention(q, k, v, seg, group_size=8),
+             lambda q, k, v: shifted_sparse_attention(q, k, v, seg, group_size=8, block_q=4,
+                                                      block_k=4)):
+    assert_close(want, value_and_grads(fn, q, k, v, ct))
+  mesh = Mesh(np.array(jax.devices()[:4]), ("seq",))
+  assert_close(want, value_and_grads(lambda q, k, v: context_parallel_shifted_sparse_attention(
+      q, k, v, seg, mesh=mesh, group_size=8, block_q=2, block_k=2), q, k, v, ct))
 
 
 def test_s2_does_quarter_of_causal_work_at_group_quarter_length():

@@ -92,7 +92,7 @@ def test_bad_function_arguments():
   q, k, v, seg, pos, _ = _case(h=4)
   fn = AttentionSpec(strategy="ulysses", s2_group=8).function(jax.make_mesh((4,), ("seq",)))
   with pytest.raises(ValueError, match="num_heads=2 is not divisible by 4 .S²-Attn runs Ulysses "
-                                       "on each half"):
+                                       "on the plain and the shifted"):
     fn(q, k, v, seg, pos)
 
 

@@ -153,8 +153,9 @@ def test_the_export_is_a_complete_hf_model(smollm2_dir, tmp_path):
 
 
 def test_finetuning_smollm2_needs_no_retyped_architecture(smollm2_dir, tmp_path):
-  from longctx.train import loop
-  from longctx.train.config import read_stages
+  from longctx.attention.shifted_sparse import s2_head_split
+  from longctx.train.checks import check_stage
+  from longctx.train.config import InitKind, read_stages
   from tests.test_finetune_hf import finetune_config
   (stage,) = read_stages(finetune_config(smollm2_dir))
   m = stage.model
@@ -163,11 +164,12 @@ def test_finetuning_smollm2_needs_no_retyped_architecture(smollm2_dir, tmp_path)
   assert (m.rope.theta, m.tie_word_embeddings, m.bos_token_id, m.eos_token_id) == (
       100000.0, True, 1, 2)
   assert stage.data.tokenizer_path == f"{smollm2_dir}/tokenizer.json"
-  # LoRA turns S²-Attn on by default; 9 heads cannot be halved: refused before anything loads.
-  with pytest.raises(ValueError, match=r"lora.s2_group_fraction=0.25 .*Hq=9, Hkv=3; "
-                                       r"lora.s2_group_fraction=0 trains LoRA"):
-    loop.run(finetune_config(smollm2_dir, {"lora.enabled": True}), str(tmp_path / "run"),
-             log=lambda *_: None)
+  # LoRA turns S²-Attn on by default: 9 / 3 heads split by kv group, 6 plain and 3 shifted.
+  (lora_stage,) = read_stages(finetune_config(smollm2_dir, {"lora.enabled": True}))
+  assert lora_stage.attention.s2_group == lora_stage.data.max_len // 4
+  assert s2_head_split(m.num_heads, m.num_kv_heads) == (6, 2)
+  check_stage(lora_stage, jax.make_mesh((2, 1, 4, 1), ("data", "fsdp", "seq", "tensor")),
+              first=True, init_kind=InitKind.HF, init_path=smollm2_dir)
 
 
 def test_passkey_prompts_never_pass_their_length(smollm2_dir):

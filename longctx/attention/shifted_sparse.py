@@ -2,11 +2,15 @@
 
 Legend: B batch, L sequence, C local chunk, H query heads, K kv heads, D head dim, G group size.
 
-The first half of the query heads attends (causally) within groups [0, G), [G, 2G), …; the
-second half within groups shifted by G/2: [0, G/2), [G/2, 3G/2), …, [L − G/2, L). There is no
-wrap-around (LongLoRA issues #15, #90): the first and last shifted groups are half-length.
-Groups are defined on each token's original index, so they may straddle ring chunks. With
-K even, the kv heads split with the query heads; with K = 1 (MQA) both halves share it.
+The plain heads attend (causally) within groups [0, G), [G, 2G), …; the shifted heads within
+groups shifted by G/2: [0, G/2), [G/2, 3G/2), …, [L − G/2, L). There is no wrap-around
+(LongLoRA issues #15, #90): the first and last shifted groups are half-length. Groups are defined
+on each token's original index, so they may straddle ring chunks.
+
+The split follows the kv groups, so no kv head is computed twice (`s2_head_split`): of K kv
+heads the last ⌊K/2⌋ and their query heads are shifted. With K even that is LongLoRA's half of
+the heads; with K odd (SmolLM2: 9 / 3 heads) one kv group fewer is shifted than kept (3 of 9
+query heads); with K = 1 (MQA) the query heads split in halves that share the kv head.
 Attention work is ≈ 1/4 of full causal at G = L/4: the tile skipping drops the empty tiles.
 """
 from __future__ import annotations
@@ -24,24 +28,37 @@ def s2_specs(group_size: int, causal: bool = True) -> Tuple[MaskSpec, MaskSpec]:
   return (MaskSpec(causal, group_size, 0), MaskSpec(causal, group_size, group_size // 2))
 
 
+def s2_head_split(q_heads: int, kv_heads: int) -> Tuple[int, int]:
+  """(plain query heads, plain kv heads); the rest are shifted. With one kv head it is shared
+  (plain kv heads = 1). ValueError when the heads cannot be split."""
+  if kv_heads < 1 or q_heads % kv_heads:
+    raise ValueError(f"S²-Attn: the kv heads must divide the query heads; got Hq={q_heads}, "
+                     f"Hkv={kv_heads}")
+  if kv_heads == 1:
+    if q_heads % 2:
+      raise ValueError(f"S²-Attn with one kv head splits the query heads in halves: needs an "
+                       f"even number of them; got Hq={q_heads}, Hkv=1")
+    return q_heads // 2, 1
+  plain = kv_heads - kv_heads // 2
+  return plain * (q_heads // kv_heads), plain
+
+
 def check_s2(length: int, q_heads: int, kv_heads: int, group_size: int) -> None:
   """Raises ValueError when S²-Attn cannot split these heads or this length into groups."""
   if group_size <= 0 or group_size % 2 or length % group_size:
     raise ValueError(f"S²-Attn group size must be even and divide the sequence length {length}; "
                      f"got {group_size}")
-  if q_heads % 2 or (kv_heads % 2 and kv_heads != 1):
-    raise ValueError(f"S²-Attn splits heads in halves: needs an even number of query heads and "
-                     f"an even number of kv heads or one; got Hq={q_heads}, Hkv={kv_heads}")
+  s2_head_split(q_heads, kv_heads)
 
 
 def _halves(q_BLHD, k_BLKD, v_BLKD):
-  """[(q, k, v) for the plain half, (q, k, v) for the shifted half]."""
-  h, kh = q_BLHD.shape[2], k_BLKD.shape[2]
-  qs = (q_BLHD[:, :, : h // 2], q_BLHD[:, :, h // 2:])
-  if kh == 1:
+  """[(q, k, v) of the plain heads, (q, k, v) of the shifted heads] (`s2_head_split`)."""
+  hq, kh = s2_head_split(q_BLHD.shape[2], k_BLKD.shape[2])
+  qs = (q_BLHD[:, :, :hq], q_BLHD[:, :, hq:])
+  if k_BLKD.shape[2] == 1:
     return [(qs[0], k_BLKD, v_BLKD), (qs[1], k_BLKD, v_BLKD)]
-  return [(qs[0], k_BLKD[:, :, : kh // 2], v_BLKD[:, :, : kh // 2]),
-          (qs[1], k_BLKD[:, :, kh // 2:], v_BLKD[:, :, kh // 2:])]
+  return [(qs[0], k_BLKD[:, :, :kh], v_BLKD[:, :, :kh]),
+          (qs[1], k_BLKD[:, :, kh:], v_BLKD[:, :, kh:])]
 
 
 def apply_s2(attn_fn, q_BLHD, k_BLKD, v_BLKD, *, group_size, causal=True, length=None):
@@ -144,7 +161,8 @@ def s2_local(attend, q_BCHD, k_BCKD, v_BCKD, seg_BC, pos_BC, *, length, group_si
   attend(mask_spec, q, k, v, segment_ids, index); groups on positions (may straddle chunks).
 
   heads: devices on `head_axis` (tensor parallelism). With 1, each device splits its heads in
-  the two S² halves. With T > 1 (even), every device holds heads of one half only: the first
+  the plain and the shifted part. With T > 1 (even, so K is even and the parts are halves),
+  every device holds heads of one half only: the first
   T/2 the plain half, the others the shifted one, whose shift is added to the mask index —
   groups and causal order depend only on index differences and index + shift.
   """

