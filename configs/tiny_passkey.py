@@ -16,7 +16,7 @@ Hardware:  any CPU; 8 emulated devices, meshed data=8 with dense attention (fast
            rows on a CPU).
 Run:       python bench/passkey_repro.py --workdir=/tmp/passkey      # + table and heatmaps
            python -m longctx.launch --config=configs/tiny_passkey.py --workdir=/tmp/passkey
-Expect:    about 18 minutes on a 2-core CPU. Measured (bench/PASSKEY_REPRO.md, README.md): passkey
+Expect:    about 18 minutes on a 2-core CPU. Measured (bench/PASSKEY_REPRO.md, history): passkey
            0.85 at 256 after `base`, but ABF at this scale (head_dim 16: every RoPE frequency but
            one moves) breaks the retrieval it learned: 0.25 after `abf`, ~0 after `ntk`. The
            issue's goal (>= 90% at the trained length, a gain beyond it) is not met yet.
