@@ -222,22 +222,19 @@ def test_the_baselines_bench_runs(smollm2_dir, tmp_path):
 
 def test_the_extension_configs_data_reads_with_the_real_tokenizer(smollm2_dir, tmp_path):
   """configs/smollm2_135m_extend.py: the data script's files go through each stage's pipeline;
-  the SFT answer (a docstring) is, line by line, in its own prompt, and only it (and the end of turn) is a
-  target; S²-Attn + LoRA is accepted on the 9 / 3 heads."""
-  import importlib.util
+  the SFT answer (a docstring) is, line by line, in its own prompt, and only it (and the end of
+  turn) is a target; S²-Attn + LoRA is accepted on the 9 / 3 heads."""
   import os
 
   from longctx.data.pipeline import iterate_batches
   from longctx.train.config import read_stages
   from tests.bench_scripts import ROOT, run_bench
+  from tests.test_configs import _module
   run_bench("smollm2_extend_data.py", "--out", str(tmp_path), "--per_module", "1")
   sft = [json.loads(line) for line in open(tmp_path / "sft.jsonl")]
   assert len(sft) > 50 and all(line.strip() in c["messages"][0]["content"]
                                for c in sft for line in c["messages"][1]["content"].split("\n"))
-  spec = importlib.util.spec_from_file_location("ext", os.path.join(
-      ROOT, "configs", "smollm2_135m_extend.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = _module(os.path.join(ROOT, "configs", "smollm2_135m_extend.py"))
   small = {"init.path": str(smollm2_dir), "data.max_len": 4096,
            "data.source.paths": f"{tmp_path}/cpt.jsonl"}
   config = module.get_config()

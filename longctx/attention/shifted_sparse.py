@@ -15,6 +15,7 @@ Attention work is ≈ 1/4 of full causal at G = L/4: the tile skipping drops the
 """
 from __future__ import annotations
 
+import math
 from typing import Tuple
 
 import jax.numpy as jnp
@@ -41,6 +42,12 @@ def s2_head_split(q_heads: int, kv_heads: int) -> Tuple[int, int]:
     return q_heads // 2, 1
   plain = kv_heads - kv_heads // 2
   return plain * (q_heads // kv_heads), plain
+
+
+def s2_ulysses_heads(q_heads: int, kv_heads: int) -> int:
+  """A head count whose divisors split both S² parts over Ulysses: gcd(plain, shifted)."""
+  plain = s2_head_split(q_heads, kv_heads)[0]
+  return math.gcd(plain, q_heads - plain)
 
 
 def check_s2(length: int, q_heads: int, kv_heads: int, group_size: int) -> None:

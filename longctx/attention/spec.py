@@ -240,15 +240,6 @@ def _in_layout(spec: AttentionSpec, mesh, seq_axis, batch_axes, head_axis) -> At
   return functools.partial(run_on_auto_mesh, body, mesh)
 
 
-def s2_ulysses_heads(hq: int, hk: int) -> int:
-  """A head count whose divisors split both S² parts over Ulysses: gcd(plain, shifted)."""
-  import math
-
-  from longctx.attention.shifted_sparse import s2_head_split
-  plain = s2_head_split(hq, hk)[0]
-  return math.gcd(plain, hq - plain)
-
-
 def _check_split(spec, mesh, seq_axis, head_axis, q_BLHD, k_BLKD) -> None:
   """ValueError (naming the axes and counts) when the heads cannot be split as asked."""
   hq, hk = q_BLHD.shape[2], k_BLKD.shape[2]
@@ -270,6 +261,7 @@ def _check_split(spec, mesh, seq_axis, head_axis, q_BLHD, k_BLKD) -> None:
                        f"devices of {seq_axis!r}")
     halves = spec.s2_group and heads == 1  # each S² head part runs its own Ulysses
     try:
+      from longctx.attention.shifted_sparse import s2_ulysses_heads
       check_heads(s2_ulysses_heads(hq, hk) if halves else hq // heads, size, seq_axis)
     except ValueError as e:
       where = (" (S²-Attn runs Ulysses on the plain and the shifted query heads apart)"

@@ -129,7 +129,7 @@ def check_ulysses_heads(stage: StageSpec, mesh: Mesh) -> None:
                      f"the seq devices into ring × Ulysses, so ulysses_devices must divide {seq}")
   tensor = mesh.shape["tensor"] if head_axis(stage, mesh) else 1
   halves = bool(spec.s2_group) and tensor == 1
-  from longctx.attention.spec import s2_ulysses_heads
+  from longctx.attention.shifted_sparse import s2_ulysses_heads
   m = stage.model
   local = s2_ulysses_heads(m.num_heads, m.num_kv_heads) if halves else m.num_heads // tensor
   if local % size:
