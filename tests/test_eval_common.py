@@ -46,6 +46,11 @@ def test_read_jsonl_drops_a_truncated_last_line(tmp_path):
   p = tmp_path / "a.jsonl"
   p.write_text('{"a": 1}\n{"a": 2}\n{"a": ')
   assert common.read_jsonl(str(p)) == [{"a": 1}, {"a": 2}]
+  common.append_jsonl(str(p), {"a": 3})  # the resumed run's record replaces the cut-off one
+  assert common.read_jsonl(str(p)) == [{"a": 1}, {"a": 2}, {"a": 3}]
+  (tmp_path / "b.jsonl").write_text('{"a": ')
+  common.append_jsonl(str(tmp_path / "b.jsonl"), {"a": 4})
+  assert common.read_jsonl(str(tmp_path / "b.jsonl")) == [{"a": 4}]
   p.write_text('{"a": 1}\n{"a\n{"a": 2}\n')
   with pytest.raises(ValueError, match="a.jsonl:2"):
     common.read_jsonl(str(p))

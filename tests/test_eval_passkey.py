@@ -23,13 +23,16 @@ class Oracle:
   """Reads the key out of the prompt (or a wrong one for odd keys): tests the scoring wiring."""
   config = TINY
 
-  def __init__(self, wrong_when_odd=False):
-    self.wrong_when_odd = wrong_when_odd
-    self.calls = 0
+  def __init__(self, wrong_when_odd=False, fail_after=None):
+    self.wrong_when_odd, self.fail_after = wrong_when_odd, fail_after
+    self.calls = self.prompts = 0
 
   def generate(self, prompts, max_new_tokens, temperature, eos_token_id):
     assert temperature == 0.0  # greedy
+    if self.fail_after is not None and self.calls >= self.fail_after:
+      raise KeyboardInterrupt("simulated interruption")
     self.calls += 1
+    self.prompts += len(prompts)
     out = []
     for p in prompts:
       text = TOK.decode(p)
@@ -144,3 +147,35 @@ def test_command_depths_and_heatmap(tiny_checkpoint, tmp_path):
   assert np.shape(report["grid"]) == (1, 2) and (tmp_path / "h.png").exists()
   assert cli(["passkey", f"--checkpoint={tiny_checkpoint}", "--lengths=200",
               f"--heatmap={tmp_path}/x.png", f"--out={tmp_path}/q.json"]) == 2
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_report(tmp_path):
+  cache = str(tmp_path / "pk")
+  run = dict(lengths=[300, 600], trials=5, seed=3, batch_size=2, cache=cache, run_info={"m": 1})
+  with pytest.raises(KeyboardInterrupt):  # killed after 4 of the 6 batches
+    passkey.run_passkey(Oracle(wrong_when_odd=True, fail_after=4), TOK, **run)
+  assert len(open(cache + ".trials.jsonl").read().splitlines()) == 7  # batches of 2, 2, 1
+  with open(cache + ".trials.jsonl", "a") as f:
+    f.write('{"length": 600, "tri')  # a write cut off by the kill is redone
+  oracle = Oracle(wrong_when_odd=True)
+  resumed = passkey.run_passkey(oracle, TOK, **run)
+  assert oracle.prompts == 3  # only the three missing trials ran
+  whole = passkey.run_passkey(Oracle(wrong_when_odd=True), TOK, **{**run, "cache": None})
+  assert resumed["results"] == whole["results"] and resumed["accuracy"] == whole["accuracy"]
+  more = Oracle(wrong_when_odd=True)
+  passkey.run_passkey(more, TOK, **{**run, "trials": 6})
+  assert more.prompts == 2  # one new trial per length
+  with pytest.raises(ValueError, match="different run"):
+    passkey.run_passkey(Oracle(), TOK, **{**run, "run_info": {"m": 2}})
+
+
+def test_command_resumes_from_its_trials_file(tiny_checkpoint, tmp_path, capsys):
+  out = tmp_path / "pk.json"
+  args = ["passkey", f"--checkpoint={tiny_checkpoint}", "--lengths=200", "--trials=2",
+          f"--out={out}"]
+  assert cli(args) == 0
+  first = json.loads(out.read_text())
+  assert len((tmp_path / "pk.trials.jsonl").read_text().splitlines()) == 2
+  assert cli(args) == 0 and json.loads(out.read_text())["results"] == first["results"]
+  assert cli(args + ["--rope=linear,factor=2"]) == 2  # cached trials never mix RoPEs
+  assert "different run (differs in ['rope'])" in capsys.readouterr().err

@@ -240,6 +240,13 @@ def write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
+def run_info(args) -> dict:
+  """What an eval command's cached results depend on beyond its own flags: the model, how it is
+  read (tokenizer, RoPE override) and how it attends."""
+  return {"checkpoint": os.path.abspath(args.checkpoint), "tokenizer": args.tokenizer,
+          "rope": args.rope, "attention": args.attention, "seq": args.seq}
+
+
 def check_run_file(path: str, run: dict) -> None:
   """Writes `run` (what a resumable output directory was made with) to `path`, or, when the file
   exists, checks that this run matches it, so cached results are never mixed across runs."""
@@ -248,9 +255,8 @@ def check_run_file(path: str, run: dict) -> None:
       previous = json.load(f)
     if previous != json.loads(json.dumps(run)):
       changed = sorted(k for k in set(run) | set(previous) if previous.get(k) != run.get(k))
-      out_dir = os.path.dirname(path)
-      raise ValueError(f"{out_dir} holds results of a different run (differs in {changed}); "
-                       f"use another --out or remove {out_dir}")
+      raise ValueError(f"{path}: the cached results beside it are of a different run (differs "
+                       f"in {changed}); use another --out or remove them")
     return
   write_json(path, run)
 
@@ -275,8 +281,15 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def append_jsonl(path: str, record: dict) -> None:
-  with open(path, "a") as f:
-    f.write(json.dumps(record) + "\n")
+  """Appends `record` as one line, durably. A partial last line (a write cut off by a kill, which
+  `read_jsonl` ignores) is cut off first, so the new record never lands on it."""
+  with open(path, "a+b") as f:
+    if f.seek(0, os.SEEK_END):
+      f.seek(-1, os.SEEK_END)
+      if f.read(1) != b"\n":
+        f.seek(0)
+        f.truncate(f.read().rfind(b"\n") + 1)
+    f.write((json.dumps(record) + "\n").encode())
     f.flush()
     os.fsync(f.fileno())
 

@@ -267,8 +267,7 @@ def main(args: argparse.Namespace) -> dict:
   report = run_longbench_chat(model, tokenizer, questions, args.out, args.max_length,
                               args.max_new_tokens, TemplateKind(args.template), judge,
                               common.MemoryBudget.from_gib(args.max_memory_gb),
-                              {"checkpoint": os.path.abspath(args.checkpoint),
-                               "tokenizer": args.tokenizer})
+                              common.run_info(args))
   report["checkpoint"] = args.checkpoint
   common.write_json(os.path.join(args.out, REPORT_FILE), report)
   print(format_report(report))

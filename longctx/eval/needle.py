@@ -259,7 +259,7 @@ def main(args: argparse.Namespace) -> dict:
                             args.rope)
   report = run_needle(model, tokenizer, grid, needles, args.out, args.haystack, args.seed,
                       common.MemoryBudget.from_gib(args.max_memory_gb),
-                      {"checkpoint": os.path.abspath(args.checkpoint), "tokenizer": args.tokenizer})
+                      common.run_info(args))
   print(format_report(report))
   print(f"wrote {os.path.join(args.out, REPORT_FILE)} and {os.path.join(args.out, HEATMAP_FILE)}")
   return report

@@ -11,11 +11,18 @@ the generated text equals K exactly. Lengths are in tokens of the evaluated toke
 With `--depths` (fractions of the filler before the passkey line, e.g. 0,0.25,0.5,0.75,1) every
 length is tried `trials` times at each depth instead of at random depths, the report gains a
 lengths × depths `grid`, and `--heatmap` draws it (the needle heatmap's picture).
+
+Every finished trial is appended to `OUT.trials.jsonl` at once (`OUT` is `--out` without its
+extension; `OUT.run.json` says which model, tokenizer, RoPE and attention made them), so an
+interrupted run started again with the same `--out` redoes only the missing trials, and a rerun
+with more trials or lengths reuses the ones it has.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import time
 from typing import Callable, Sequence
 
 import numpy as np
@@ -82,7 +89,8 @@ def passkey_examples(tokenizer: Tokenizer, length: int, trials: int, seed: int,
 def run_passkey(model, tokenizer: Tokenizer, lengths: Sequence[int], trials: int = 10,
                 seed: int = 0, batch_size: int = 8,
                 budget: common.MemoryBudget | None = None,
-                depths: Sequence[float] | None = None, progress: bool = False) -> dict:
+                depths: Sequence[float] | None = None, progress: bool = False,
+                cache: str | None = None, run_info: dict | None = None) -> dict:
   """Passkey accuracy per length.
 
   model: anything with `.config` (ModelConfig) and `.generate(prompts, max_new_tokens=…,
@@ -90,6 +98,8 @@ def run_passkey(model, tokenizer: Tokenizer, lengths: Sequence[int], trials: int
   `PretrainedModel(model_config, state_params)` from longctx.eval.pretrained.
   Returns {"accuracy": {length: fraction}, "lengths", "trials", "seed", "results": [per trial]};
   with `depths`, `trials` per (length, depth) and also "depths" and "grid" [lengths][depths].
+  `cache`: a path prefix; trials are read from and appended to `cache.trials.jsonl`, and
+  `cache.run.json` must match `run_info` (with the seed), so cached trials never mix runs.
   Raises ContextTooLongError before any work when a length does not fit the budget.
   """
   lengths = common.validate_lengths(lengths, "passkey lengths")
@@ -102,12 +112,17 @@ def run_passkey(model, tokenizer: Tokenizer, lengths: Sequence[int], trials: int
   for n in lengths:
     common.check_fits(model.config, min(batch_size, trials), n, NEW_TOKENS, budget,
                       f"passkey length {n}", getattr(model, "attention", None))
+  done, record = _trial_cache(cache, {"seed": seed, "new_tokens": NEW_TOKENS, **(run_info or {})})
   cells = [(n, d) for n in lengths for d in (depths if depths is not None else [None])]
   results, by_cell = [], {}
-  for n, d in tqdm(cells, desc="passkey", disable=not progress):
-    rows = _run_length(model, tokenizer, n, trials, seed, batch_size, d)
-    results += rows
-    by_cell[n, d] = float(np.mean([r["correct"] for r in rows]))
+  cached = sum(_trial_key(n, d, t) in done for n, d in cells for t in range(trials))
+  with tqdm(total=len(cells) * trials, initial=cached, desc="passkey", unit="trial",
+            disable=not progress) as bar:
+    for n, d in cells:
+      rows = _run_length(model, tokenizer, n, trials, seed, batch_size, d, done,
+                         _counted(record, bar))
+      results += rows
+      by_cell[n, d] = float(np.mean([r["correct"] for r in rows]))
   accuracy = {n: float(np.mean([r["correct"] for r in results if r["length"] == n]))
               for n in lengths}
   report = {"task": "passkey", "lengths": lengths, "trials": trials, "seed": seed,
@@ -126,20 +141,53 @@ def plot_heatmap(report: dict, path: str, title: str = "passkey retrieval") -> N
        path, title=f"{title}, {report['trials']} trials per cell")
 
 
-def _run_length(model, tokenizer, length, trials, seed, batch_size, depth=None) -> list[dict]:
+def _trial_key(length: int, depth: float | None, trial: int) -> tuple:
+  return int(length), None if depth is None else round(float(depth), 6), int(trial)
+
+
+def _trial_cache(cache: str | None, run: dict):
+  """(finished trials by key, a function that records one) for the `cache` prefix (None: in
+  memory only)."""
+  if cache is None:
+    return {}, lambda row: None
+  common.check_run_file(cache + ".run.json", run)
+  path = cache + ".trials.jsonl"
+  done = {_trial_key(r["length"], r["cell_depth"], r["trial"]): r for r in common.read_jsonl(path)}
+  return done, lambda row: common.append_jsonl(path, row)
+
+
+def _counted(record, bar):
+  """`record`, also advancing `bar` by one trial and showing the prompt tokens per second."""
+  start, tokens = time.perf_counter(), [0]
+
+  def counted(row):
+    record(row)
+    tokens[0] += row["prompt_tokens"]
+    bar.set_postfix(tok_s=f"{tokens[0] / max(time.perf_counter() - start, 1e-9):.0f}")
+    bar.update(1)
+  return counted
+
+
+def _run_length(model, tokenizer, length, trials, seed, batch_size, depth, done,
+                record) -> list[dict]:
+  """The `trials` rows of one (length, depth) cell: those in `done`, the others run in batches
+  and `record`ed as each batch finishes."""
   examples = passkey_examples(tokenizer, length, trials, seed, depth)
-  prompts = [[tokenizer.bos_id] + tokenizer.encode(ex.prompt).tolist() for ex in examples]
-  outputs = []
-  for i in range(0, len(prompts), batch_size):
-    outputs += model.generate(prompts[i:i + batch_size], max_new_tokens=NEW_TOKENS,
-                              temperature=0.0, eos_token_id=tokenizer.eos_id)
-  rows = []
-  for trial, (ex, prompt, out) in enumerate(zip(examples, prompts, outputs)):
-    text = tokenizer.decode([t for t in out if t != tokenizer.eos_id])
-    rows.append({"length": length, "trial": trial, "prompt_tokens": len(prompt),
-                 "depth": ex.depth, "passkey": ex.passkey, "generated": text,
-                 "correct": first_integer(text) == ex.passkey})
-  return rows
+  todo = [t for t in range(trials) if _trial_key(length, depth, t) not in done]
+  for i in range(0, len(todo), batch_size):
+    batch = todo[i:i + batch_size]
+    prompts = [[tokenizer.bos_id] + tokenizer.encode(examples[t].prompt).tolist() for t in batch]
+    outputs = model.generate(prompts, max_new_tokens=NEW_TOKENS, temperature=0.0,
+                             eos_token_id=tokenizer.eos_id)
+    for trial, prompt, out in zip(batch, prompts, outputs):
+      ex = examples[trial]
+      text = tokenizer.decode([t for t in out if t != tokenizer.eos_id])
+      row = {"length": length, "trial": trial, "cell_depth": depth, "prompt_tokens": len(prompt),
+             "depth": ex.depth, "passkey": ex.passkey, "generated": text,
+             "correct": first_integer(text) == ex.passkey}
+      record(row)
+      done[_trial_key(length, depth, trial)] = row
+  return [done[_trial_key(length, depth, t)] for t in range(trials)]
 
 
 def format_report(report: dict) -> str:
@@ -177,7 +225,8 @@ def main(args: argparse.Namespace) -> dict:
                             args.rope)
   report = run_passkey(model, tokenizer, common.parse_ints(args.lengths, "--lengths"),
                        args.trials, args.seed, args.batch_size,
-                       common.MemoryBudget.from_gib(args.max_memory_gb), depths, progress=True)
+                       common.MemoryBudget.from_gib(args.max_memory_gb), depths, progress=True,
+                       cache=os.path.splitext(args.out)[0], run_info=common.run_info(args))
   report["checkpoint"] = args.checkpoint
   common.write_json(args.out, report)
   print(format_report(report))
