@@ -47,10 +47,11 @@ class DataStateHandler(ocp.CheckpointHandler):
     return None
 
   def finalize(self, directory: epath.Path):
-    pass
+    """Nothing to do: `save` writes every file completely (and orbax renames the step's
+    temporary directory only after all handlers finished)."""
 
   def close(self):
-    pass
+    """Nothing to do: the handler holds no open files or threads."""
 
 
 @ocp.args.register_with_handler(DataStateHandler, for_save=True)
