@@ -48,7 +48,8 @@ def fit_to_tokens(build: Callable[[int], str], tokenizer: Tokenizer, target: int
 
   Rescales n_chars by the measured characters per token a few times (exact for the byte
   tokenizer after one round, up to the filler's granularity), then shrinks it until the
-  prompt fits: a prompt never passes its nominal length (nor the model's context at it).
+  prompt fits: a prompt never passes its nominal length (nor the model's context at it), except
+  when the task and question lines alone are longer (the report's prompt-tokens column shows it).
   """
   def count(n: int) -> int:
     return len(tokenizer.encode(build(n))) + 1
