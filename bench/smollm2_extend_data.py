@@ -6,6 +6,12 @@ Two JSONL files, deterministic for a given Python, nothing downloaded:
              token on this code: 56k characters ≈ 14k–17k tokens, so a 16k row holds about one
              piece; longer ones are truncated and counted by the pipeline). Continued
              pre-training text (XVERSE stage 1).
+  docs.jsonl {"text"}: the stdlib's documentation as English prose, rendered from its docstrings
+             the way `pydoc` lays a module out (NAME, DESCRIPTION, then every public class,
+             function and method in source order with its signature and docstring), cut into
+             pieces like cpt.jsonl (4.2–4.8 characters per token: 72k characters ≈ 15k–17k
+             tokens). Continued pre-training text of the held-out text's kind (reference prose),
+             without any of it.
   sft.jsonl  {"messages"}: LongAlign-style long instructions made from the same modules. The
              user turn holds a window of a module's source (2k to ~15k tokens) and asks for the
              docstring of one function defined inside it; the assistant answers with that
@@ -40,6 +46,11 @@ def modules(min_chars: int) -> list[str]:
   return found
 
 
+def module_name(path: str, lib: str) -> str:
+  """The dotted name of a stdlib file: .../json/decoder.py → json.decoder."""
+  return os.path.relpath(path, lib)[:-3].replace("/", ".").removesuffix(".__init__")
+
+
 def pieces(text: str, chars: int) -> list[str]:
   """text cut at line boundaries into pieces of about `chars` characters (the last may be short)."""
   out, cur, size = [], [], 0
@@ -52,6 +63,51 @@ def pieces(text: str, chars: int) -> list[str]:
   if size > chars // 4:
     out.append("".join(cur))
   return out
+
+
+def _signature(node) -> str:
+  """`def name(args)` or `class Name(bases)` as written in the source."""
+  if isinstance(node, ast.ClassDef):
+    bases = ", ".join(ast.unparse(b) for b in node.bases)
+    return f"class {node.name}({bases})" if bases else f"class {node.name}"
+  return f"def {node.name}({ast.unparse(node.args)})"
+
+
+def _doc_lines(body, indent: str) -> list[str]:
+  """The public classes and functions of an ast body, each with its docstring, recursively."""
+  out = []
+  for node in body:
+    if not isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+      continue
+    if node.name.startswith("_") and node.name != "__init__":
+      continue
+    doc = ast.get_docstring(node)
+    if doc is None and not isinstance(node, ast.ClassDef):
+      continue
+    out.append(indent + _signature(node))
+    out += [(indent + "    " + line).rstrip() for line in (doc or "").split("\n")]
+    if isinstance(node, ast.ClassDef):
+      out += [""] * bool(doc) + _doc_lines(node.body, indent + "    ")
+    out.append("")
+  return out
+
+
+def module_doc(source: str, name: str) -> str:
+  """A module's documentation as plain text in pydoc's layout; '' without any docstring."""
+  try:
+    tree = ast.parse(source)
+  except SyntaxError:
+    return ""
+  doc, entries = ast.get_docstring(tree) or "", _doc_lines(tree.body, "    ")
+  if not doc and not entries:
+    return ""
+  head = doc.split("\n")[0]
+  lines = ["NAME", f"    {name}" + (f" - {head}" if head else ""), ""]
+  if doc:
+    lines += ["DESCRIPTION"] + [("    " + line).rstrip() for line in doc.split("\n")] + [""]
+  if entries:
+    lines += ["CONTENTS"] + entries
+  return "\n".join(lines) + "\n"
 
 
 def docstring_questions(source: str, name: str, rng: random.Random, max_chars: int, count: int):
@@ -84,6 +140,7 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--out", required=True, help="directory for cpt.jsonl and sft.jsonl")
   p.add_argument("--chars", type=int, default=56_000, help="characters per CPT piece")
+  p.add_argument("--doc_chars", type=int, default=72_000, help="characters per docs piece")
   p.add_argument("--sft_chars", type=int, default=48_000, help="longest SFT source window")
   p.add_argument("--per_module", type=int, default=2, help="SFT questions per module")
   p.add_argument("--seed", type=int, default=0)
@@ -91,7 +148,8 @@ def main():
   os.makedirs(a.out, exist_ok=True)
   rng = random.Random(a.seed)
   lib = sysconfig.get_paths()["stdlib"]
-  counts = {"cpt": 0, "sft": 0, "cpt_chars": 0}
+  counts = {"cpt": 0, "sft": 0, "cpt_chars": 0, "docs": 0, "docs_chars": 0}
+  docs_text = []
   with open(os.path.join(a.out, "cpt.jsonl"), "w") as cpt, \
        open(os.path.join(a.out, "sft.jsonl"), "w") as sft:
     for path in modules(min_chars=a.chars // 2):
@@ -101,11 +159,21 @@ def main():
         cpt.write(json.dumps({"text": piece}) + "\n")
         counts["cpt"] += 1
         counts["cpt_chars"] += len(piece)
-      name = os.path.relpath(path, lib)[:-3].replace("/", ".").removesuffix(".__init__")
+      name = module_name(path, lib)
       for conv in docstring_questions(source, name, rng, a.sft_chars, a.per_module):
         sft.write(json.dumps(conv) + "\n")
         counts["sft"] += 1
-  print(f"{a.out}/cpt.jsonl: {counts['cpt']} pieces, {counts['cpt_chars'] / 1e6:.1f}M characters; "
+  for path in modules(min_chars=0):
+    with open(path, encoding="utf-8") as f:
+      docs_text.append(module_doc(f.read(), module_name(path, lib)))
+  with open(os.path.join(a.out, "docs.jsonl"), "w") as docs:
+    for piece in pieces("\n".join(t for t in docs_text if t), a.doc_chars):
+      docs.write(json.dumps({"text": piece}) + "\n")
+      counts["docs"] += 1
+      counts["docs_chars"] += len(piece)
+  mchars = {k: counts[f"{k}_chars"] / 1e6 for k in ("cpt", "docs")}
+  print(f"{a.out}/cpt.jsonl: {counts['cpt']} pieces, {mchars['cpt']:.1f}M characters; "
+        f"{a.out}/docs.jsonl: {counts['docs']} pieces, {mchars['docs']:.1f}M characters; "
         f"{a.out}/sft.jsonl: {counts['sft']} conversations")
 
 

@@ -25,12 +25,18 @@ def gguf_path() -> str:
 
 
 def hf_dir() -> str:
-  """The cached HF directory, converted on first use (atomic: a killed run leaves no half)."""
+  """The cached HF directory, converted on first use (atomic: a killed run leaves no half; a
+  lock file makes parallel test workers convert it once)."""
+  import fcntl
+
   from longctx.checkpoint.gguf import gguf_to_hf
   cache = os.environ.get("LONGCTX_TEST_CACHE") or os.path.expanduser("~/.cache/longctx-tests")
   out = os.path.join(cache, "smollm2-135m-instruct-q4_1-hf")
-  if not os.path.isfile(os.path.join(out, "config.json")):
-    gguf_to_hf(gguf_path(), out)
+  os.makedirs(cache, exist_ok=True)
+  with open(os.path.join(cache, ".smollm2.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    if not os.path.isfile(os.path.join(out, "config.json")):
+      gguf_to_hf(gguf_path(), out)
   return out
 
 

@@ -223,7 +223,8 @@ def test_the_baselines_bench_runs(smollm2_dir, tmp_path):
 def test_the_extension_configs_data_reads_with_the_real_tokenizer(smollm2_dir, tmp_path):
   """configs/smollm2_135m_extend.py: the data script's files go through each stage's pipeline;
   the SFT answer (a docstring) is, line by line, in its own prompt, and only it (and the end of
-  turn) is a target; S²-Attn + LoRA is accepted on the 9 / 3 heads."""
+  turn) is a target; S²-Attn + LoRA is accepted on the 9 / 3 heads; the YaRN stage reads the
+  documentation prose (held-out text not in it)."""
   import os
 
   from longctx.data.pipeline import iterate_batches
@@ -250,3 +251,15 @@ def test_the_extension_configs_data_reads_with_the_real_tokenizer(smollm2_dir, t
   config.update_from_flattened_dict(small)
   (lora_stage,) = read_stages(config)
   assert lora_stage.attention.s2_group == 1024 and lora_stage.lora.enabled
+  docs = "".join(json.loads(line)["text"] for line in open(tmp_path / "docs.jsonl"))
+  assert len(docs) > 10**6 and "NAME\n    json - JSON (JavaScript Object Notation)" in docs
+  held_out = [p for p in real_text(10**7).split("\n\n") if len(p) > 300]
+  assert len(held_out) > 100 and not any(p in docs for p in held_out)
+  config = module.get_config("yarn")
+  config.update_from_flattened_dict({**small, "stages.yarn.data.max_len": 4096,
+                                     "stages.yarn.data.source.paths": f"{tmp_path}/docs.jsonl"})
+  (yarn_stage,) = read_stages(config)
+  rope = yarn_stage.model.rope
+  assert (rope.rope_type, rope.factor, rope.original_max_position_embeddings) == ("yarn", 4, 8192)
+  batch = next(iterate_batches(yarn_stage.data))
+  assert batch["inputs"].shape == (1, 4096) and (batch["loss_weights"] > 0).mean() > 0.99
