@@ -1,6 +1,6 @@
 """The training data of configs/smollm2_135m_extend.py: long real text from this Python's stdlib.
 
-Two JSONL files, deterministic for a given Python, nothing downloaded:
+Three JSONL files, deterministic for a given Python, nothing downloaded:
   cpt.jsonl  {"text"}: the stdlib's modules (not `pydoc_data`, not tests), each cut at line
              boundaries into pieces of about --chars characters (~3.6 characters per SmolLM2
              token on this code: 56k characters ≈ 14k–17k tokens, so a 16k row holds about one
@@ -138,7 +138,7 @@ def docstring_questions(source: str, name: str, rng: random.Random, max_chars: i
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--out", required=True, help="directory for cpt.jsonl and sft.jsonl")
+  p.add_argument("--out", required=True, help="directory for cpt.jsonl, docs.jsonl and sft.jsonl")
   p.add_argument("--chars", type=int, default=56_000, help="characters per CPT piece")
   p.add_argument("--doc_chars", type=int, default=72_000, help="characters per docs piece")
   p.add_argument("--sft_chars", type=int, default=48_000, help="longest SFT source window")

@@ -54,8 +54,7 @@ from longctx.train.config import default_config as default_train_sections, model
 TRAINED, ROWS, TARGET = 8192, 16384, 32768   # the base's length, the training rows, the aim
 ABF_THETA = 1_000_000.0
 DATA = "/tmp/smollm2-extend"                 # bench/smollm2_extend_data.py --out
-ARGS = ("", "longlora", "lora_full", "yarn")  # the variants (tests/test_configs.py)
-STEPS = {"abf": 6, "ntk": 2, "longlora": 2, "lora_full": 2, "yarn": 6}  # ~10 min per 16k step
+STEPS = {"abf": 6, "ntk": 2, "longlora": 2, "lora_full": 2, "yarn": 6}  # 10–12 min per 16k step
 
 
 def docs_data() -> dict:
@@ -67,6 +66,42 @@ def cpt_data() -> dict:
   """The `data` keys of continued pre-training: packed 16k rows of stdlib text, every token."""
   return dict(source=dict(kind="jsonl", paths=f"{DATA}/cpt.jsonl"), template="plain",
               max_len=ROWS, over_length="truncate_right", objective="token")
+
+
+def xverse_stages() -> dict:
+  """XVERSE's two stages: `abf` on the CPT text, then `ntk` with LongAlign SFT."""
+  abf = dict(model=dict(rope=dict(rope_type="default", theta=ABF_THETA),
+                        max_position_embeddings=ROWS),
+             train=dict(steps=STEPS["abf"]))
+  ntk = dict(model=dict(rope=dict(rope_type="xverse_ntk", theta=ABF_THETA, trained_length=ROWS,
+                                  target_length=TARGET, factor=TARGET / ROWS),
+                        max_position_embeddings=ROWS),
+             data=dict(source=dict(kind="jsonl", paths=f"{DATA}/sft.jsonl"), template="model",
+                       max_len=ROWS, over_length="truncate_middle", objective="sequence"),
+             train=dict(steps=STEPS["ntk"]))
+  return {"abf": abf, "ntk": ntk}
+
+
+def lora_stage(variant: str) -> dict:
+  """LongLoRA's LoRA with PI ×2: S²-Attn for `longlora`, full attention for `lora_full`."""
+  s2 = 0.25 if variant == "longlora" else 0.0
+  return {variant: dict(model=dict(rope=dict(rope_type="linear", factor=ROWS / TRAINED),
+                                   max_position_embeddings=ROWS),
+                        lora=dict(enabled=True, rank=8, alpha=16.0, s2_group_fraction=s2),
+                        train=dict(steps=STEPS[variant], learning_rate=2e-4))}
+
+
+def yarn_stage() -> dict:
+  """YaRN ×4 (8k → 32k) and a full fine-tune on the documentation prose."""
+  return {"yarn": dict(model=dict(rope=dict(rope_type="yarn", factor=TARGET / TRAINED,
+                                            original_max_position_embeddings=TRAINED),
+                                  max_position_embeddings=TARGET),
+                       data=docs_data(), train=dict(steps=STEPS["yarn"], learning_rate=1e-4))}
+
+
+STAGES = {"": xverse_stages, "longlora": lambda: lora_stage("longlora"),
+          "lora_full": lambda: lora_stage("lora_full"), "yarn": yarn_stage}  # arg → stages
+ARGS = tuple(STAGES)  # the variants (tests/test_configs.py)
 
 
 def get_config(arg=None):
@@ -99,34 +134,8 @@ def get_config(arg=None):
   config.train.log_every = 1
   config.checkpoint.every_steps = 4
 
-  config.stages = ml_collections.ConfigDict()
-  if variant == "yarn":
-    config.stages.yarn = ml_collections.ConfigDict(dict(
-        model=dict(rope=dict(rope_type="yarn", factor=TARGET / TRAINED,
-                             original_max_position_embeddings=TRAINED),
-                   max_position_embeddings=TARGET),
-        data=docs_data(), train=dict(steps=STEPS[variant], learning_rate=1e-4)))
-    config.stage_order = variant
-  elif variant:
-    s2 = 0.25 if variant == "longlora" else 0.0
-    config.stages[variant] = ml_collections.ConfigDict(dict(
-        model=dict(rope=dict(rope_type="linear", factor=ROWS / TRAINED),
-                   max_position_embeddings=ROWS),
-        lora=dict(enabled=True, rank=8, alpha=16.0, s2_group_fraction=s2),
-        train=dict(steps=STEPS[variant], learning_rate=2e-4)))
-    config.stage_order = variant
-  else:
-    config.stages.abf = ml_collections.ConfigDict(dict(
-        model=dict(rope=dict(rope_type="default", theta=ABF_THETA),
-                   max_position_embeddings=ROWS),
-        train=dict(steps=STEPS["abf"])))
-    config.stages.ntk = ml_collections.ConfigDict(dict(
-        model=dict(rope=dict(rope_type="xverse_ntk", theta=ABF_THETA, trained_length=ROWS,
-                             target_length=TARGET, factor=TARGET / ROWS),
-                   max_position_embeddings=ROWS),
-        data=dict(source=dict(kind="jsonl", paths=f"{DATA}/sft.jsonl"), template="model",
-                  max_len=ROWS, over_length="truncate_middle", objective="sequence"),
-        train=dict(steps=STEPS["ntk"])))
-    config.stage_order = "abf,ntk"
+  stages = STAGES[variant]()
+  config.stages = ml_collections.ConfigDict(stages)
+  config.stage_order = ",".join(stages)  # in the order the builder lists them
   config.lock()
   return config
