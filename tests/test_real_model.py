@@ -236,7 +236,8 @@ def test_the_extension_configs_data_reads_with_the_real_tokenizer(smollm2_dir, t
   assert len(sft) > 50 and all(line.strip() in c["messages"][0]["content"]
                                for c in sft for line in c["messages"][1]["content"].split("\n"))
   module = _module(os.path.join(ROOT, "configs", "smollm2_135m_extend.py"))
-  small = {"init.path": str(smollm2_dir), "data.max_len": 4096,
+  # a window of 8 examples: the first batch tokenizes 8 pieces, not 512 (the same checks)
+  small = {"init.path": str(smollm2_dir), "data.max_len": 4096, "data.window": 8,
            "data.source.paths": f"{tmp_path}/cpt.jsonl"}
   config = module.get_config()
   config.update_from_flattened_dict({**small, "stages.ntk.data.max_len": 4096,
