@@ -37,6 +37,26 @@ MIN_CHARS = 250
 MAX_CHARS = {1: 900, 2: 1800, 4: 3600}
 
 
+def passkey_stages() -> dict:
+  """The base at L0, then ABF at 2·L0 and fixed NTK at 4·L0 (the tiny reproduction's stages)."""
+  base = dict(
+      train=dict(steps=800), eval=dict(every_steps=800))
+  abf = dict(
+      model=dict(max_position_embeddings=2 * L0,
+                 rope=dict(rope_type="default", theta=500000.0)),
+      train=dict(steps=150, learning_rate=3e-3, warmup_steps=10),
+      data=dict(max_len=2 * L0, batch_size=1, source=dict(max_tokens=MAX_CHARS[2])),
+      eval=dict(every_steps=150))
+  ntk = dict(
+      model=dict(max_position_embeddings=4 * L0,
+                 rope=dict(rope_type="xverse_ntk", theta=500000.0, trained_length=2 * L0,
+                           target_length=4 * L0, factor=2.0)),
+      train=dict(steps=20, learning_rate=1e-3, warmup_steps=5),
+      data=dict(max_len=4 * L0, batch_size=1, source=dict(max_tokens=MAX_CHARS[4])),
+      eval=dict(every_steps=20))
+  return {"base": base, "abf": abf, "ntk": ntk}
+
+
 def get_config(arg=None):
   del arg
   config = default_train_sections()
@@ -71,22 +91,7 @@ def get_config(arg=None):
   config.eval.passkey_lengths = f"{L0},{2 * L0},{4 * L0}"
   config.eval.passkey_trials = 20
 
-  config.stages = ml_collections.ConfigDict()
-  config.stages.base = ml_collections.ConfigDict(dict(
-      train=dict(steps=800), eval=dict(every_steps=800)))
-  config.stages.abf = ml_collections.ConfigDict(dict(
-      model=dict(max_position_embeddings=2 * L0,
-                 rope=dict(rope_type="default", theta=500000.0)),
-      train=dict(steps=150, learning_rate=3e-3, warmup_steps=10),
-      data=dict(max_len=2 * L0, batch_size=1, source=dict(max_tokens=MAX_CHARS[2])),
-      eval=dict(every_steps=150)))
-  config.stages.ntk = ml_collections.ConfigDict(dict(
-      model=dict(max_position_embeddings=4 * L0,
-                 rope=dict(rope_type="xverse_ntk", theta=500000.0, trained_length=2 * L0,
-                           target_length=4 * L0, factor=2.0)),
-      train=dict(steps=20, learning_rate=1e-3, warmup_steps=5),
-      data=dict(max_len=4 * L0, batch_size=1, source=dict(max_tokens=MAX_CHARS[4])),
-      eval=dict(every_steps=20)))
+  config.stages = ml_collections.ConfigDict(passkey_stages())
   config.stage_order = "base,abf,ntk"
   config.lock()
   return config

@@ -78,6 +78,25 @@ ABF_DATA = dict(source=dict(paths="/data/pretrain/*.jsonl"), template="plain", m
                 over_length="truncate_right", objective="token")
 
 
+def xverse_stages(layout: dict, abf_data: dict) -> dict:
+  """XVERSE's two stages on `layout`: ABF pre-training at 8K, then fixed NTK + SFT at 256K."""
+  ntk_shards, ntk_rows, ntk_micro = layout["ntk"]
+  abf = dict(model=dict(rope=dict(rope_type="default", theta=500_000.0),
+                        max_position_embeddings=TRAINED),
+             data=abf_data,
+             train=dict(steps=5000, micro_batches=layout["abf"][2], learning_rate=2e-5,
+                        schedule="cosine", warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1))
+  ntk = dict(model=dict(rope=dict(rope_type="xverse_ntk", theta=500_000.0, trained_length=TRAINED,
+                                  target_length=TARGET, factor=2.0),
+                        max_position_embeddings=TRAINED),
+             data=dict(source=dict(paths="/data/sft_256k/*.jsonl"), template="chatml",
+                       max_len=TARGET, over_length="truncate_middle", objective="sequence",
+                       num_shards=ntk_shards, batch_size=ntk_rows),
+             train=dict(steps=500, micro_batches=ntk_micro, learning_rate=2e-5, schedule="cosine",
+                        warmup_steps=20, min_lr_ratio=0.0, weight_decay=0.0))
+  return {"abf": abf, "ntk": ntk}
+
+
 def get_config(arg=None):
   """arg: the number of devices, 128 (default) or 16 (same global batch through
   micro-batches)."""
@@ -104,8 +123,7 @@ def get_config(arg=None):
   config.data.tokenizer = "hf"
   config.data.tokenizer_path = "/models/XVERSE-13B/tokenizer.json"
   config.data.batching = "packed"
-  abf_shards, abf_rows, abf_micro = layout["abf"]
-  ntk_shards, ntk_rows, ntk_micro = layout["ntk"]
+  abf_shards, abf_rows, _ = layout["abf"]
   abf_data = dict(ABF_DATA, num_shards=abf_shards, batch_size=abf_rows)
   config.data.update(abf_data)   # recursive: keeps the other data.source keys
   config.data.num_epochs = 0     # repeat; train.steps ends each stage
@@ -117,22 +135,7 @@ def get_config(arg=None):
   config.train.log_every = 10
   config.checkpoint.every_steps = 250
 
-  config.stages = ml_collections.ConfigDict()
-  config.stages.abf = ml_collections.ConfigDict(dict(
-      model=dict(rope=dict(rope_type="default", theta=500_000.0),
-                 max_position_embeddings=TRAINED),
-      data=abf_data,
-      train=dict(steps=5000, micro_batches=abf_micro, learning_rate=2e-5, schedule="cosine",
-                 warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1)))
-  config.stages.ntk = ml_collections.ConfigDict(dict(
-      model=dict(rope=dict(rope_type="xverse_ntk", theta=500_000.0, trained_length=TRAINED,
-                           target_length=TARGET, factor=2.0),
-                 max_position_embeddings=TRAINED),
-      data=dict(source=dict(paths="/data/sft_256k/*.jsonl"), template="chatml", max_len=TARGET,
-                over_length="truncate_middle", objective="sequence", num_shards=ntk_shards,
-                batch_size=ntk_rows),
-      train=dict(steps=500, micro_batches=ntk_micro, learning_rate=2e-5, schedule="cosine",
-                 warmup_steps=20, min_lr_ratio=0.0, weight_decay=0.0)))
+  config.stages = ml_collections.ConfigDict(xverse_stages(layout, abf_data))
   config.stage_order = "abf,ntk"
   config.lock()
   return config
