@@ -56,7 +56,7 @@ def max_err(a, b):
              for x, y in zip(a, b))
 
 
-def main():
+def parse_args() -> argparse.Namespace:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
   ap.add_argument("--heads", type=int, default=32)
@@ -66,63 +66,76 @@ def main():
   ap.add_argument("--dense-max-len", type=int, default=8192)
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--no-timing", action="store_true", help="only check values and gradients")
-  args = ap.parse_args()
+  return ap.parse_args()
+
+
+def check(args, l, dtype, pallas, fallback, seg, inputs) -> tuple[str, bool]:
+  """One cell's values and gradients: the Pallas kernel against the best oracle that runs."""
+  to_f32 = [x.astype(jnp.float32) for x in inputs]
+  got, want = pallas(*inputs), fallback(*inputs)
+  err = max_err(got, want)
+  line = f"# L={l} {dtype.name}: |pallas - blockwise| = {err:.2e}"
+  if l <= args.dense_max_len:
+    exact = fwd_bwd(dense_attention, seg)(*to_f32)
+    dense_err = max_err(fwd_bwd(dense_attention, seg)(*inputs), exact)
+    err_exact = max_err(got, exact)
+    passed = err_exact < F32_TOL if dtype == jnp.float32 else err_exact <= 2 * dense_err
+    line += (f"; |pallas - dense f32| = {err_exact:.2e} (dense {dtype.name}: {dense_err:.2e}) "
+             f"{'PASS' if passed else 'FAIL'}")
+  elif dtype == jnp.float32:
+    passed = err < F32_TOL
+    line += f" {'PASS' if passed else 'FAIL'}"
+  else:  # beyond dense: the float32 fallback is the oracle (it equals dense within 2e-5)
+    exact = fallback(*to_f32)
+    fallback_err, err_exact = max_err(want, exact), max_err(got, exact)
+    passed = err_exact <= 2 * fallback_err
+    line += (f"; |pallas - blockwise f32| = {err_exact:.2e} (blockwise {dtype.name}: "
+             f"{fallback_err:.2e}) {'PASS' if passed else 'FAIL'}")
+  return line, passed
+
+
+def timings(args, l, dtype, pallas, fallback, seg, inputs) -> list[str]:
+  """One cell's fwd+bwd time per implementation, as table rows; a failure is a row too."""
+  flops = 3 * 4 * l * l * args.heads * args.head_dim / 2
+  impls = [("pallas_gpu", pallas), ("blockwise (XLA)", fallback)]
+  if jax.default_backend() == "gpu" and dtype == jnp.bfloat16:
+    cudnn = lambda q, k, v, s: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                            implementation="cudnn")
+    impls.append(("cuDNN, no documents", fwd_bwd(cudnn, None)))
+  if l <= args.dense_max_len:
+    impls.append(("dense (XLA)", fwd_bwd(dense_attention, seg)))
+  rows = []
+  for impl, fn in impls:
+    try:
+      secs = best_seconds(fn, inputs, args.repeats, warmup=True)
+      rows.append(f"| {l} | {dtype.name} | {impl} | {secs * 1e3:.2f} | {flops / secs / 1e12:.1f} |")
+    except Exception as e:  # noqa: BLE001 - report and go on with the other implementations
+      rows.append(f"| {l} | {dtype.name} | {impl} | failed: {type(e).__name__}: {str(e)[:80]} | |")
+    print(rows[-1], flush=True)
+  return rows
+
+
+def main():
+  args = parse_args()
   h, kh, d = args.heads, args.kv_heads, args.head_dim
-  platform = jax.default_backend()
-  print(f"# {jax.devices()[0].device_kind} ({platform}); pallas_gpu "
+  print(f"# {jax.devices()[0].device_kind} ({jax.default_backend()}); pallas_gpu "
         f"{'interpreted' if interpret() else 'compiled by Triton'}; Hq={h} Hkv={kh} D={d} B=1 "
         f"causal; best of {args.repeats}")
   rng = np.random.default_rng(0)
-  ok = True
-  rows = []
+  ok, rows = True, []
   for l in args.lengths:
     seg = documents(rng, l)
     for name in args.dtypes:
       dtype = jnp.dtype(name)
-      q, k, v, ct = (jnp.asarray(rng.normal(size=(1, l, n, d)), dtype) for n in (h, kh, kh, h))
+      inputs = tuple(jnp.asarray(rng.normal(size=(1, l, n, d)), dtype) for n in (h, kh, kh, h))
       pallas = fwd_bwd(lambda q, k, v, s: blockwise_attention(q, k, v, s, kernel="pallas_gpu"),
                        seg)
       fallback = fwd_bwd(lambda q, k, v, s: blockwise_attention(q, k, v, s), seg)
-      got, want = pallas(q, k, v, ct), fallback(q, k, v, ct)
-      err = max_err(got, want)
-      line = f"# L={l} {name}: |pallas - blockwise| = {err:.2e}"
-      if l <= args.dense_max_len:
-        exact = fwd_bwd(dense_attention, seg)(*(x.astype(jnp.float32) for x in (q, k, v, ct)))
-        dense_err = max_err(fwd_bwd(dense_attention, seg)(q, k, v, ct), exact)
-        err_exact = max_err(got, exact)
-        passed = err_exact < F32_TOL if dtype == jnp.float32 else err_exact <= 2 * dense_err
-        line += (f"; |pallas - dense f32| = {err_exact:.2e} (dense {name}: {dense_err:.2e}) "
-                 f"{'PASS' if passed else 'FAIL'}")
-        ok &= passed
-      elif dtype == jnp.float32:
-        passed = err < F32_TOL
-        line += f" {'PASS' if passed else 'FAIL'}"
-        ok &= passed
-      else:  # beyond dense: the float32 fallback is the oracle (it equals dense within 2e-5)
-        exact = fallback(*(x.astype(jnp.float32) for x in (q, k, v, ct)))
-        fallback_err, err_exact = max_err(want, exact), max_err(got, exact)
-        passed = err_exact <= 2 * fallback_err
-        line += (f"; |pallas - blockwise f32| = {err_exact:.2e} (blockwise {name}: "
-                 f"{fallback_err:.2e}) {'PASS' if passed else 'FAIL'}")
-        ok &= passed
+      line, passed = check(args, l, dtype, pallas, fallback, seg, inputs)
+      ok &= passed
       print(line, flush=True)
-      if args.no_timing:
-        continue
-      flops = 3 * 4 * l * l * h * d / 2
-      impls = [("pallas_gpu", pallas, seg), ("blockwise (XLA)", fallback, seg)]
-      if platform == "gpu" and dtype == jnp.bfloat16:
-        cudnn = lambda q, k, v, s: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                                implementation="cudnn")
-        impls.append(("cuDNN, no documents", fwd_bwd(cudnn, None), None))
-      if l <= args.dense_max_len:
-        impls.append(("dense (XLA)", fwd_bwd(dense_attention, seg), seg))
-      for impl, fn, _ in impls:
-        try:
-          secs = best_seconds(fn, (q, k, v, ct), args.repeats, warmup=True)
-          rows.append(f"| {l} | {name} | {impl} | {secs * 1e3:.2f} | {flops / secs / 1e12:.1f} |")
-        except Exception as e:  # noqa: BLE001 - report and go on with the other implementations
-          rows.append(f"| {l} | {name} | {impl} | failed: {type(e).__name__}: {str(e)[:80]} | |")
-        print(rows[-1], flush=True)
+      if not args.no_timing:
+        rows += timings(args, l, dtype, pallas, fallback, seg, inputs)
   if rows:
     print("\n| L | dtype | impl | fwd+bwd ms | TFLOP/s |\n|---|---|---|---|---|")
     print("\n".join(rows))
