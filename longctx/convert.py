@@ -66,7 +66,8 @@ def _parse_size(text: str) -> int:
   return int(upper)
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
+  """The command line: one subcommand per direction of conversion."""
   parser = argparse.ArgumentParser(prog="python -m longctx.convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -98,7 +99,11 @@ def main(argv=None) -> int:
                  help="cast every tensor (default: keep each tensor's dtype)")
   for p in sub.choices.values():
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
   if args.command == "from-gguf":
     from longctx.checkpoint.gguf import gguf_to_hf
     print(f"wrote HF directory {gguf_to_hf(args.gguf_file, args.hf_dir)}")

@@ -194,6 +194,17 @@ class DecoderLayer(nn.Module):
     return constrain(x_BLE, RESIDUAL_AXES), (kv if self.emit_kv else None)
 
 
+def _single_document(tokens_BL, positions_BL, segment_ids_BL):
+  """(positions, segment ids), each defaulting to one unpacked document per row."""
+  if tokens_BL.ndim != 2:
+    raise ValueError(f"tokens must be [batch, seq_len], found shape {tokens_BL.shape}")
+  if positions_BL is None:
+    positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1], dtype=jnp.int32), tokens_BL.shape)
+  if segment_ids_BL is None:
+    segment_ids_BL = jnp.ones(tokens_BL.shape, jnp.int32)
+  return positions_BL, segment_ids_BL
+
+
 class Llama(nn.Module):
   """The decoder: tokens [B, L] int32 -> logits [B, L, V] float32.
 
@@ -223,12 +234,7 @@ class Llama(nn.Module):
       into `kv_cache.segment_ids_BS`); returns (logits, cache with the new keys/values).
     """
     cfg = self.config
-    if tokens_BL.ndim != 2:
-      raise ValueError(f"tokens must be [batch, seq_len], found shape {tokens_BL.shape}")
-    if positions_BL is None:
-      positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1], dtype=jnp.int32), tokens_BL.shape)
-    if segment_ids_BL is None:
-      segment_ids_BL = jnp.ones(tokens_BL.shape, jnp.int32)
+    positions_BL, segment_ids_BL = _single_document(tokens_BL, positions_BL, segment_ids_BL)
     attention_fn = self.attention_fn or default_attention_fn()
 
     embedding_VE = self.param("embed_tokens", _init(cfg, "vocab", "embed"),
