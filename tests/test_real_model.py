@@ -264,3 +264,37 @@ def test_the_extension_configs_data_reads_with_the_real_tokenizer(smollm2_dir, t
   assert (rope.rope_type, rope.factor, rope.original_max_position_embeddings) == ("yarn", 4, 8192)
   batch = next(iterate_batches(yarn_stage.data))
   assert batch["inputs"].shape == (1, 4096) and (batch["loss_weights"] > 0).mean() > 0.99
+
+
+class _TransformersGenerator:
+  """transformers' greedy `generate` behind the interface `run_passkey` takes, one prompt at a
+  time (no padding), so the passkey harness can score the reference model."""
+
+  def __init__(self, model, config):
+    self.model, self.config = model, config
+
+  def generate(self, prompts, *, max_new_tokens, temperature, eos_token_id):
+    assert temperature == 0.0
+    outputs = []
+    for prompt in prompts:
+      with torch.no_grad():
+        out = self.model.generate(torch.as_tensor([prompt]), do_sample=False,
+                                  max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                  pad_token_id=eos_token_id)
+      outputs.append(out[0, len(prompt):].tolist())
+    return outputs
+
+
+def test_the_passkey_command_gives_transformers_answers(smollm2_dir, hf_model, ours, tmp_path):
+  """The same prompts (the command's, real tokenizer), the same generated text per trial."""
+  from longctx.eval.passkey import run_passkey
+  out = tmp_path / "passkey.json"
+  assert eval_main.main(["passkey", "--checkpoint", smollm2_dir, "--tokenizer",
+                         f"{smollm2_dir}/tokenizer.json", "--lengths", "768", "--trials", "3",
+                         "--out", str(out)]) == 0
+  got = json.loads(out.read_text())["results"]
+  tok = HFTokenizer(f"{smollm2_dir}/tokenizer.json")
+  want = run_passkey(_TransformersGenerator(hf_model, ours.config), tok, [768], trials=3)["results"]
+  assert [r["prompt_tokens"] for r in got] == [r["prompt_tokens"] for r in want]
+  assert [r["generated"] for r in got] == [r["generated"] for r in want]
+  assert any(r["correct"] for r in want)  # real answers, not a shared failure
