@@ -70,7 +70,7 @@ def pack(docs, length, rows, one_per_row=False):
   return (*out, weights, answer)
 
 
-def main():
+def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser()
   p.add_argument("--length", type=int, default=256)
   p.add_argument("--rows", type=int, default=16)
@@ -85,30 +85,23 @@ def main():
   p.add_argument("--save", default="", help="write the final params here (.pkl)")
   p.add_argument("--eval_lengths", default="", help="comma-separated (default: --length)")
   p.add_argument("--eval_every", type=int, default=100)
-  a = p.parse_args()
-  if a.steps <= a.warmup:
-    p.error(f"--steps ({a.steps}) must exceed --warmup ({a.warmup})")
+  return p
 
-  tok = make_tokenizer(TokenizerKind.HF, TOKENIZER)
-  rng = np.random.default_rng(0)
-  cfg = ModelConfig(vocab_size=400, hidden_size=a.hidden, intermediate_size=352 * a.hidden // 128,
-                    num_layers=a.layers, num_heads=a.heads, num_kv_heads=a.heads,
-                    head_dim=a.hidden // a.heads, max_position_embeddings=a.length,
-                    rope=DefaultRope(theta=a.theta))
-  model = Llama(cfg)
-  if a.init.endswith(".pkl"):
-    with open(a.init, "rb") as f:
-      params = pickle.load(f)
-  elif a.init:
+
+def _initial_params(cfg, init: str):
+  """Params from a .pkl written by --save, a longctx checkpoint, or at random."""
+  if init.endswith(".pkl"):
+    with open(init, "rb") as f:
+      return pickle.load(f)
+  if init:
     import longctx
-    params = longctx.load_pretrained(a.init, progress=False).params
-  else:
-    params = init_params(cfg, jax.random.key(0))
-  schedule = optax.warmup_cosine_decay_schedule(0, a.lr, a.warmup, a.steps, a.lr * 0.1)
-  opt = optax.chain(optax.clip_by_global_norm(1.0),
-                    optax.adamw(schedule, b2=0.98, weight_decay=0.0))
-  opt_state = opt.init(params)
+    return longctx.load_pretrained(init, progress=False).params
+  return init_params(cfg, jax.random.key(0))
 
+
+def _compiled(model, opt):
+  """(step, exact_match), jitted: one AdamW step on the weighted loss; teacher-forced answer
+  accuracy (whole answer, per token)."""
   def predictions(params, tokens, segments, positions):
     logits = model.apply({"params": params}, tokens, positions, segments)
     return logits, jnp.roll(tokens, -1, 1)
@@ -128,6 +121,27 @@ def main():
     logits, targets = predictions(params, tokens, segments, positions)
     right = logits.argmax(-1) == targets
     return (right | (answer == 0)).all(1).mean(), (right * answer).sum() / answer.sum()
+  return step, exact_match
+
+
+def main():
+  p = _parser()
+  a = p.parse_args()
+  if a.steps <= a.warmup:
+    p.error(f"--steps ({a.steps}) must exceed --warmup ({a.warmup})")
+
+  tok = make_tokenizer(TokenizerKind.HF, TOKENIZER)
+  rng = np.random.default_rng(0)
+  cfg = ModelConfig(vocab_size=400, hidden_size=a.hidden, intermediate_size=352 * a.hidden // 128,
+                    num_layers=a.layers, num_heads=a.heads, num_kv_heads=a.heads,
+                    head_dim=a.hidden // a.heads, max_position_embeddings=a.length,
+                    rope=DefaultRope(theta=a.theta))
+  params = _initial_params(cfg, a.init)
+  schedule = optax.warmup_cosine_decay_schedule(0, a.lr, a.warmup, a.steps, a.lr * 0.1)
+  opt = optax.chain(optax.clip_by_global_norm(1.0),
+                    optax.adamw(schedule, b2=0.98, weight_decay=0.0))
+  opt_state = opt.init(params)
+  step, exact_match = _compiled(Llama(cfg), opt)
 
   eval_lengths = [int(x) for x in a.eval_lengths.split(",")] if a.eval_lengths else [a.length]
   eval_sets = {n: pack(documents(rng, tok, n, int(0.8 * n)), n, 48, one_per_row=True)

@@ -84,7 +84,7 @@ def plot_grids(grids, path):
   plt.close(fig)
 
 
-def main():
+def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser()
   p.add_argument("--workdir")
   p.add_argument("--config", default=os.path.join(HERE, "..", "configs", "tiny_passkey.py"))
@@ -98,14 +98,11 @@ def main():
   p.add_argument("--heatmap_trials", type=int, default=5, help="trials per heatmap cell")
   p.add_argument("--rebuild_tokenizer", action="store_true",
                  help="retrain the config's tokenizer file and exit")
-  args = p.parse_args()
+  return p
 
-  mod, config = load_config(args.config)
-  if args.rebuild_tokenizer:
-    rebuild_tokenizer(mod.TOKENIZER)
-    return
-  if not args.workdir:
-    p.error("--workdir is required")
+
+def _override(config, args) -> None:
+  """The command line's step counts, trials and stage subset, into the config."""
   for name, steps in (("base", args.base_steps), ("abf", args.abf_steps),
                       ("ntk", args.ntk_steps)):
     if steps:
@@ -116,14 +113,8 @@ def main():
   if args.stages:
     config.stage_order = args.stages
 
-  from longctx.train.loop import run
-  stages = [s.strip() for s in str(config.stage_order).split(",") if s.strip()]
-  t_all = time.time()
-  summaries = run(config, args.workdir, log=lambda msg: print(msg, flush=True))
-  t_train = time.time() - t_all
 
-  lengths = [int(x) for x in str(config.eval.passkey_lengths).split(",")]
-  table = in_training_table(args.workdir, stages, lengths)
+def _print_training(config, table, lengths, summaries, t_train) -> None:
   print()
   print(f"passkey accuracy ({config.eval.passkey_trials} trials per cell at random depths; greedy)")
   print("stage".ljust(8) + "step".rjust(6) + "".join(f"{n:>8d}" for n in lengths))
@@ -134,28 +125,52 @@ def main():
       print(f"{s.name}: {s.steps} steps, {s.tokens:,} tokens, {s.seconds:.0f} s")
   print(f"training + in-training evaluation + compilation: {t_train:.0f} s")
 
-  grids = {}
-  if args.depths:
-    import longctx
-    from longctx.data.tokenizers import make_tokenizer
-    from longctx.data.config import TokenizerKind
-    from longctx.eval import passkey
-    tokenizer = make_tokenizer(TokenizerKind(config.data.tokenizer), config.data.tokenizer_path)
-    depths = [float(d) for d in args.depths.split(",")]
-    t0 = time.time()
-    for s in stages:
-      final = os.path.join(args.workdir, s, "final")
-      if not os.path.isdir(final):
-        continue
-      model = longctx.load_pretrained(final, progress=False)
-      grids[s] = passkey.run_passkey(model, tokenizer, lengths, args.heatmap_trials, seed=1,
-                                     batch_size=args.heatmap_trials, depths=depths, progress=True)
-      print(f"\nafter {s} (final weights), {args.heatmap_trials} trials per cell:")
-      print(passkey.format_report(grids[s]))
-    if grids:
-      path = os.path.join(args.workdir, "passkey_heatmaps.png")
-      plot_grids(grids, path)
-      print(f"heatmaps: {time.time() - t0:.0f} s; wrote {path}")
+
+def _heatmaps(config, args, stages, lengths) -> dict:
+  """Passkey over lengths × depths on every stage's final weights; writes the picture."""
+  import longctx
+  from longctx.data.config import TokenizerKind
+  from longctx.data.tokenizers import make_tokenizer
+  from longctx.eval import passkey
+  tokenizer = make_tokenizer(TokenizerKind(config.data.tokenizer), config.data.tokenizer_path)
+  depths = [float(d) for d in args.depths.split(",")]
+  grids, t0 = {}, time.time()
+  for s in stages:
+    final = os.path.join(args.workdir, s, "final")
+    if not os.path.isdir(final):
+      continue
+    model = longctx.load_pretrained(final, progress=False)
+    grids[s] = passkey.run_passkey(model, tokenizer, lengths, args.heatmap_trials, seed=1,
+                                   batch_size=args.heatmap_trials, depths=depths, progress=True)
+    print(f"\nafter {s} (final weights), {args.heatmap_trials} trials per cell:")
+    print(passkey.format_report(grids[s]))
+  if grids:
+    path = os.path.join(args.workdir, "passkey_heatmaps.png")
+    plot_grids(grids, path)
+    print(f"heatmaps: {time.time() - t0:.0f} s; wrote {path}")
+  return grids
+
+
+def main():
+  p = _parser()
+  args = p.parse_args()
+  mod, config = load_config(args.config)
+  if args.rebuild_tokenizer:
+    rebuild_tokenizer(mod.TOKENIZER)
+    return
+  if not args.workdir:
+    p.error("--workdir is required")
+  _override(config, args)
+
+  from longctx.train.loop import run
+  stages = [s.strip() for s in str(config.stage_order).split(",") if s.strip()]
+  t_all = time.time()
+  summaries = run(config, args.workdir, log=lambda msg: print(msg, flush=True))
+  t_train = time.time() - t_all
+  lengths = [int(x) for x in str(config.eval.passkey_lengths).split(",")]
+  table = in_training_table(args.workdir, stages, lengths)
+  _print_training(config, table, lengths, summaries, t_train)
+  grids = _heatmaps(config, args, stages, lengths) if args.depths else {}
   out = os.path.join(args.workdir, "passkey_repro.json")
   with open(out, "w") as f:
     json.dump({"in_training": table, "train_seconds": t_train,

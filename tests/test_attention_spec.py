@@ -41,7 +41,7 @@ def _value_and_grads(fn, q, k, v, ct):
   return (out,) + vjp(ct)
 
 
-def _close(want, got, seg):
+def _assert_close(want, got, seg):
   keep = np.asarray(seg > 0)[..., None, None]
   for name, w, g in zip(("out", "dq", "dk", "dv"), want, got):
     err = float(np.abs(np.where(keep, np.asarray(w) - np.asarray(g), 0)).max()) if name == "out" \
@@ -102,7 +102,7 @@ def test_one_device_impls_equal_dense(impl):
   fn = AttentionSpec(impl=impl, tiles=Tiles(8, 8)).function()
   got = jax.jit(lambda q, k, v: _value_and_grads(lambda q, k, v: fn(q, k, v, seg, pos),
                                                  q, k, v, ct))(q, k, v)
-  _close(_oracle(q, k, v, seg, ct), got, seg)
+  _assert_close(_oracle(q, k, v, seg, ct), got, seg)
 
 
 @pytest.mark.parametrize("strategy,h,kh", [("ring", 4, 2), ("all_gather", 4, 1),
@@ -117,7 +117,7 @@ def test_natural_order_on_an_explicit_mesh_with_sharded_inputs(strategy, h, kh):
   got = jax.jit(lambda q, k, v: _value_and_grads(lambda q, k, v: fn(q, k, v, seg, pos),
                                                  q, k, v, shard(ct, "data", "seq")))(qs, ks, vs)
   assert got[0].sharding.is_equivalent_to(qs.sharding, q.ndim)
-  _close(_oracle(q, k, v, seg, ct), got, seg)
+  _assert_close(_oracle(q, k, v, seg, ct), got, seg)
 
 
 @pytest.mark.parametrize("strategy,layout", [("ring", "striped"), ("all_gather", "zigzag"),
@@ -135,7 +135,7 @@ def test_permuted_rows_with_positions_equal_dense(strategy, layout):
     args = [permute(x, layout, 2) for x in (q, k, v, seg, pos)]
     return unpermute(fn(*args), layout, 2)
   got = jax.jit(lambda q, k, v: _value_and_grads(natural, q, k, v, ct))(q, k, v)
-  _close(_oracle(q, k, v, seg, ct), got, seg)
+  _assert_close(_oracle(q, k, v, seg, ct), got, seg)
 
 
 def test_hybrid_through_the_spec():
@@ -144,7 +144,7 @@ def test_hybrid_through_the_spec():
   fn = AttentionSpec(strategy="hybrid", tiles=Tiles(4, 4)).function(mesh, seq_axis=("u", "r"))
   got = jax.jit(lambda q, k, v: _value_and_grads(lambda q, k, v: fn(q, k, v, seg, pos),
                                                  q, k, v, ct))(q, k, v)
-  _close(_oracle(q, k, v, seg, ct), got, seg)
+  _assert_close(_oracle(q, k, v, seg, ct), got, seg)
 
 
 def test_hybrid_on_permuted_rows_splits_the_sequence_axis():
@@ -160,14 +160,14 @@ def test_hybrid_on_permuted_rows_splits_the_sequence_axis():
   def natural(q, k, v):
     return unpermute(fn(*[permute(x, "zigzag", 4) for x in (q, k, v, seg, pos)]), "zigzag", 4)
   got = jax.jit(lambda q, k, v: _value_and_grads(natural, q, k, v, ct))(q, k, v)
-  _close(_oracle(q, k, v, seg, ct), got, seg)
+  _assert_close(_oracle(q, k, v, seg, ct), got, seg)
 
   explicit = jax.make_mesh((2, 4), ("data", "seq"))
   fn = spec.function(explicit, permuted=True, batch_axes="data")
   args = [jax.device_put(permute(x, "zigzag", 4), NamedSharding(explicit, PS("data", "seq")))
           for x in (q, k, v, seg, pos)]
   out = unpermute(jnp.asarray(np.asarray(jax.jit(fn)(*args))), "zigzag", 4)
-  _close(got[:1], (out,), seg)
+  _assert_close(got[:1], (out,), seg)
   with pytest.raises(ValueError, match="set ulysses_devices"):
     AttentionSpec(strategy="hybrid").function(mesh, permuted=True)
   with pytest.raises(ValueError, match="ulysses_devices=3 must divide the 4 devices of 'seq'"):
