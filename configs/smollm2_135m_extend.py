@@ -37,19 +37,19 @@ Run:       python -m longctx.launch --config=configs/smollm2_135m_extend.py \\
                --tokenizer=/models/smollm2/tokenizer.json --lengths=16384,32768 --trials=20
 Hardware:  one device (`--local_device_count=1`), blockwise attention, float32, full remat: a
            16k row fits one CPU host (4.5 GB planned, 4.2–5.5 GB peak RSS for the LoRA variants).
-Expect:    measured on the 2-core VM (bench/RESULTS.md, "Extending SmolLM2-135M to 32k on the
-           CPU"; 7–12 min per full 16k step, 3.5–5 min per LoRA step): perplexity on the
-           held-out pydoc text at 32k, base 302.97, training-free YaRN 10.86, after `yarn` (6
-           steps, 43 min) **9.32** (10.30 at 8k, 10.00 at 16k), after `abf` (6 steps) 11.44,
-           after `ntk` (2 steps) 17.99 (its code SFT hurts prose). After 8 steps each (30 and
-           ~40 min), S² + LoRA 28.78 against full-attention LoRA 27.08 at 16k: 6.3% behind, at
-           25% less time per step, both still near untrained PI ×2 (30.92). The base at 8k
-           gives 10.28 (the issue: 10.25), and 10.28 on the 32k window scored in four 8k
-           pieces. Passkey after `ntk`: 20 / 20 at 16k, 4 / 5 at 32k (20 trials each at 4k and
-           8k: 1.00), where the base gets 15 / 20 at 8k, 0 / 5 at 16k; training-free, dynamic
-           NTK gets 18 / 20 at 16k (×2) and 5 / 5 at 32k (×4), YaRN ×2 7 / 20 at 16k; after
-           `yarn` 18 / 20 at 16k, 0 / 5 at 32k. Needle over the pydoc text (4k–16k × depths
-           0, 50%, 100%): the base 4 of 6 cells (4k, 8k), after `ntk` 1 of 9, after `yarn` 7 of 9.
+Expect:    measured on the 2-core VM (bench/RESULTS.md, "Extending SmolLM2-135M to 32k on the CPU";
+           7–12 min per full 16k step, 3.5–6.5 min per LoRA step): perplexity on the held-out pydoc
+           text at 32k, base 302.97, training-free YaRN 10.86, after `yarn` (6 steps, 43 min)
+           **9.32** (10.30 at 8k, 10.00 at 16k), after `abf` (6 steps) 11.44, after `ntk` (2 steps)
+           17.99 (its code SFT hurts prose). After 8 steps each (30 and 43 min), S² + LoRA 28.78
+           against full-attention LoRA 27.08 at 16k: 6.3% behind, at 29% less time per step; 10 S²
+           steps (38 min) give 28.31, 4.5% behind. Both are still near untrained PI ×2 (30.92). The
+           base at 8k gives 10.28 (the issue: 10.25), and 10.28 on the 32k window scored in four 8k
+           pieces. Passkey after `ntk`: 20 / 20 at 16k, 4 / 5 at 32k (20 trials each at 4k and 8k:
+           1.00), where the base gets 15 / 20 at 8k, 0 / 5 at 16k; training-free, dynamic NTK gets
+           18 / 20 at 16k (×2) and 5 / 5 at 32k (×4), YaRN ×2 7 / 20 at 16k; after `yarn` 18 / 20 at
+           16k, 0 / 5 at 32k. Needle over the pydoc text (4k–16k × depths 0, 50%, 100%): the base 4
+           of 6 cells (4k, 8k), after `ntk` 1 of 9, after `yarn` 7 of 9.
 """
 import ml_collections
 
