@@ -47,9 +47,10 @@ Expect:    measured on the 2-core VM (bench/RESULTS.md, "Extending SmolLM2-135M 
            base at 8k gives 10.28 (the issue: 10.25), and 10.28 on the 32k window scored in four 8k
            pieces. Passkey after `ntk`: 20 / 20 at 16k, 4 / 5 at 32k (20 trials each at 4k and 8k:
            1.00), where the base gets 15 / 20 at 8k, 0 / 5 at 16k; training-free, dynamic NTK gets
-           18 / 20 at 16k (×2) and 5 / 5 at 32k (×4), YaRN ×2 7 / 20 at 16k; after `yarn` 18 / 20 at
-           16k, 0 / 5 at 32k. Needle over the pydoc text (4k–16k × depths 0, 50%, 100%): the base 4
-           of 6 cells (4k, 8k), after `ntk` 1 of 9, after `yarn` 7 of 9.
+           18 / 20 at 16k (×2) and 5 / 5 at 32k (×4), YaRN ×2 7 / 20 at 16k; after `yarn` 20 / 20 at
+           4k, 14 / 20 at 8k, 18 / 20 at 16k, 0 / 5 at 32k. Needle over the pydoc text (4k–16k ×
+           depths 0, 50%, 100%): the base 4 of 6 cells (4k, 8k), after `ntk` 1 of 9, after `yarn` 7
+           of 9.
 """
 import ml_collections
 
