@@ -64,9 +64,9 @@ def test_config_reads_4x_rope_scaling(rope_scaling, expected):
 def test_bad_inputs_raise_clear_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="neither an HF model directory"):
     longctx.load_pretrained(str(tmp_path))
-  with pytest.raises(ValueError, match="Unsupported rope_type 'longrope'"):
+  with pytest.raises(ValueError, match="Unsupported rope_type 'ntk_by_parts'"):
     ModelConfig.from_hf({"model_type": "llama", "vocab_size": 10, "hidden_size": 8,
                          "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-                         "rope_scaling": {"rope_type": "longrope"}})
-  with pytest.raises(ValueError, match="model_type 'llama'"):
-    ModelConfig.from_hf({"model_type": "mistral"})
+                         "rope_scaling": {"rope_type": "ntk_by_parts"}})
+  with pytest.raises(ValueError, match="model_type 'gpt2' is not supported.*'llama'"):
+    ModelConfig.from_hf({"model_type": "gpt2"})

@@ -1,4 +1,4 @@
-"""HF Llama checkpoints <-> longctx parameters (METHODS.md §7).
+"""HF checkpoints of every model family <-> longctx parameters (METHODS.md §7).
 
 One table, `tensor_specs`, maps every HF tensor to its place in the longctx parameter tree and
 back; import and export both walk it. Tensors are read one at a time through `safe_open` (never
@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
+from longctx.model import families
 from longctx.model.config import ModelConfig
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -28,12 +29,15 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
-  """One HF tensor: its name, its path in the longctx tree, and how its axes map.
+  """One longctx parameter in an HF tensor: the HF name, its path in the longctx tree, and how
+  its axes map.
 
   `layer` is the index into the stacked `layers` axis (None for non-layer tensors);
   `kernel_shape` is the longctx shape without the layer axis; `in_axes` is the number of its
   leading axes that are HF's input dimension (0: not a linear weight; the tensor is flattened,
-  or kept as it is with `same_shape`, e.g. the embedding).
+  or kept as it is with `same_shape`, e.g. the embedding). `rows` (start, stop): the parameter
+  is that slice of the HF tensor's output rows, a fused weight such as Phi-3's qkv_proj
+  holding several longctx parameters; None: the whole tensor.
   """
   hf_name: str
   path: tuple[str, ...]
@@ -41,9 +45,11 @@ class TensorSpec:
   kernel_shape: tuple[int, ...]
   in_axes: int
   same_shape: bool = False
+  rows: tuple[int, int] | None = None
 
   @property
   def hf_shape(self) -> tuple[int, ...]:
+    """The shape of this parameter's part of the HF tensor."""
     if self.same_shape:
       return self.kernel_shape
     if self.in_axes == 0:
@@ -51,51 +57,82 @@ class TensorSpec:
     return (math.prod(self.kernel_shape[self.in_axes:]), math.prod(self.kernel_shape[:self.in_axes]))
 
   def to_longctx(self, w: np.ndarray) -> np.ndarray:
+    """This parameter from the (whole) HF tensor `w`."""
+    if self.rows is not None:
+      w = w[self.rows[0]:self.rows[1]]
     if tuple(w.shape) != self.hf_shape:
-      raise ValueError(f"{self.hf_name}: expected shape {self.hf_shape}, found {tuple(w.shape)}")
+      where = "" if self.rows is None else f" rows {self.rows[0]}:{self.rows[1]}"
+      raise ValueError(f"{self.hf_name}{where}: expected shape {self.hf_shape}, found "
+                       f"{tuple(w.shape)}")
     if self.in_axes == 0:
       return w.reshape(self.kernel_shape)
     return np.ascontiguousarray(w.T).reshape(self.kernel_shape)
 
   def to_hf(self, kernel: np.ndarray) -> np.ndarray:
+    """This parameter's part of the HF tensor (the rows of a fused one)."""
     if self.in_axes == 0:
       return np.ascontiguousarray(kernel.reshape(self.hf_shape))
     w_in_out = kernel.reshape(self.hf_shape[1], self.hf_shape[0])
     return np.ascontiguousarray(w_in_out.T)
 
 
-def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
-  """Every HF tensor of a Llama model with this config, in HF's order."""
+def _linear_modules(cfg: ModelConfig) -> dict:
+  """name: (module path, kernel shape, in_axes, bias shape, has bias) of a layer's projections."""
   e, h, k, d, m = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+  qkv_bias = cfg.attention_bias or cfg.qkv_bias
+  return {
+      "self_attn.q_proj": (("self_attn", "q_proj"), (e, h, d), 1, (h, d), qkv_bias),
+      "self_attn.k_proj": (("self_attn", "k_proj"), (e, k, d), 1, (k, d), qkv_bias),
+      "self_attn.v_proj": (("self_attn", "v_proj"), (e, k, d), 1, (k, d), qkv_bias),
+      "self_attn.o_proj": (("self_attn", "o_proj"), (h, d, e), 2, (e,), cfg.attention_bias),
+      "mlp.gate_proj": (("mlp", "gate_proj"), (e, m), 1, (m,), cfg.mlp_bias),
+      "mlp.up_proj": (("mlp", "up_proj"), (e, m), 1, (m,), cfg.mlp_bias),
+      "mlp.down_proj": (("mlp", "down_proj"), (m, e), 1, (e,), cfg.mlp_bias),
+  }
+
+
+def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
+  """Every longctx parameter of a model with this config in its family's HF tensors, in HF's
+  order (the parts of a fused tensor next to each other, in the family's order)."""
+  e = cfg.hidden_size
+  family = families.get(cfg.family)
   specs = [TensorSpec("model.embed_tokens.weight", ("embed_tokens",), None, (cfg.vocab_size, e), 0,
                      same_shape=True)]
-  linear = {  # name: (module path, kernel shape, in_axes, bias shape)
-      "self_attn.q_proj": (("self_attn", "q_proj"), (e, h, d), 1, (h, d)),
-      "self_attn.k_proj": (("self_attn", "k_proj"), (e, k, d), 1, (k, d)),
-      "self_attn.v_proj": (("self_attn", "v_proj"), (e, k, d), 1, (k, d)),
-      "self_attn.o_proj": (("self_attn", "o_proj"), (h, d, e), 2, (e,)),
-      "mlp.gate_proj": (("mlp", "gate_proj"), (e, m), 1, (m,)),
-      "mlp.up_proj": (("mlp", "up_proj"), (e, m), 1, (m,)),
-      "mlp.down_proj": (("mlp", "down_proj"), (m, e), 1, (e,)),
-  }
   for i in range(cfg.num_layers):
-    prefix = f"model.layers.{i}."
-    specs.append(TensorSpec(prefix + "input_layernorm.weight", ("layers", "input_layernorm", "scale"),
-                            i, (e,), 0))
-    for name, (path, shape, in_axes, bias_shape) in linear.items():
-      specs.append(TensorSpec(prefix + name + ".weight", ("layers", *path, "dense", "kernel"), i,
-                              shape, in_axes))
-      has_bias = cfg.attention_bias if name.startswith("self_attn") else cfg.mlp_bias
+    prefix, rows = f"model.layers.{i}.", {}  # rows: fused HF tensor -> rows taken so far
+
+    def add(module: str, leaf: str, path, shape, in_axes, layer=i, prefix=prefix, rows=rows):
+      spec = TensorSpec(f"{prefix}{family.hf_module(module)}.{leaf}", path, layer, shape, in_axes)
+      if family.hf_module(module) != module:
+        start = rows.get(spec.hf_name, 0)
+        rows[spec.hf_name] = start + spec.hf_shape[0]
+        spec = dataclasses.replace(spec, rows=(start, rows[spec.hf_name]))
+      specs.append(spec)
+
+    add("input_layernorm", "weight", ("layers", "input_layernorm", "scale"), (e,), 0)
+    for name, (path, shape, in_axes, bias_shape, has_bias) in _linear_modules(cfg).items():
+      add(name, "weight", ("layers", *path, "dense", "kernel"), shape, in_axes)
       if has_bias:
-        specs.append(TensorSpec(prefix + name + ".bias", ("layers", *path, "dense", "bias"), i,
-                                bias_shape, 0))
-    specs.append(TensorSpec(prefix + "post_attention_layernorm.weight",
-                            ("layers", "post_attention_layernorm", "scale"), i, (e,), 0))
+        add(name, "bias", ("layers", *path, "dense", "bias"), bias_shape, 0)
+      if cfg.qk_norm and name == "self_attn.v_proj":  # Qwen3's per-head norms, before o_proj
+        for norm in ("q_norm", "k_norm"):
+          add(f"self_attn.{norm}", "weight", ("layers", "self_attn", norm, "scale"),
+              (cfg.head_dim,), 0)
+    add("post_attention_layernorm", "weight", ("layers", "post_attention_layernorm", "scale"),
+        (e,), 0)
   specs.append(TensorSpec("model.norm.weight", ("norm", "scale"), None, (e,), 0))
   if not cfg.tie_word_embeddings:
     specs.append(TensorSpec("lm_head.weight", ("lm_head", "dense", "kernel"), None,
                             (e, cfg.vocab_size), 1))
   return specs
+
+
+def group_by_tensor(specs: list[TensorSpec]) -> list[list[TensorSpec]]:
+  """The specs grouped by HF tensor (a fused tensor's parts together), in order."""
+  groups: dict[str, list[TensorSpec]] = {}
+  for spec in specs:
+    groups.setdefault(spec.hf_name, []).append(spec)
+  return list(groups.values())
 
 
 # ---- reading -----------------------------------------------------------------------------------
@@ -144,14 +181,26 @@ def iter_hf_tensors(hf_dir: str, cfg: ModelConfig, progress: bool = True
                      f"({len(missing)}), unexpected {sorted(unexpected)[:5]} ({len(unexpected)})")
   handles = {}
   try:
-    for spec in tqdm(specs, desc="reading HF tensors", unit="tensor", disable=not progress):
-      file = files[spec.hf_name]
-      if file not in handles:
-        handles[file] = safe_open(file, framework="numpy").__enter__()
-      yield spec, spec.to_longctx(handles[file].get_tensor(spec.hf_name))
+    for group in tqdm(group_by_tensor(specs), desc="reading HF tensors", unit="tensor",
+                      disable=not progress):
+      name = group[0].hf_name
+      if files[name] not in handles:
+        handles[files[name]] = safe_open(files[name], framework="numpy").__enter__()
+      tensor = handles[files[name]].get_tensor(name)
+      _check_fused(group, tensor)
+      for spec in group:
+        yield spec, spec.to_longctx(tensor)
   finally:
     for h in handles.values():
       h.__exit__(None, None, None)
+
+
+def _check_fused(group: list[TensorSpec], tensor: np.ndarray) -> None:
+  """A fused HF tensor must hold exactly its parts' rows."""
+  if group[0].rows is not None and tensor.shape[0] != group[-1].rows[1]:
+    parts = [s.path[-3] for s in group]
+    raise ValueError(f"{group[0].hf_name}: expected {group[-1].rows[1]} rows ({' + '.join(parts)}"
+                     f"), found shape {tuple(tensor.shape)}")
 
 
 def _set(tree: dict, path: tuple[str, ...], value):
@@ -199,19 +248,30 @@ def _np_dtype(name: str | None):
   return np.dtype(name)
 
 
-def plan_shards(params: dict, specs: list[TensorSpec], dtype, max_shard_bytes: int
-                ) -> tuple[list[list[TensorSpec]], int]:
-  """Groups tensors, in order, into shards of at most `max_shard_bytes` (a lone larger tensor
-  gets its own shard). Returns the groups and the total size in bytes."""
-  plan: list[list[TensorSpec]] = [[]]
+def _hf_tensor(params: dict, group: list[TensorSpec], cast) -> np.ndarray:
+  """One HF tensor from the longctx parameters (a fused one: its parts' rows stacked)."""
+  parts = []
+  for spec in group:
+    value = np.asarray(_get(params, spec.path))
+    value = value if spec.layer is None else value[spec.layer]
+    parts.append(spec.to_hf(value if cast is None else value.astype(cast)))
+  return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+
+def plan_shards(params: dict, groups: list[list[TensorSpec]], dtype, max_shard_bytes: int
+                ) -> tuple[list[list[list[TensorSpec]]], int]:
+  """Puts HF tensors (`group_by_tensor`'s groups), in order, into shards of at most
+  `max_shard_bytes` (a lone larger tensor gets its own shard). Returns the shards and the total
+  size in bytes."""
+  plan: list[list[list[TensorSpec]]] = [[]]
   size, total = 0, 0
-  for spec in specs:
-    itemsize = (dtype or np.asarray(_get(params, spec.path)).dtype).itemsize
-    nbytes = math.prod(spec.kernel_shape) * itemsize
+  for group in groups:
+    nbytes = sum(math.prod(spec.kernel_shape) * (
+        dtype or np.asarray(_get(params, spec.path)).dtype).itemsize for spec in group)
     if plan[-1] and size + nbytes > max_shard_bytes:
       plan.append([])
       size = 0
-    plan[-1].append(spec)
+    plan[-1].append(group)
     size += nbytes
     total += nbytes
   return plan, total
@@ -219,27 +279,28 @@ def plan_shards(params: dict, specs: list[TensorSpec], dtype, max_shard_bytes: i
 
 def write_hf(params: dict, cfg: ModelConfig, hf_dir: str, *, dtype: str | None = None,
              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> None:
-  """Writes an HF Llama directory: config.json and safetensors, sharded above `max_shard_bytes`
-  with `model.safetensors.index.json`. At most one shard's tensors are in memory at a time.
+  """Writes an HF directory of the model's family: config.json and safetensors, sharded above
+  `max_shard_bytes` with `model.safetensors.index.json`. At most one shard's tensors are in
+  memory at a time.
 
   `dtype` (e.g. "bfloat16") casts every tensor; None keeps each tensor's own dtype.
   """
+  config = cfg.to_hf()  # before any file: a family that cannot hold the model is refused here
   os.makedirs(hf_dir, exist_ok=True)
   cast = _np_dtype(dtype)
-  specs = tensor_specs(cfg)
-  plan, total = plan_shards(params, specs, cast, max_shard_bytes)
+  groups = group_by_tensor(tensor_specs(cfg))
+  plan, total = plan_shards(params, groups, cast, max_shard_bytes)
   names = (["model.safetensors"] if len(plan) == 1 else
            [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
   weight_map, dtypes = {}, set()
-  bar = tqdm(total=len(specs), desc="writing HF tensors", unit="tensor", disable=not progress)
-  for name, shard_specs in zip(names, plan):
+  bar = tqdm(total=len(groups), desc="writing HF tensors", unit="tensor", disable=not progress)
+  for name, shard_groups in zip(names, plan):
     shard = {}
-    for spec in shard_specs:
-      value = np.asarray(_get(params, spec.path))
-      value = value if spec.layer is None else value[spec.layer]
-      shard[spec.hf_name] = spec.to_hf(value if cast is None else value.astype(cast))
-      dtypes.add(str(shard[spec.hf_name].dtype))
-      weight_map[spec.hf_name] = name
+    for group in shard_groups:
+      tensor_name = group[0].hf_name
+      shard[tensor_name] = _hf_tensor(params, group, cast)
+      dtypes.add(str(shard[tensor_name].dtype))
+      weight_map[tensor_name] = name
       bar.update()
     save_file(shard, os.path.join(hf_dir, name), metadata={"format": "pt"})
   bar.close()
@@ -248,7 +309,7 @@ def write_hf(params: dict, cfg: ModelConfig, hf_dir: str, *, dtype: str | None =
       json.dump({"metadata": {"total_size": int(total)}, "weight_map": weight_map}, f, indent=2)
   torch_dtype = "bfloat16" if "bfloat16" in dtypes else sorted(dtypes)[0]
   with open(os.path.join(hf_dir, "config.json"), "w") as f:
-    json.dump(cfg.to_hf(torch_dtype=torch_dtype), f, indent=2)
+    json.dump({**config, "torch_dtype": torch_dtype}, f, indent=2)
 
 
 def write_generation_config(cfg: ModelConfig, hf_dir: str) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import warnings
 from typing import Any, Mapping
 
 import jax
@@ -61,7 +62,15 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """A Llama-family decoder. `dtype` is the compute dtype; parameters are always float32.
+  """A decoder of the Llama lineage. `dtype` is the compute dtype; parameters are always float32.
+
+  What the model families differ by (longctx.model.families maps each HF `model_type` to these):
+  `attention_bias` puts a bias on q/k/v/o (Llama's key), `qkv_bias` on q/k/v only (Qwen2);
+  `qk_norm` RMS-normalises each head of q and k before RoPE (Qwen3); `partial_rotary_factor`
+  rotates only the first int(head_dim · factor) features (Phi-4-mini's 0.75); `sliding_window`
+  is the checkpoint's window, carried but not implemented: a length above it is refused
+  (`check_window`). `family` names the HF family (its config keys and weight names on export)
+  and changes no value.
 
   LoRA (longctx.model.lora): `lora_rank` > 0 adds adapters of that rank to the projections named
   in `lora_targets` (a subset of LORA_TARGETS), scaled by `lora_alpha / lora_rank`. The HF
@@ -86,8 +95,14 @@ class ModelConfig:
   tie_word_embeddings: bool = False
   attention_bias: bool = False
   mlp_bias: bool = False
+  qkv_bias: bool = False
+  qk_norm: bool = False
+  partial_rotary_factor: float = 1.0
+  sliding_window: int | None = None
+  family: str = "llama"
   bos_token_id: int | None = 1
   eos_token_id: int | None = 2
+  pad_token_id: int | None = None
   dtype: str = "float32"
   remat: RematPolicy = RematPolicy.NONE
   initializer_range: float = 0.02
@@ -104,6 +119,15 @@ class ModelConfig:
                        f"({self.num_kv_heads})")
     if self.head_dim % 2:
       raise ValueError(f"head_dim must be even for RoPE, found {self.head_dim}")
+    if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2:
+      raise ValueError(f"partial_rotary_factor={self.partial_rotary_factor} with head_dim "
+                       f"{self.head_dim}: expected a factor in (0, 1] giving an even rotary "
+                       f"dimension, found {self.rotary_dim}")
+    from longctx.model import families
+    families.get(self.family)  # ValueError listing the registered families
+    if self.sliding_window is not None and self.sliding_window < 1:
+      raise ValueError(f"sliding_window: expected a positive window or None, found "
+                       f"{self.sliding_window}")
     if self.dtype not in _DTYPES:
       raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, found {self.dtype!r}")
     if isinstance(self.lora_targets, str):
@@ -153,6 +177,23 @@ class ModelConfig:
     return remat_policy(self.remat, self.remat_save, self.remat_offload)
 
   @property
+  def rotary_dim(self) -> int:
+    """The features of each head that RoPE rotates (transformers: int(head_dim · factor))."""
+    return int(self.head_dim * self.partial_rotary_factor)
+
+  def check_window(self, length: int, where: str) -> None:
+    """ValueError, naming `where`, the length and the window, when rows of `length` tokens
+    would reach past the checkpoint's sliding window: longctx attends globally, which equals
+    the window only up to its size."""
+    if self.sliding_window is not None and length > self.sliding_window:
+      raise ValueError(
+          f"{where}: {length} tokens exceed the model's sliding_window={self.sliding_window} "
+          f"({self.family} config.json key sliding_window). longctx attends globally, which "
+          f"equals sliding-window attention only up to {self.sliding_window} tokens; use rows "
+          f"of at most {self.sliding_window} tokens (sliding-window attention is not "
+          "implemented yet)")
+
+  @property
   def has_lora(self) -> bool:
     return self.lora_rank > 0
 
@@ -168,8 +209,12 @@ class ModelConfig:
     LoRA adapters not counted)."""
     h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
     attn = h * d * (2 * self.num_heads + 2 * self.num_kv_heads)
+    if self.attention_bias or self.qkv_bias:
+      attn += d * (self.num_heads + 2 * self.num_kv_heads)
     if self.attention_bias:
-      attn += d * (self.num_heads + 2 * self.num_kv_heads) + h
+      attn += h
+    if self.qk_norm:
+      attn += 2 * d
     mlp = 3 * h * i + (2 * i + h if self.mlp_bias else 0)
     per_layer = attn + mlp + 2 * h
     head = 0 if self.tie_word_embeddings else self.vocab_size * h
@@ -197,34 +242,14 @@ class ModelConfig:
 
   @classmethod
   def from_hf(cls, hf: Mapping[str, Any], **overrides) -> "ModelConfig":
-    """From an HF Llama config.json dict (transformers 4.x or 5.x)."""
-    model_type = hf.get("model_type", "llama")
-    if model_type != "llama":
-      raise ValueError(f"Only Llama-family checkpoints are supported (model_type 'llama'), "
-                       f"found {model_type!r}")
-    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                           "num_attention_heads") if k not in hf]
-    if missing:
-      raise ValueError(f"HF config is missing required keys {missing}")
-    heads = int(hf["num_attention_heads"])
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    if hf.get("pretraining_tp", 1) not in (1, None):
-      raise ValueError(f"pretraining_tp={hf['pretraining_tp']} is not supported (expected 1)")
-    eos = hf.get("eos_token_id")
-    fields = dict(
-        vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
-        intermediate_size=int(hf["intermediate_size"]), num_layers=int(hf["num_hidden_layers"]),
-        num_heads=heads, num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=int(head_dim), rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-        rope=RopeScaling.from_hf(hf), tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attention_bias=bool(hf.get("attention_bias", False)), mlp_bias=bool(hf.get("mlp_bias", False)),
-        bos_token_id=hf.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos,
-        initializer_range=float(hf.get("initializer_range", 0.02)))
-    if hf.get("hidden_act", "silu") != "silu":
-      raise ValueError(f"Only hidden_act 'silu' is supported, found {hf.get('hidden_act')!r}")
-    fields.update(overrides)
-    return cls(**fields)
+    """From an HF config.json dict (transformers 4.x or 5.x) of any registered family
+    (longctx.model.families); keys that change the computation and are not implemented are
+    refused by name. Notes on what was carried or not read go to `warnings`."""
+    from longctx.model import families
+    reading = families.read_hf(hf)
+    for note in reading.notes:
+      warnings.warn(note, stacklevel=2)
+    return cls(**{**reading.fields, **overrides})
 
   @classmethod
   def from_directory(cls, path: str) -> "ModelConfig":
@@ -242,17 +267,7 @@ class ModelConfig:
                             "(longctx), found neither")
 
   def to_hf(self, torch_dtype: str = "float32") -> dict[str, Any]:
-    """An HF config.json dict that transformers 4.x and 5.x load into the same model."""
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-        "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
-        "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
-        "head_dim": self.head_dim, "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps,
-        "initializer_range": self.initializer_range,
-        **self.rope.to_hf(self.max_position_embeddings),
-        "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.attention_bias,
-        "attention_dropout": 0.0, "mlp_bias": self.mlp_bias, "pretraining_tp": 1,
-        "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
-        "use_cache": True, "torch_dtype": torch_dtype,
-    }
+    """An HF config.json dict of the model's family that transformers 4.x and 5.x load into the
+    same model (ValueError if the family's HF class cannot express a field)."""
+    from longctx.model import families
+    return families.write_hf(self, torch_dtype)

@@ -1,4 +1,6 @@
-"""A Llama-family decoder in flax.linen: RMSNorm, SwiGLU, GQA/MQA, RoPE, scanned layers.
+"""The decoder of every model family in flax.linen: RMSNorm, SwiGLU, GQA/MQA, RoPE (partial
+too), optional q/k norm and biases, scanned layers. What each family sets is a field of
+ModelConfig (longctx.model.families).
 
 Parameters are float32 and carry logical axis names (`embed`, `vocab`, `heads`, `kv_heads`,
 `head_dim`, `mlp`, `layers`) that `longctx.parallel` maps to mesh axes. Activations are computed in
@@ -48,18 +50,22 @@ def _zeros(*names):
 
 
 class RMSNorm(nn.Module):
-  """x / rms(x) · scale, computed in float32 (as HF does), returned in the compute dtype."""
+  """x / rms(x) · scale over the last axis, computed in float32 (as HF does), returned in the
+  compute dtype. `axis_name`: the logical axis of the scale (the hidden size, or a head's
+  features for Qwen3's q/k norm)."""
   config: ModelConfig
+  axis_name: str = "embed"
 
   @nn.compact
   def __call__(self, x_BLE):
-    scale_E = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+    scale_E = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                               (self.axis_name,)),
                          (x_BLE.shape[-1],), jnp.float32)
     x32_BLE = x_BLE.astype(jnp.float32)
     var_BL1 = jnp.mean(jnp.square(x32_BLE), axis=-1, keepdims=True)
     dtype = self.config.compute_dtype
     normed_BLE = (x32_BLE * jax.lax.rsqrt(var_BL1 + self.config.rms_norm_eps)).astype(dtype)
-    return scale_E.astype(dtype)[None, None, :] * normed_BLE
+    return scale_E.astype(dtype).reshape((1,) * (x_BLE.ndim - 1) + (-1,)) * normed_BLE
 
 
 class Projection(nn.Module):
@@ -132,14 +138,20 @@ class Attention(nn.Module):
     """
     cfg = self.config
     bias = cfg.attention_bias
+    qkv_bias = cfg.attention_bias or cfg.qkv_bias
     q_BLHD = Projection(cfg, (cfg.num_heads, cfg.head_dim), (-1,), ("embed", "heads", "head_dim"),
-                        bias, name="q_proj")(x_BLE)
+                        qkv_bias, name="q_proj")(x_BLE)
     k_BLKD = Projection(cfg, (cfg.num_kv_heads, cfg.head_dim), (-1,),
-                        ("embed", "kv_heads", "head_dim"), bias, name="k_proj")(x_BLE)
+                        ("embed", "kv_heads", "head_dim"), qkv_bias, name="k_proj")(x_BLE)
     v_BLKD = Projection(cfg, (cfg.num_kv_heads, cfg.head_dim), (-1,),
-                        ("embed", "kv_heads", "head_dim"), bias, name="v_proj")(x_BLE)
-    q_BLHD = checkpoint_name(apply_rope(q_BLHD, positions_BL, cfg.rope), "qkv")
-    k_BLKD = checkpoint_name(apply_rope(k_BLKD, positions_BL, cfg.rope), "qkv")
+                        ("embed", "kv_heads", "head_dim"), qkv_bias, name="v_proj")(x_BLE)
+    if cfg.qk_norm:  # Qwen3: RMSNorm over each head's features, before RoPE
+      q_BLHD = RMSNorm(cfg, "head_dim", name="q_norm")(q_BLHD)
+      k_BLKD = RMSNorm(cfg, "head_dim", name="k_norm")(k_BLKD)
+    q_BLHD = checkpoint_name(apply_rope(q_BLHD, positions_BL, cfg.rope,
+                                        rotary_dim=cfg.rotary_dim), "qkv")
+    k_BLKD = checkpoint_name(apply_rope(k_BLKD, positions_BL, cfg.rope,
+                                        rotary_dim=cfg.rotary_dim), "qkv")
     v_BLKD = checkpoint_name(v_BLKD, "qkv")
     if layer_cache is None:
       out_BLHD = self.attention_fn(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, positions_BL)

@@ -35,6 +35,15 @@ class RopeScaling:
   """Base class: theta and the static inverse frequencies; subclasses change the frequencies."""
   theta: float = 10_000.0
   rope_type: ClassVar[str] = ""
+  # Whether the frequencies depend on the sequence length (dynamic NTK, LongRoPE's two sets).
+  length_dependent: ClassVar[bool] = False
+
+  @property
+  def switch_length(self) -> int | None:
+    """A length past which every position's frequencies change (LongRoPE's switch from the
+    short to the long factors), else None. Generation recomputes its cache when a sequence
+    grows past it, as transformers' Phi-3 does (eval.generate)."""
+    return None
 
   def inv_freq(self, dim: int, max_position_BL=None):
     """float32 [dim/2] inverse frequencies. `max_position_BL` is used by length-dependent kinds."""
@@ -75,9 +84,6 @@ class RopeScaling:
     params = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
     params.setdefault("rope_theta", hf_config.get("rope_theta", 10_000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if params.get("partial_rotary_factor", hf_config.get("partial_rotary_factor", 1.0)) != 1.0:
-      raise ValueError("partial_rotary_factor != 1 is not supported for Llama models "
-                       f"(found {params.get('partial_rotary_factor')})")
     if rope_type not in _REGISTRY:
       raise ValueError(f"Unsupported rope_type {rope_type!r} in HF config; expected one of "
                        f"{sorted(_REGISTRY)}")
@@ -147,6 +153,7 @@ class DynamicRope(RopeScaling):
   factor: float = 1.0
   max_position_embeddings: int = 2048
   rope_type: ClassVar[str] = "dynamic"
+  length_dependent: ClassVar[bool] = True
 
   def inv_freq(self, dim, max_position_BL=None):
     seq_len = self.max_position_embeddings if max_position_BL is None else jnp.max(max_position_BL) + 1
@@ -301,6 +308,108 @@ class Llama3Rope(RopeScaling):
                    params.get("original_max_position_embeddings", max_position_embeddings)))
 
 
+def _longrope_attention_factor(factor: float, original: int) -> float:
+  """LongRoPE's default scale of cos / sin: sqrt(1 + ln(factor) / ln(original)), 1 if factor <= 1
+  (transformers' `_compute_longrope_parameters`)."""
+  if factor <= 1.0:
+    return 1.0
+  return math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+@_register
+@dataclasses.dataclass(frozen=True)
+class LongRope(RopeScaling):
+  """LongRoPE (Phi-3, Phi-3.5, Phi-4-mini): per-frequency rescale factors, one set for sequences
+  up to `original_max_position_embeddings` (short) and one beyond it (long).
+
+  inv_freq_j = 1 / (ext_j · theta^(2j/d)), ext = short_factor or long_factor, chosen once per
+  forward pass by the sequence length max(positions) + 1 over the batch, as transformers chooses
+  it; under context parallelism that is the global row's length. cos and sin are scaled by
+  `attention_factor`, by default sqrt(1 + ln(factor) / ln(original)) with factor =
+  max_position_embeddings / original (resolved when the config is read). Both factor lists have
+  rotary_dim / 2 entries.
+  """
+  short_factor: tuple[float, ...] = ()
+  long_factor: tuple[float, ...] = ()
+  original_max_position_embeddings: int = 4096
+  factor: float = 1.0
+  attention_factor: float | None = None
+  rope_type: ClassVar[str] = "longrope"
+  length_dependent: ClassVar[bool] = True
+
+  def __post_init__(self):
+    for name in ("short_factor", "long_factor"):  # JSON and configs give lists
+      object.__setattr__(self, name, tuple(float(x) for x in getattr(self, name)))
+    if len(self.short_factor) != len(self.long_factor) or not self.short_factor:
+      raise ValueError(f"longrope: short_factor and long_factor must be non-empty lists of one "
+                       f"length; found {len(self.short_factor)} and {len(self.long_factor)}")
+
+  @property
+  def switch_length(self) -> int:
+    return int(self.original_max_position_embeddings)
+
+  def _inv_freq(self, ext: tuple[float, ...], dim: int) -> np.ndarray:
+    if len(ext) != dim // 2:
+      raise ValueError(f"longrope: {len(ext)} rescale factors for a rotary dimension of {dim}; "
+                       f"expected {dim // 2} (rotary_dim / 2)")
+    exponent_F = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    pow_F = (np.float32(self.theta) ** exponent_F).astype(np.float32)
+    return (np.float32(1.0) / (np.asarray(ext, np.float32) * pow_F)).astype(np.float32)
+
+  def static_inv_freq(self, dim):
+    """The short set: what transformers uses when no length is known."""
+    return self._inv_freq(self.short_factor, dim)
+
+  def inv_freq(self, dim, max_position_BL=None):
+    short_F = jnp.asarray(self._inv_freq(self.short_factor, dim))
+    if max_position_BL is None:
+      return short_F
+    long_F = jnp.asarray(self._inv_freq(self.long_factor, dim))
+    seq_len = jnp.max(max_position_BL) + 1
+    return jnp.where(seq_len > self.original_max_position_embeddings, long_F, short_F)
+
+  def attention_scaling(self):
+    if self.attention_factor is not None:
+      return float(self.attention_factor)
+    return _longrope_attention_factor(self.factor, self.original_max_position_embeddings)
+
+  def hf_scaling_params(self):
+    out = {"rope_type": "longrope", "short_factor": list(self.short_factor),
+           "long_factor": list(self.long_factor),
+           "original_max_position_embeddings": int(self.original_max_position_embeddings),
+           "factor": float(self.factor)}
+    if self.attention_factor is not None:
+      out["attention_factor"] = float(self.attention_factor)
+    return out
+
+  @classmethod
+  def from_params(cls, params, max_position_embeddings):
+    original = int(params.get("original_max_position_embeddings") or max_position_embeddings)
+    factor = params.get("factor")
+    if factor is None:  # transformers: the ratio of the two lengths (Phi-3 writes no factor)
+      factor = max_position_embeddings / original
+    attention = params.get("attention_factor")
+    return cls(theta=float(params["rope_theta"]), short_factor=params["short_factor"],
+               long_factor=params["long_factor"], original_max_position_embeddings=original,
+               factor=float(factor), attention_factor=None if attention is None else float(attention))
+
+  @classmethod
+  def from_static(cls, rope: RopeScaling, dim: int, original: int) -> "LongRope":
+    """A length-independent scaling (linear, YaRN, llama3, XVERSE's NTK, another theta) written
+    as LongRoPE with equal short and long factors ext_j = 1 / (inv_freq_j · theta^(2j/d)) and
+    its cos / sin scale: the form a Phi-3 config can hold. Equal to `rope` up to float32
+    rounding of the factors (one or two ulps of inv_freq)."""
+    if rope.length_dependent:
+      raise ValueError(f"rope_type {rope.rope_type!r} depends on the sequence length and has no "
+                       "LongRoPE form")
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float64) / dim
+    ext = 1.0 / (rope.static_inv_freq(dim).astype(np.float64) * float(rope.theta) ** exponent)
+    factors = tuple(float(x) for x in ext)
+    return cls(theta=float(rope.theta), short_factor=factors, long_factor=factors,
+               original_max_position_embeddings=int(original), factor=1.0,
+               attention_factor=float(rope.attention_scaling()))
+
+
 def rope_types() -> list[str]:
   return sorted(_REGISTRY)
 
@@ -310,13 +419,18 @@ def _rotate_half(x):
   return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
-def apply_rope(x_BLHD, positions_BL, rope: RopeScaling, max_position_BL=None):
+def apply_rope(x_BLHD, positions_BL, rope: RopeScaling, max_position_BL=None,
+               rotary_dim: int | None = None):
   """Rotates q or k by their positions: x·cos·s + rotate_half(x)·sin·s, computed in float32.
 
   `max_position_BL` (defaults to `positions_BL`) feeds the length of length-dependent kinds.
-  Returns an array of x's dtype.
+  `rotary_dim` < D rotates only the first rotary_dim features and passes the rest through
+  (partial rotary embeddings, e.g. Phi-4-mini's 0.75 · D). Returns an array of x's dtype.
   """
   dim = x_BLHD.shape[-1]
+  if rotary_dim is not None and rotary_dim < dim:
+    rotated_BLHR = apply_rope(x_BLHD[..., :rotary_dim], positions_BL, rope, max_position_BL)
+    return jnp.concatenate([rotated_BLHR, x_BLHD[..., rotary_dim:]], axis=-1)
   inv_freq_F = rope.inv_freq(dim, positions_BL if max_position_BL is None else max_position_BL)
   freqs_BLF = positions_BL.astype(jnp.float32)[..., None] * inv_freq_F[None, None, :]
   emb_BLD = jnp.concatenate([freqs_BLF, freqs_BLF], axis=-1)
