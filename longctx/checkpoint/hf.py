@@ -248,7 +248,7 @@ def _np_dtype(name: str | None):
   return np.dtype(name)
 
 
-def _hf_tensor(params: dict, group: list[TensorSpec], cast) -> np.ndarray:
+def hf_tensor(params: dict, group: list[TensorSpec], cast) -> np.ndarray:
   """One HF tensor from the longctx parameters (a fused one: its parts' rows stacked)."""
   parts = []
   for spec in group:
@@ -298,7 +298,7 @@ def write_hf(params: dict, cfg: ModelConfig, hf_dir: str, *, dtype: str | None =
     shard = {}
     for group in shard_groups:
       tensor_name = group[0].hf_name
-      shard[tensor_name] = _hf_tensor(params, group, cast)
+      shard[tensor_name] = hf_tensor(params, group, cast)
       dtypes.add(str(shard[tensor_name].dtype))
       weight_map[tensor_name] = name
       bar.update()

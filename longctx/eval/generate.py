@@ -139,13 +139,15 @@ def prefill(module: Llama, params, tokens_BP, positions_BP, segments_BP, new_slo
 
 @functools.partial(jax.jit, static_argnames=("module", "sampling", "cp"))
 def _generate(module: Llama, params, tokens_BP, positions_BP, segments_BP, lengths_B,
-              sampling: SamplingConfig, cp: ContextParallel | None = None):
+              sampling: SamplingConfig, cp: ContextParallel | None = None, first_index=0):
+  """New ids [B, T]; the i-th new token is drawn with the key folded by first_index + i."""
   new_slots = sampling.max_new_tokens
   if cp is not None:  # the cache's slots must split evenly over the devices
     new_slots = -(-(tokens_BP.shape[1] + new_slots) // cp.size) * cp.size - tokens_BP.shape[1]
   last_BV, cache = prefill(module, params, tokens_BP, positions_BP, segments_BP, new_slots, cp)
   key = jax.random.PRNGKey(sampling.seed)
-  first_B = sample_token(last_BV, jax.random.fold_in(key, 0), sampling.temperature, sampling.top_p)
+  first_B = sample_token(last_BV, jax.random.fold_in(key, first_index), sampling.temperature,
+                         sampling.top_p)
 
   def step(carry, i):
     token_B, cache = carry
@@ -154,8 +156,8 @@ def _generate(module: Llama, params, tokens_BP, positions_BP, segments_BP, lengt
                                      jnp.ones_like(positions_B1), kv_cache=cache)
     if cp is not None:
       cache = jax.lax.with_sharding_constraint(cache, cp.cache_sharding())
-    nxt_B = sample_token(logits_B1V[:, 0], jax.random.fold_in(key, i + 1), sampling.temperature,
-                         sampling.top_p)
+    nxt_B = sample_token(logits_B1V[:, 0], jax.random.fold_in(key, first_index + i + 1),
+                         sampling.temperature, sampling.top_p)
     return (nxt_B, cache), token_B
 
   steps = jnp.arange(sampling.max_new_tokens, dtype=jnp.int32)
@@ -173,14 +175,39 @@ def generate(module: Llama, params, prompts: Sequence[Sequence[int]],
   vocab = module.config.vocab_size
   if any(t < 0 or t >= vocab for p in prompts for t in p):
     raise ValueError(f"prompt token ids must lie in [0, {vocab})")
-  tokens, positions, segments, lengths = left_pad(prompts, multiple=1 if cp is None else 2 * cp.size)
-  out_BT = np.asarray(_generate(module, params, tokens, positions, segments, lengths, sampling, cp))
+  longest = max((len(p) for p in prompts), default=0)
+  module.config.check_window(longest + sampling.max_new_tokens, "generate: prompt + new tokens")
+  out_BT = _new_tokens(module, params, [list(p) for p in prompts], sampling, cp)
   results = []
   for row in out_BT.tolist():
     if sampling.eos_token_id is not None and sampling.eos_token_id in row:
       row = row[:row.index(sampling.eos_token_id) + 1]
     results.append(row)
   return results
+
+
+def _new_tokens(module: Llama, params, prompts: list[list[int]], sampling: SamplingConfig,
+                cp: ContextParallel | None) -> np.ndarray:
+  """New ids [B, max_new_tokens], EOS not cut. A RoPE whose frequencies switch past a length
+  (LongRoPE: `switch_length`) gets one forward pass per set: tokens are generated up to the
+  switch, then prompt and new tokens are prefilled again with the other set, as transformers'
+  Phi-3 drops its cache there, so that every position always has the current length's set."""
+  switch = module.config.rope.switch_length
+  longest = max(len(p) for p in prompts)
+  total = sampling.max_new_tokens
+  first = total if switch is None or longest > switch else min(total, switch - longest + 1)
+
+  def run(rows, count, first_index):
+    tokens, positions, segments, lengths = left_pad(rows, multiple=1 if cp is None else 2 * cp.size)
+    part = dataclasses.replace(sampling, max_new_tokens=count)
+    return np.asarray(_generate(module, params, tokens, positions, segments, lengths, part, cp,
+                                jnp.int32(first_index)))
+
+  out_BT = run(prompts, first, 0)
+  if first == total:
+    return out_BT
+  rest_BT = run([p + new.tolist() for p, new in zip(prompts, out_BT)], total - first, first)
+  return np.concatenate([out_BT, rest_BT], axis=1)
 
 
 def generate_text(module: Llama, params, tokenizer, prompts: Sequence[str],

@@ -15,7 +15,7 @@ from longctx.model.llama import AttentionFn, Llama
 
 
 class PretrainedModel:
-  """A Llama model with its parameters: `model(tokens) -> logits`.
+  """A model of any family with its parameters: `model(tokens) -> logits`.
 
   tokens: int32 [B, L]; optional positions / segment_ids [B, L] int32 (contract 1).
   Returns float32 logits [B, L, vocab]. Parameters are held in float32.
@@ -34,6 +34,7 @@ class PretrainedModel:
     if tokens.ndim == 1:
       raise ValueError(f"tokens must be [batch, seq_len]; found shape {tokens.shape} "
                        "(add a batch axis: tokens[None])")
+    self.config.check_window(tokens.shape[1], "model(tokens)")
     if np.any(np.asarray(tokens) >= self.config.vocab_size) or np.any(np.asarray(tokens) < 0):
       raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); found "
                        f"min {int(tokens.min())}, max {int(tokens.max())}")
@@ -65,7 +66,8 @@ class PretrainedModel:
 
 def load_pretrained(path: str, *, attention_fn: AttentionFn | None = None, dtype: str | None = None,
                     progress: bool = True, **config_overrides: Any) -> PretrainedModel:
-  """Loads `path`, an HF Llama directory (config.json + safetensors) or a longctx checkpoint.
+  """Loads `path`, an HF directory of any registered family (config.json + safetensors;
+  longctx.model.families) or a longctx checkpoint.
 
   `dtype` sets the compute dtype ("float32" or "bfloat16"); `config_overrides` replace other
   ModelConfig fields (e.g. `rope=DynamicRope(...)`, `remat=...`).

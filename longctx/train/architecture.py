@@ -29,9 +29,12 @@ from longctx.model.config import ModelConfig
 ARCHITECTURE_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
     "head_dim", "rms_norm_eps", "max_position_embeddings", "rope", "tie_word_embeddings",
-    "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id")
+    "attention_bias", "mlp_bias", "qkv_bias", "qk_norm", "partial_rotary_factor",
+    "sliding_window", "family", "bos_token_id", "eos_token_id", "pad_token_id")
+# The field types of ModelConfig and the RoPE scalings, as their annotations spell them, and the
+# type of their ConfigDict placeholder (lists, e.g. LongRoPE's factors, are tuples there).
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str, "int | None": int,
-          "float | None": float}
+          "float | None": float, "tuple[float, ...]": tuple}
 
 
 def _rope_fields() -> dict[str, type]:

@@ -91,6 +91,8 @@ def check_stage(stage: StageSpec, mesh: Mesh, first: bool, init_kind: InitKind,
     raise ValueError(f"config stages.{stage.name}.attention.impl={stage.attention.impl!r} "
                      f"with mesh seq={seq}: only 'context_parallel' splits a row across devices")
   check_length(stage.data.max_len, seq, layout, f"stages.{stage.name}.data.max_len")
+  stage.model.check_window(stage.data.max_len, f"config stages.{stage.name}.data.max_len="
+                           f"{stage.data.max_len}")
   check_memory_options(stage, seq, layout)
   check_ulysses_heads(stage, mesh)
   if stage.attention.s2_group:

@@ -229,7 +229,8 @@ def _has_lora_leaves(params) -> bool:
 
 def check_same_architecture(src: ModelConfig, want: ModelConfig, path: str) -> None:
   keys = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-          "num_kv_heads", "head_dim", "tie_word_embeddings", "attention_bias", "mlp_bias")
+          "num_kv_heads", "head_dim", "tie_word_embeddings", "attention_bias", "mlp_bias",
+          "qkv_bias", "qk_norm")
   diff = {k: (getattr(want, k), getattr(src, k)) for k in keys
           if getattr(want, k) != getattr(src, k)}
   if diff:
