@@ -1,4 +1,4 @@
-"""The Llama-family decoder, its configuration and RoPE scalings."""
+"""The decoder of every model family, its configuration, the families and RoPE scalings."""
 import jax
 import flax.linen as nn
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from longctx.model.config import ModelConfig, RematPolicy
 from longctx.model.llama import Llama
 from longctx.model.rope import (DefaultRope, DynamicRope, FixedNtkRope, Llama3Rope, LinearRope,
-                                RopeScaling, YarnRope, apply_rope, rope_types)
+                                LongRope, RopeScaling, YarnRope, apply_rope, rope_types)
 
 
 def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 8) -> dict:
@@ -19,5 +19,5 @@ def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 8) -> dict:
 
 
 __all__ = ["ModelConfig", "RematPolicy", "Llama", "RopeScaling", "DefaultRope", "LinearRope",
-           "DynamicRope", "FixedNtkRope", "YarnRope", "Llama3Rope", "apply_rope", "rope_types",
+           "DynamicRope", "FixedNtkRope", "YarnRope", "Llama3Rope", "LongRope", "apply_rope", "rope_types",
            "init_params"]
