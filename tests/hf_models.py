@@ -1,5 +1,9 @@
-"""Tiny random HF Llama models for parity tests (built locally, nothing downloaded)."""
+"""Tiny random HF models of every family for parity tests (built locally, nothing downloaded),
+and the fine-tuning config the training tests run on them."""
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import numpy as np
 import torch
@@ -107,5 +111,27 @@ def save_family_dir(name: str, path, **overrides):
   model.save_pretrained(path)
   train_bpe_tokenizer([FAMILY_TEXT], str(path / "tokenizer.json"), FAMILY_SHAPE["vocab_size"])
   (path / "tokenizer_config.json").write_text(json.dumps(
-      {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}))
+      {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "chat_template": CHAT}))
   return model
+
+
+CHAT = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+# ---- fine-tuning an HF directory (configs/finetune_hf.py) at test size ---------------------------
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = {"train.steps": 2, "data.max_len": 128, "data.source.num_examples": 16,
+         "data.source.min_tokens": 32, "data.source.max_tokens": 300, "data.window": 16,
+         "checkpoint.every_steps": 2, "train.loss_chunk": 16, "model.mlp_chunk": 16}
+
+
+def finetune_config(init_path, overrides=None):
+  """configs/finetune_hf.py on `init_path` with SMALL's sizes and `overrides` (dotted keys)."""
+  spec = importlib.util.spec_from_file_location("ft", os.path.join(ROOT, "configs",
+                                                                    "finetune_hf.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.update_from_flattened_dict({"init.path": str(init_path), **SMALL, **(overrides or {})})
+  return config

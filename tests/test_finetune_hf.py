@@ -1,6 +1,5 @@
 """Fine-tuning a local HF directory (configs/finetune_hf.py): the architecture, RoPE, special
 tokens and tokenizer come from the directory; config.model only overrides."""
-import importlib.util
 import json
 import os
 
@@ -15,22 +14,9 @@ from longctx.train import loop
 from longctx.train.architecture import ARCHITECTURE_FIELDS
 from longctx.train.config import read_stages
 from longctx.train.metrics import read_metrics
+from tests.hf_models import ROOT, finetune_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = "the quick brown fox jumps over the lazy dog; long context models read many tokens. " * 40
-SMALL = {"train.steps": 2, "data.max_len": 128, "data.source.num_examples": 16,
-         "data.source.min_tokens": 32, "data.source.max_tokens": 300, "data.window": 16,
-         "checkpoint.every_steps": 2, "train.loss_chunk": 16, "model.mlp_chunk": 16}
-
-
-def finetune_config(init_path, overrides=None):
-  spec = importlib.util.spec_from_file_location("ft", os.path.join(ROOT, "configs",
-                                                                    "finetune_hf.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.update_from_flattened_dict({"init.path": str(init_path), **SMALL, **(overrides or {})})
-  return config
 
 
 @pytest.fixture(scope="module")

@@ -156,7 +156,7 @@ def test_finetuning_smollm2_needs_no_retyped_architecture(smollm2_dir, tmp_path)
   from longctx.attention.shifted_sparse import s2_head_split
   from longctx.train.checks import check_stage
   from longctx.train.config import InitKind, read_stages
-  from tests.test_finetune_hf import finetune_config
+  from tests.hf_models import finetune_config
   (stage,) = read_stages(finetune_config(smollm2_dir))
   m = stage.model
   assert (m.num_layers, m.hidden_size, m.num_heads, m.num_kv_heads, m.vocab_size) == (
