@@ -151,3 +151,17 @@ def test_xla_cpu_bfloat16_stand_in_script():
   temp = {k: float(v.split("|")[2].split()[0]) for k, v in rows.items()}
   assert "f32[8,4096,512]" in rows["bfloat16"] and "f32[8,4096,512]" not in rows["float16"]
   assert temp["float16"] < temp["bfloat16"]
+
+
+@pytest.mark.slow
+def test_the_qwen3_1m_recipe_plans_within_72gb_per_h100():
+  """configs/qwen3_8b_1m.py (Qwen3-8B, YaRN x32, 1,048,576-token rows over 8 devices) plans at
+  most 72 GB per device (90% of an H100 80GB), its docstring's figure."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("q", os.path.join(ROOT, "configs",
+                                                                   "qwen3_8b_1m.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  (stage,) = plan_lib.plan(module.get_config())
+  assert stage.total_bytes <= 72e9, stage.total_bytes
+  assert f"{stage.total_bytes:,}" in open(spec.origin).read()

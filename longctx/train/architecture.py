@@ -77,6 +77,8 @@ def resolve(section: Mapping[str, Any], base: ModelConfig | None) -> dict[str, A
   """The model section with its unset fields taken from `base` (the init checkpoint's config);
   a ModelConfig.from_dict input."""
   unset = unset_fields(section)
+  if base is None:  # nothing to fill from: fields that may be None (a window, a pad id) stay None
+    unset = [k for k in unset if _NULLABLE.get(k) is not True]
   if not unset and not _partial_rope(section):
     return dict(section)
   if base is None:
@@ -91,9 +93,21 @@ def resolve(section: Mapping[str, Any], base: ModelConfig | None) -> dict[str, A
   return fields
 
 
+# Architecture fields whose ModelConfig default is None: unset without a checkpoint, they are None.
+_NULLABLE = {f.name: f.default is None for f in dataclasses.fields(ModelConfig)}
+
+
 def _partial_rope(section: Mapping[str, Any]) -> bool:
+  """Whether the section's RoPE leaves keys to the checkpoint: no rope_type, or a key unset
+  whose scaling has a value for it (YaRN's attention_factor, say, may be None)."""
   rope = section.get("rope")
-  return isinstance(rope, Mapping) and any(v is None for v in rope.values())
+  if not isinstance(rope, Mapping):
+    return False
+  cls = rope_lib.registered().get(rope.get("rope_type"))
+  if cls is None:
+    return any(v is None for v in rope.values())
+  nullable = {f.name for f in dataclasses.fields(cls) if f.default is None}
+  return any(v is None and k not in nullable for k, v in rope.items() if k != "rope_type")
 
 
 def init_defaults(cd: ml_collections.ConfigDict, stages: list[ml_collections.ConfigDict]
