@@ -1,5 +1,6 @@
-"""Fine-tune a local HF Llama-family model: its architecture, RoPE, special tokens and tokenizer
-come from its directory (`init.path`); `config.model` only overrides.
+"""Fine-tune a local HF model of any family longctx reads (Llama, Mistral, Qwen2 / 2.5, Qwen3,
+Phi-3): its architecture, RoPE, special tokens and tokenizer come from its directory
+(`init.path`); `config.model` only overrides.
 
 Run:       python -m longctx.launch --config=configs/finetune_hf.py \\
                --config.init.path=/models/SmolLM2-135M-Instruct --workdir=/tmp/finetune

@@ -11,7 +11,8 @@ __version__ = "0.1.0"
 
 
 def load_pretrained(path, **kwargs):
-  """Loads an HF Llama directory or a longctx checkpoint; see `longctx.eval.pretrained`."""
+  """Loads an HF directory of any registered family (Llama, Mistral, Qwen2, Qwen3, Phi-3) or a
+  longctx checkpoint; see `longctx.eval.pretrained`."""
   from longctx.eval.pretrained import load_pretrained as _load
   return _load(path, **kwargs)
 

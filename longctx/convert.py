@@ -1,10 +1,12 @@
 """Checkpoint conversion: `python -m longctx.convert {from-gguf,from-hf,to-hf,to-peft} SRC DST`.
 
-  from-gguf FILE HF_DIR      a GGUF file (dequantized by transformers) -> HF Llama directory with
+  from-gguf FILE HF_DIR      a GGUF file (dequantized by transformers) -> HF directory with
                              float32 safetensors and the tokenizer (needs torch, transformers, gguf)
 
-  from-hf HF_DIR OUT_DIR     HF Llama (safetensors, sharded or not) -> longctx checkpoint
-  to-hf   CKPT_DIR HF_DIR    longctx checkpoint -> HF Llama (config.json + safetensors); a LoRA
+  from-hf HF_DIR OUT_DIR     HF model of any family in longctx.model.families (llama, mistral,
+                             qwen2, qwen3, phi3; safetensors, sharded or not) -> longctx checkpoint
+  to-hf   CKPT_DIR HF_DIR    longctx checkpoint -> HF model of its family (config.json +
+                             safetensors; Phi-3's fused weights stacked again); a LoRA
                              checkpoint is exported with its adapters merged into the weights,
                              or, with --base-only, as the frozen base without them
   to-peft CKPT_DIR OUT_DIR   LoRA checkpoint -> PEFT adapter (adapter_config.json +
@@ -12,7 +14,7 @@
 
     python -m longctx.convert to-hf CKPT base/ --base-only
     python -m longctx.convert to-peft CKPT adapter/ --base-model base/
-    # PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained("base/"), "adapter/")
+    # PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("base/"), "adapter/")
 
 Tensors keep their dtype unless `--dtype` casts them, so from-hf then to-hf is bit-exact.
 """
@@ -71,13 +73,13 @@ def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m longctx.convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
-  p = sub.add_parser("from-gguf", help="GGUF file -> HF Llama directory (float32, tokenizer)")
+  p = sub.add_parser("from-gguf", help="GGUF file -> HF directory (float32, tokenizer)")
   p.add_argument("gguf_file")
   p.add_argument("hf_dir")
-  p = sub.add_parser("from-hf", help="HF Llama directory -> longctx checkpoint")
+  p = sub.add_parser("from-hf", help="HF directory (any family) -> longctx checkpoint")
   p.add_argument("hf_dir")
   p.add_argument("out_dir")
-  p = sub.add_parser("to-hf", help="longctx checkpoint -> HF Llama directory")
+  p = sub.add_parser("to-hf", help="longctx checkpoint -> HF directory of its family")
   p.add_argument("ckpt_dir")
   p.add_argument("hf_dir")
   p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,

@@ -1,4 +1,4 @@
-"""GGUF → HF Llama directory, through transformers' own GGUF reader (torch, transformers, gguf).
+"""GGUF → HF directory, through transformers' own GGUF reader (torch, transformers, gguf).
 
 transformers dequantizes a GGUF file on load but refuses to `save_pretrained` the result ("not
 serializable": the model keeps its `quantization_config`). The weights are already float32, so

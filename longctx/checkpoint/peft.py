@@ -2,7 +2,7 @@
 `adapter_model.safetensors`, which `peft.PeftModel.from_pretrained(base, DIR)` loads onto the HF
 export of the base model.
 
-Tensor names follow PEFT's `get_peft_model_state_dict` for a LlamaForCausalLM:
+Tensor names follow PEFT's `get_peft_model_state_dict` (here a LlamaForCausalLM's):
 
     base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight   [r, in]
     base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.weight   [out, r]
