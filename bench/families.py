@@ -55,14 +55,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def compiled_forward(fields: dict, args):
-  """(a jitted forward pass with blockwise attention, its arguments) of a family's model,
-  compiled and run once."""
+  """(the compiled forward pass with blockwise attention, its arguments) of a family's model,
+  run once."""
   cfg = ModelConfig(**SHAPE, num_layers=args.layers, dtype=args.dtype, **fields)
   params = init_params(cfg, jax.random.PRNGKey(0))
   model = Llama(cfg, AttentionSpec(impl="blockwise").function())
   tokens = jax.random.randint(jax.random.PRNGKey(1), (1, args.length), 0, cfg.vocab_size,
                               jnp.int32)
-  forward = jax.jit(lambda p, t: model.apply({"params": p}, t))
+  forward = jax.jit(lambda p, t: model.apply({"params": p}, t)).lower(params, tokens).compile()
   jax.block_until_ready(forward(params, tokens))
   return forward, (params, tokens)
 
@@ -70,7 +70,8 @@ def compiled_forward(fields: dict, args):
 def xla_cost(forward, fn_args) -> tuple[float, float]:
   """(FLOPs, bytes accessed) of the compiled forward by XLA's cost analysis: deterministic,
   where wall times on a shared CPU move by several percent from run to run."""
-  cost = forward.lower(*fn_args).compile().cost_analysis()
+  del fn_args
+  cost = forward.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
 

@@ -255,3 +255,11 @@ def test_phi3_exports_other_static_scalings_as_equal_factor_longrope(tmp_path):
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").float().eval()
   ours = np.asarray(longctx.load_pretrained(str(tmp_path / "yarn"), progress=False)(tokens))
   np.testing.assert_allclose(_torch_logits(reloaded, tokens), ours, atol=TOL, rtol=0)
+
+
+@pytest.mark.slow
+def test_the_families_bench_runs():
+  from tests.bench_scripts import run_bench
+  out = run_bench("families.py", "--length", "64", "--layers", "1", "--repeats", "1").stdout
+  rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
+  assert rows[1:] == ["llama", "llama tied", "mistral", "qwen2", "qwen3", "phi3"]
