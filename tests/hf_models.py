@@ -135,3 +135,16 @@ def finetune_config(init_path, overrides=None):
   config = module.get_config()
   config.update_from_flattened_dict({"init.path": str(init_path), **SMALL, **(overrides or {})})
   return config
+
+
+def lora_trained(base, lcfg, seed):
+  """The base after a LoRA+ run: random adapters (B != 0), embedding and norms changed."""
+  import jax
+
+  from longctx.model import lora
+  from longctx.model.lora_params import add_lora_params
+  params = add_lora_params(base, lcfg, jax.random.PRNGKey(seed))
+  mask = lora.trainable_mask(params, lora.DEFAULT_TRAINABLE)
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x, m: (np.asarray(x) + 0.2 * rng.standard_normal(x.shape)).astype(
+      np.float32) if m else np.asarray(x), params, mask)

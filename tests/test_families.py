@@ -16,10 +16,9 @@ import longctx
 from longctx import convert
 from longctx.checkpoint.params import load_params, save_params
 from longctx.model import ModelConfig, families, lora
-from longctx.model.lora_params import add_lora_params
 from longctx.model.rope import LongRope
 from tests.hf_models import (FAMILIES, FAMILY_SHAPE, FAMILY_VARIANTS, PHI3_ORIGINAL,
-                             make_family_model, save_family_dir)
+                             lora_trained, make_family_model, save_family_dir)
 
 TOL = 1e-4        # logits, float32 (the issue's bar)
 PEFT_TOL = 5e-4   # LoRA -> PEFT logits
@@ -49,6 +48,7 @@ def test_logits_match_transformers(variant, length):
   name, hf_model, path = variant
   model = longctx.load_pretrained(str(path), progress=False)
   assert model.config.family == FAMILY_VARIANTS[name][0][:-len("Config")].lower()
+  assert model.config.num_params() == sum(p.numel() for p in hf_model.parameters())
   tokens = _tokens(length, seed=length)
   want = _torch_logits(hf_model, tokens)
   got = np.asarray(model(tokens))
@@ -101,15 +101,6 @@ def test_the_round_trip_is_bit_exact_and_transformers_loads_the_export(variant, 
   assert ModelConfig.from_directory(str(tmp_path / "hf")) == ModelConfig.from_directory(str(path))
 
 
-def _trained_lora(base, lcfg, seed):
-  """The base after a LoRA+ run: random adapters (B != 0); embedding and norms changed."""
-  params = add_lora_params(base, lcfg, jax.random.PRNGKey(seed))
-  mask = lora.trainable_mask(params, lora.DEFAULT_TRAINABLE)
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda x, m: (np.asarray(x) + 0.2 * rng.standard_normal(x.shape)).astype(
-      np.float32) if m else np.asarray(x), params, mask)
-
-
 # Phi-3 twice: all projections (q/k/v -> qkv_proj at rank 3r, gate/up -> gate_up_proj at 2r),
 # and q, v only (qkv_proj at rank 2r with zero rows for k).
 PEFT_CASES = {"qwen2": lora.LORA_TARGETS, "qwen3": ("q_proj", "k_proj", "v_proj", "o_proj"),
@@ -124,7 +115,7 @@ def test_lora_exports_to_peft_and_merged_hf(case, tmp_path):
   assert convert.main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "base"), "--no-progress"]) == 0
   cfg, base = load_params(str(tmp_path / "base"))
   lcfg = lora.with_lora(cfg, 4, 8.0, PEFT_CASES[case])
-  save_params(str(tmp_path / "ckpt"), _trained_lora(base, lcfg, 1), lcfg)
+  save_params(str(tmp_path / "ckpt"), lora_trained(base, lcfg, 1), lcfg)
   assert convert.main(["to-peft", str(tmp_path / "ckpt"), str(tmp_path / "adapter"),
                        "--no-progress"]) == 0
   assert convert.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "merged"),

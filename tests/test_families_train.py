@@ -7,6 +7,7 @@ Quick tier: one strategy per family, LoRA + S²-Attn on Phi-3 with its PEFT expo
 (`-m slow`): every context-parallel strategy the head counts allow on every family, whose losses
 must equal each other's, and LoRA + S²-Attn on every family.
 """
+import dataclasses
 import json
 
 import numpy as np
@@ -154,3 +155,31 @@ def test_the_passkey_command_generates_transformers_answers(family, family_dirs,
                               do_sample=False, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     new = [t for t in ids[0, len(prompt):].tolist() if t != tok.eos_id]
     assert result["generated"] == tok.decode(new)
+
+
+def test_the_architecture_comes_from_the_directory_lists_included(family_dirs):
+  """init.kind=hf: every architecture field, LongRoPE's factor lists included, comes from
+  config.json through model_section(from_init=True); an ABF override keeps the lists."""
+  from longctx.model import ModelConfig
+  from longctx.train.architecture import ARCHITECTURE_FIELDS
+  for family, path in family_dirs.items():
+    (stage,) = read_stages(finetune_config(path))
+    want = ModelConfig.from_directory(str(path))
+    assert {k: getattr(stage.model, k) for k in ARCHITECTURE_FIELDS} == {
+        k: getattr(want, k) for k in ARCHITECTURE_FIELDS}, family
+  (abf,) = read_stages(finetune_config(family_dirs["phi3"], {"model.rope.theta": 1e5}))
+  assert abf.model.rope == dataclasses.replace(want.rope, theta=1e5)
+  assert abf.model.rope.long_factor == (2.5, 7.0, 19.0)
+
+
+def test_the_trainer_and_eval_commands_refuse_rows_past_a_sliding_window(tmp_path, capsys):
+  save_family_dir("mistral", tmp_path / "hf", sliding_window=64)
+  with pytest.warns(UserWarning, match="sliding_window=64"), pytest.raises(
+      ValueError, match=r"data.max_len=128: 128 tokens exceed the model's sliding_window=64"):
+    loop.run(finetune_config(tmp_path / "hf"), str(tmp_path / "run"), log=lambda *_: None)
+  (tmp_path / "doc.txt").write_text(FAMILY_TEXT)
+  assert eval_main.main(["perplexity", "--checkpoint", str(tmp_path / "hf"), "--tokenizer",
+                         str(tmp_path / "hf" / "tokenizer.json"), "--data",
+                         str(tmp_path / "doc.txt"), "--lengths", "96", "--max_windows", "1",
+                         "--out", str(tmp_path / "ppl.json")]) == 2
+  assert "96 tokens exceed the model's sliding_window=64" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from longctx.checkpoint import peft as peft_export
 from longctx.checkpoint.params import save_params
 from longctx.model import ModelConfig, init_params, lora
 from longctx.model.lora_params import add_lora_params
-from tests.hf_models import hf_logits
+from tests.hf_models import hf_logits, lora_trained as trained
 
 TOL = 1e-4
 CASES = {
@@ -40,15 +40,6 @@ def random_params(cfg, seed):
   return jax.tree_util.tree_map_with_path(
       lambda path, x: ((1.0 if "norm" in jax.tree_util.keystr(path) else 0.0)
                        + 0.1 * rng.standard_normal(x.shape)).astype(np.float32), shapes)
-
-
-def trained(base, lcfg, seed):
-  """The base after a LoRA+ run: random adapters (B ≠ 0), embedding and norms changed."""
-  params = add_lora_params(base, lcfg, jax.random.PRNGKey(seed))
-  mask = lora.trainable_mask(params, lora.DEFAULT_TRAINABLE)
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda x, m: (np.asarray(x) + 0.2 * rng.standard_normal(x.shape)).astype(
-      np.float32) if m else np.asarray(x), params, mask)
 
 
 def _torch_logits(model, tokens):

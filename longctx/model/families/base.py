@@ -96,8 +96,9 @@ class Family:
   def hf_module(self, module: str) -> str:
     """The HF module holding longctx projection `module` ("self_attn.q_proj", or the fused
     "self_attn.qkv_proj"), relative to a layer."""
+    group, _, name = module.rpartition(".")
     for fused, parts in self.fused.items():
-      if module.rsplit(".", 1)[-1] in parts:
+      if fused.rpartition(".")[0] == group and name in parts:
         return fused
     return module
 
