@@ -4,10 +4,8 @@ loss and MLP, remat keeping `qkv` and offloading `layer_input`; and through the 
 against transformers.
 
 Quick tier: one strategy per family, LoRA + S²-Attn on Phi-3 with its PEFT export. Slow tier
-(`-m slow`): a second strategy on every family, whose losses must equal the first's (the pairs
-rotate so that every strategy is checked against another on some family; the strategies act
-after the projections, norms and RoPE, where the families no longer differ), and LoRA + S²-Attn
-on Qwen2 (biases) and Qwen3 (q/k norms after the adapted projections).
+(`-m slow`): every context-parallel strategy the head counts allow on every family, whose losses
+must equal each other's, and LoRA + S²-Attn on every family.
 """
 import dataclasses
 import json
@@ -30,9 +28,8 @@ STRATEGIES = {"ring": {}, "all_gather": {}, "ulysses": {},
               "hybrid": {"attention.ulysses_devices": 2}}
 MEMORY = {"model.remat": "full", "model.remat_save": "qkv", "model.remat_offload": "layer_input"}
 LORA = {"lora.enabled": True, "lora.targets": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj"}
-# One representative run per family in the quick tier, and the slow tier's second strategy.
+# One representative run per family in the quick tier.
 QUICK = {"qwen2": "ring", "qwen3": "ulysses", "mistral": "all_gather", "phi3": "hybrid"}
-SECOND = {"qwen2": "hybrid", "qwen3": "ring", "mistral": "ulysses", "phi3": "all_gather"}
 LOSS_RTOL = 1e-5  # float32: the strategies differ only in the order of sums
 
 
@@ -81,15 +78,15 @@ def test_two_steps_on_every_family(family, strategy_losses):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_a_second_strategy_gives_the_same_losses(family, strategy_losses):
-  assert set(QUICK.values()) == set(SECOND.values()) == set(STRATEGIES)
-  first, second = QUICK[family], SECOND[family]
-  np.testing.assert_allclose(strategy_losses(family, second), strategy_losses(family, first),
-                             rtol=LOSS_RTOL, err_msg=f"{family}: {second} against {first}")
+def test_every_strategy_gives_the_same_losses(family, strategy_losses):
+  reference = strategy_losses(family, QUICK[family])
+  for strategy in STRATEGIES:
+    np.testing.assert_allclose(strategy_losses(family, strategy), reference, rtol=LOSS_RTOL,
+                               err_msg=f"{family}: {strategy} against {QUICK[family]}")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"phi3"}))
 def test_lora_with_s2_attention_trains(family, family_dirs, tmp_path):
   train(family_dirs[family], tmp_path, {**LORA, **_strategy(QUICK[family])})
 
