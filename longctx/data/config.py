@@ -12,6 +12,7 @@ from typing import TypeVar
 import ml_collections
 
 from longctx.data.objective import ObjectiveMode
+from longctx.errors import ConfigError
 
 E = TypeVar("E", bound=enum.Enum)
 
@@ -69,7 +70,7 @@ def parse_enum(enum_cls: type[E], value: str, where: str) -> E:
     return enum_cls(value)
   except ValueError:
     allowed = ", ".join(repr(m.value) for m in enum_cls)
-    raise ValueError(f"config {where}: expected one of {allowed}, found {value!r}") from None
+    raise ConfigError(f"config {where}: expected one of {allowed}, found {value!r}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,8 +110,8 @@ class DataConfig:
     paths = tuple(p.strip() for p in s.paths.split(",") if p.strip())
     weights = tuple(float(w) for w in s.weights.split(",") if w.strip())
     if weights and len(weights) != len(paths):
-      raise ValueError(f"config data.source.weights: expected {len(paths)} weights (one per path), "
-                       f"found {len(weights)}: {s.weights!r}")
+      raise ConfigError(f"config data.source.weights: expected {len(paths)} weights (one per "
+                        f"path), found {len(weights)}: {s.weights!r}")
     cfg = cls(
         source=SourceConfig(
             kind=parse_enum(SourceKind, s.kind, "data.source.kind"), paths=paths, weights=weights,
@@ -134,22 +135,22 @@ class DataConfig:
     """Raise ValueError on inconsistent values (expected / found)."""
     for name in ("max_len", "batch_size", "window", "pad_multiple"):
       if getattr(self, name) <= 0:
-        raise ValueError(f"config data.{name}: expected > 0, found {getattr(self, name)}")
+        raise ConfigError(f"config data.{name}: expected > 0, found {getattr(self, name)}")
     if self.max_len % self.pad_multiple:
-      raise ValueError(f"config data.max_len: expected a multiple of pad_multiple="
-                       f"{self.pad_multiple}, found {self.max_len}")
+      raise ConfigError(f"config data.max_len: expected a multiple of pad_multiple="
+                        f"{self.pad_multiple}, found {self.max_len}")
     if self.batching is BatchingKind.SORTED and self.window % self.batch_size:
-      raise ValueError(f"config data.window: sorted batching needs a multiple of batch_size="
-                       f"{self.batch_size}, found {self.window}")
+      raise ConfigError(f"config data.window: sorted batching needs a multiple of batch_size="
+                        f"{self.batch_size}, found {self.window}")
     if self.source.kind is not SourceKind.SYNTHETIC and not self.source.paths:
-      raise ValueError(f"config data.source.paths: expected at least one path for source kind "
-                       f"{self.source.kind.value!r}, found none")
+      raise ConfigError(f"config data.source.paths: expected at least one path for source kind "
+                        f"{self.source.kind.value!r}, found none")
     if self.tokenizer is not TokenizerKind.BYTE and not self.tokenizer_path:
-      raise ValueError(f"config data.tokenizer_path: expected a local file for tokenizer "
-                       f"{self.tokenizer.value!r}, found ''")
+      raise ConfigError(f"config data.tokenizer_path: expected a local file for tokenizer "
+                        f"{self.tokenizer.value!r}, found ''")
     if self.num_epochs < 0 or self.num_workers < 0:
-      raise ValueError("config data.num_epochs / num_workers: expected >= 0, found "
-                       f"{self.num_epochs} / {self.num_workers}")
+      raise ConfigError("config data.num_epochs / num_workers: expected >= 0, found "
+                        f"{self.num_epochs} / {self.num_workers}")
 
 
 def default_config() -> ml_collections.ConfigDict:

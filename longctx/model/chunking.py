@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from longctx.errors import ConfigError
 from longctx.parallel.mesh import constrain
 
 # Logical axes of one chunk [B, P, C, ...]: rows and token shards stay where the batch is.
@@ -34,12 +35,12 @@ def num_chunks(length: int, token_shards: int, chunk: int) -> int:
 def check_chunk(length: int, token_shards: int, chunk: int, where: str) -> None:
   """ValueError naming `where` when `chunk` tokens do not tile each device's L/P tokens."""
   if chunk < 0:
-    raise ValueError(f"config {where}: expected tokens per chunk >= 0 (0 = no chunking), "
-                     f"found {chunk}")
+    raise ConfigError(f"config {where}: expected tokens per chunk >= 0 (0 = no chunking), "
+                      f"found {chunk}")
   if chunk and not num_chunks(length, token_shards, chunk):
     per_device = length / token_shards
-    raise ValueError(f"config {where}={chunk}: expected a divisor of the tokens each device "
-                     f"holds per row, {length} / seq {token_shards} = {per_device:g}")
+    raise ConfigError(f"config {where}={chunk}: expected a divisor of the tokens each device "
+                      f"holds per row, {length} / seq {token_shards} = {per_device:g}")
 
 
 def to_chunks(x_BL: jax.Array, token_shards: int, chunk: int) -> jax.Array:

@@ -28,6 +28,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from longctx.errors import ConfigError
+
 AXES = ("data", "fsdp", "seq", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -50,20 +52,20 @@ def mesh_shape(sizes: dict[str, int], num_devices: int) -> dict[str, int]:
   """Resolve one -1 entry to the remaining devices; ValueError when the product does not fit."""
   unknown = [a for a in AXES if sizes.get(a, 1) == -1]
   if len(unknown) > 1:
-    raise ValueError(f"config mesh: expected at most one axis = -1, found {unknown}")
+    raise ConfigError(f"config mesh: expected at most one axis = -1, found {unknown}")
   bad = {a: sizes[a] for a in AXES if sizes.get(a, 1) == 0 or sizes.get(a, 1) < -1}
   if bad:
-    raise ValueError(f"config mesh: expected sizes >= 1 (or -1), found {bad}")
+    raise ConfigError(f"config mesh: expected sizes >= 1 (or -1), found {bad}")
   known = math.prod(sizes.get(a, 1) for a in AXES if a not in unknown)
   if num_devices % known:
-    raise ValueError(f"config mesh: {dict((a, sizes.get(a, 1)) for a in AXES)} does not divide "
-                     f"the {num_devices} devices")
+    raise ConfigError(f"config mesh: {dict((a, sizes.get(a, 1)) for a in AXES)} does not divide "
+                      f"the {num_devices} devices")
   shape = {a: sizes.get(a, 1) for a in AXES}
   if unknown:
     shape[unknown[0]] = num_devices // known
   if math.prod(shape.values()) != num_devices:
-    raise ValueError(f"config mesh: {shape} uses {math.prod(shape.values())} devices, found "
-                     f"{num_devices} (set one axis to -1 to take the rest)")
+    raise ConfigError(f"config mesh: {shape} uses {math.prod(shape.values())} devices, found "
+                      f"{num_devices} (set one axis to -1 to take the rest)")
   return shape
 
 

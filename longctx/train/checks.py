@@ -1,5 +1,6 @@
 """Checks before compute: every stage's config, the mesh against the devices, lengths against
-the layout, the init path, the workdir, and (pre-flight) every remaining stage's memory plan.
+the layout, the init path, the workdir, the first batch of every stage still to train, and
+(pre-flight) every remaining stage's memory plan.
 A run that would fail on any of these fails here, before a parameter is materialised.
 """
 from __future__ import annotations
@@ -14,9 +15,10 @@ from etils import epath
 from jax.sharding import Mesh
 
 from longctx.checkpoint import manager as ckpt
+from longctx.errors import ConfigError, user_error
 from longctx.train.architecture import read_architecture
 from longctx.train.config import InitKind, StageSpec
-from longctx.train.data import check_length
+from longctx.train.data import GlobalBatches, check_length
 from longctx.train.runner import HOST_MEMORY, check_same_architecture, head_axis
 
 # What may change when a run resumes in the same workdir: whole sections, and train keys that
@@ -27,8 +29,8 @@ RESUMABLE_TRAIN_KEYS = ("learning_rate", "min_lr_ratio", "warmup_steps", "weight
                         "profile_steps")
 
 
-class ConfigMismatchError(ValueError):
-  pass
+class ConfigMismatchError(ConfigError):
+  """A workdir's config.json that this run's config may not resume."""
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -81,6 +83,23 @@ def check_all(config: ml_collections.ConfigDict, stages: list[StageSpec], mesh: 
   for i, stage in enumerate(stages):
     check_stage(stage, mesh, i == 0, init_kind, config.init.path)
   check_workdir(workdir, config)
+  for stage in stages:
+    if not ckpt.is_complete(os.path.join(workdir, stage.name, "final")):
+      check_first_batch(stage, mesh)
+
+
+def check_first_batch(stage: StageSpec, mesh: Mesh) -> None:
+  """Reads the stage's first batch, so that bad data (a malformed record, a missing file) is
+  reported before the memory plan and the compile, as the error itself rather than the data
+  loader's wrapping of it."""
+  try:
+    next(GlobalBatches(stage.data, stage.num_shards, mesh, stage.train.micro_batches,
+                       stage.attention.batch_layout))
+  except Exception as e:  # noqa: BLE001  re-raised: the user's error unwrapped, else as it came
+    error = user_error(e)
+    if error is None or error is e:
+      raise
+    raise error from e
 
 
 def check_stage(stage: StageSpec, mesh: Mesh, first: bool, init_kind: InitKind,
@@ -88,8 +107,8 @@ def check_stage(stage: StageSpec, mesh: Mesh, first: bool, init_kind: InitKind,
   seq = mesh.shape["seq"]
   layout = stage.attention.batch_layout
   if not stage.attention.context_parallel and seq > 1:
-    raise ValueError(f"config stages.{stage.name}.attention.impl={stage.attention.impl!r} "
-                     f"with mesh seq={seq}: only 'context_parallel' splits a row across devices")
+    raise ConfigError(f"config stages.{stage.name}.attention.impl={stage.attention.impl!r} "
+                      f"with mesh seq={seq}: only 'context_parallel' splits a row across devices")
   check_length(stage.data.max_len, seq, layout, f"stages.{stage.name}.data.max_len")
   stage.model.check_window(stage.data.max_len, f"config stages.{stage.name}.data.max_len="
                            f"{stage.data.max_len}")
@@ -101,13 +120,13 @@ def check_stage(stage: StageSpec, mesh: Mesh, first: bool, init_kind: InitKind,
       check_s2(stage.data.max_len, stage.model.num_heads, stage.model.num_kv_heads,
                stage.attention.s2_group)
     except ValueError as e:
-      raise ValueError(f"config stages.{stage.name}.lora.s2_group_fraction="
-                       f"{stage.lora.s2_group_fraction} (data.max_len={stage.data.max_len}): {e}; "
-                       "lora.s2_group_fraction=0 trains LoRA with full attention") from None
+      raise ConfigError(f"config stages.{stage.name}.lora.s2_group_fraction="
+                        f"{stage.lora.s2_group_fraction} (data.max_len={stage.data.max_len}): {e}; "
+                        "lora.s2_group_fraction=0 trains LoRA with full attention") from None
   if first and init_kind is not InitKind.RANDOM:
     if not init_path:
-      raise ValueError(f"config init.path: expected a directory for init.kind="
-                       f"{init_kind.value!r}, found ''")
+      raise ConfigError(f"config init.path: expected a directory for init.kind="
+                        f"{init_kind.value!r}, found ''")
     marker = "config.json" if init_kind is InitKind.HF else "model_config.json"
     if not (epath.Path(init_path) / marker).exists():
       raise FileNotFoundError(f"config init.path: expected {marker} in {init_path} "
@@ -160,8 +179,8 @@ def check_memory_options(stage: StageSpec, seq: int, layout: str | None) -> None
                                  ("train.offload_optimizer", stage.train.offload_optimizer)) if on]
   if offload and not has_host_memory():
     kinds = sorted({m.kind for m in jax.devices()[0].addressable_memories()})
-    raise ValueError(f"config {where}{offload[0]}: offloading needs a '{HOST_MEMORY}' memory "
-                     f"on the {jax.devices()[0].platform} devices, found memories {kinds}")
+    raise ConfigError(f"config {where}{offload[0]}: offloading needs a '{HOST_MEMORY}' memory "
+                      f"on the {jax.devices()[0].platform} devices, found memories {kinds}")
 
 
 

@@ -34,6 +34,7 @@ from longctx.attention.layouts import Layout
 from longctx.attention.spec import AttentionImpl, AttentionSpec, Tiles
 from longctx.attention.strategies import Strategy
 from longctx.data.config import DataConfig
+from longctx.errors import ConfigError
 from longctx.model.config import ModelConfig
 from longctx.train import schema
 
@@ -197,21 +198,21 @@ def attention_spec(section: ml_collections.ConfigDict, lora: LoraConfig,
   · lora.s2_group_fraction) when LoRA is on); ValueError names the key."""
   a = schema.read(AttentionConfig, section, "attention", kernel=_kernel(section))
   if str(section.get("impl", "")).lower() == "ring" and a.strategy is not Strategy.RING:
-    raise ValueError(f"config attention.impl='ring' with attention.strategy={a.strategy!r}: "
-                     "impl 'ring' is the old name of impl 'context_parallel' with the ring; "
-                     f"set attention.impl='context_parallel', attention.strategy={a.strategy!r}")
+    raise ConfigError(f"config attention.impl='ring' with attention.strategy={a.strategy!r}: "
+                      "impl 'ring' is the old name of impl 'context_parallel' with the ring; "
+                      f"set attention.impl='context_parallel', attention.strategy={a.strategy!r}")
   if (a.strategy is Strategy.HYBRID) != (a.ulysses_devices > 0):
-    raise ValueError(f"config attention.strategy={a.strategy!r} with attention.ulysses_devices="
-                     f"{a.ulysses_devices}: the hybrid needs ulysses_devices ≥ 1 (Ulysses over "
-                     "that many of the mesh.seq devices, the ring over the rest), and only the "
-                     "hybrid takes it")
+    raise ConfigError(f"config attention.strategy={a.strategy!r} with attention.ulysses_devices="
+                      f"{a.ulysses_devices}: the hybrid needs ulysses_devices ≥ 1 (Ulysses over "
+                      "that many of the mesh.seq devices, the ring over the rest), and only the "
+                      "hybrid takes it")
   s2 = int(round(max_len * lora.s2_group_fraction)) if lora.enabled else 0
   try:
     return AttentionSpec(impl=a.impl, strategy=a.strategy, layout=a.layout, kernel=a.kernel,
                          tiles=Tiles(a.block_q, a.block_k, a.block_q_bwd, a.block_k_bwd),
                          causal=True, s2_group=s2, ulysses_devices=a.ulysses_devices)
   except ValueError as e:  # the spec's messages start with the key: "kernel=... needs ..."
-    raise ValueError(f"config attention.{e}") from None
+    raise ConfigError(f"config attention.{e}") from None
 
 
 def _kernel(attention: ml_collections.ConfigDict) -> Kernel:
@@ -220,7 +221,7 @@ def _kernel(attention: ml_collections.ConfigDict) -> Kernel:
   try:
     return check_kernel(attention.get("kernel", None))
   except (ValueError, NotImplementedError) as e:
-    raise ValueError(f"config attention.kernel: {e}") from None
+    raise ConfigError(f"config attention.kernel: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,14 +245,14 @@ class StageSpec:
     try:
       model = ModelConfig.from_dict(resolve(cd.model.to_dict(), init_model))
     except (TypeError, ValueError) as e:
-      raise ValueError(f"config stages.{name}.model: {e}") from None
+      raise ConfigError(f"config stages.{name}.model: {e}") from None
     train = schema.read(TrainConfig, cd.train, "train")
     lora = schema.read(LoraConfig, cd.lora, "lora")
     data = DataConfig.from_config_dict(cd.data)
     attention = attention_spec(cd.attention, lora, data.max_len)
     num_shards = int(cd.data.num_shards)
     if num_shards <= 0:
-      raise ValueError(f"config data.num_shards: expected > 0, found {num_shards}")
+      raise ConfigError(f"config data.num_shards: expected > 0, found {num_shards}")
     return cls(name=name, model=model, data=data,
                num_shards=num_shards, train=train, lora=lora, attention=attention,
                eval=schema.read(EvalConfig, cd.get("eval"), "eval"))
@@ -276,10 +277,10 @@ def stage_names(cd: ml_collections.ConfigDict) -> tuple[str, ...]:
   names = _split(cd.get("stage_order", "")) or tuple(cd.stages.keys())
   unknown = [n for n in names if n not in cd.stages]
   if unknown:
-    raise ValueError(f"config stage_order: expected names among {sorted(cd.stages.keys())}, "
-                     f"found {unknown}")
+    raise ConfigError(f"config stage_order: expected names among {sorted(cd.stages.keys())}, "
+                      f"found {unknown}")
   if len(set(names)) != len(names):
-    raise ValueError(f"config stage_order: expected each stage once, found {names}")
+    raise ConfigError(f"config stage_order: expected each stage once, found {names}")
   return names
 
 
@@ -309,8 +310,8 @@ def stage_config(cd: ml_collections.ConfigDict, name: str) -> ml_collections.Con
   for key, value in overrides.items():
     section = key.split(".")[0]
     if section not in _STAGE_SECTIONS:
-      raise ValueError(f"config stages.{name}.{key}: a stage may override "
-                       f"{', '.join(_STAGE_SECTIONS)}; found {section!r}")
+      raise ConfigError(f"config stages.{name}.{key}: a stage may override "
+                        f"{', '.join(_STAGE_SECTIONS)}; found {section!r}")
     if key == "model.rope":
       with merged.unlocked():
         merged.model.rope = ml_collections.ConfigDict(value)
@@ -318,8 +319,8 @@ def stage_config(cd: ml_collections.ConfigDict, name: str) -> ml_collections.Con
     try:
       merged.update_from_flattened_dict({key: value})
     except (KeyError, AttributeError):
-      raise ValueError(f"config stages.{name}.{key}: no such key in the top-level `{section}` "
-                       "section (mistyped?)") from None
+      raise ConfigError(f"config stages.{name}.{key}: no such key in the top-level `{section}` "
+                        "section (mistyped?)") from None
   return merged
 
 

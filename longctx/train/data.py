@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 from longctx.data import DataConfig, Shard, make_iterator
 from longctx.data.config import BatchingKind
 from longctx.data.objective import row_denominators
+from longctx.errors import ConfigError
 from longctx.parallel.mesh import rows_per_step_divisor, step_batch_sharding, step_rows_sharding
 
 KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_weights")
@@ -31,8 +32,8 @@ def check_length(length: int, seq: int, layout: str | None, where: str = "data.m
   """ValueError when the ring layout cannot split rows of `length` over `seq` devices."""
   parts = 2 * seq if layout == "zigzag" else seq
   if length % parts:
-    raise ValueError(f"config {where}: the {layout or 'sequence'} layout over seq={seq} devices "
-                     f"needs a multiple of {parts}, found {length}")
+    raise ConfigError(f"config {where}: the {layout or 'sequence'} layout over seq={seq} devices "
+                      f"needs a multiple of {parts}, found {length}")
 
 
 class GlobalBatches:
@@ -45,8 +46,8 @@ class GlobalBatches:
     self.rows = num_shards * cfg.batch_size
     divisor = rows_per_step_divisor(mesh)
     if self.rows % divisor:
-      raise ValueError(f"config data.num_shards x data.batch_size = {self.rows} rows per "
-                       f"micro-batch: expected a multiple of mesh data x fsdp = {divisor}")
+      raise ConfigError(f"config data.num_shards x data.batch_size = {self.rows} rows per "
+                        f"micro-batch: expected a multiple of mesh data x fsdp = {divisor}")
     self.seq = mesh.shape["seq"]
     if cfg.batching is BatchingKind.PACKED:
       check_length(cfg.max_len, self.seq, layout)

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import ml_collections
 
 from longctx.data.config import parse_enum
+from longctx.errors import ConfigError
 
 POSITIVE = dict(check=lambda v: v > 0, expect="> 0")
 NON_NEGATIVE = dict(check=lambda v: v >= 0, expect=">= 0")
@@ -67,21 +68,21 @@ def _read_value(tp, raw, where: str):
     try:
       return tuple(item(t) for t in parts)
     except ValueError:
-      raise ValueError(f"config {where}: expected comma-separated {item.__name__} values, "
-                       f"found {raw!r}") from None
+      raise ConfigError(f"config {where}: expected comma-separated {item.__name__} values, "
+                        f"found {raw!r}") from None
   if _optional_int(tp):
     value = int(raw or 0)
     if value < 0:
-      raise ValueError(f"config {where}: expected > 0, or 0 for the default; found {value}")
+      raise ConfigError(f"config {where}: expected > 0, or 0 for the default; found {value}")
     return value or None
   if tp is bool:
     if not isinstance(raw, (bool, int)):
-      raise ValueError(f"config {where}: expected true or false, found {raw!r}")
+      raise ConfigError(f"config {where}: expected true or false, found {raw!r}")
     return bool(raw)
   try:
     return tp(raw)
   except (TypeError, ValueError):
-    raise ValueError(f"config {where}: expected {tp.__name__}, found {raw!r}") from None
+    raise ConfigError(f"config {where}: expected {tp.__name__}, found {raw!r}") from None
 
 
 def read(cls, cd: ml_collections.ConfigDict | None, section: str, **values):
@@ -97,6 +98,6 @@ def read(cls, cd: ml_collections.ConfigDict | None, section: str, **values):
     value = f.default if raw is None else _read_value(hints[f.name], raw, where)
     check = f.metadata.get("check")
     if check is not None and not check(value):
-      raise ValueError(f"config {where}: expected {f.metadata['expect']}, found {value}")
+      raise ConfigError(f"config {where}: expected {f.metadata['expect']}, found {value}")
     values[f.name] = value
   return cls(**values)
