@@ -42,6 +42,28 @@ def test_tokenizer_flag_errors(tmp_path):
     common.tokenizer_from_flag(str(bad))
 
 
+def test_the_default_tokenizer_is_the_checkpoint_directorys(tmp_path, capsys):
+  """`auto`: tokenizer.json, else tokenizer.model, else byte, and stderr says which."""
+  from longctx.data.tokenizers import train_bpe_tokenizer
+  assert common.open_tokenizer("auto", str(tmp_path)).vocab_size == 260
+  assert "tokenizer: byte (no tokenizer.json or tokenizer.model in" in capsys.readouterr().err
+  train_bpe_tokenizer(["some text to learn a few merges from"] * 4, tmp_path / "tokenizer.json",
+                      300)
+  tok = common.open_tokenizer("auto", str(tmp_path))
+  assert common.tokenizer_name(tok) == str(tmp_path / "tokenizer.json")
+  assert "(the checkpoint directory's; --tokenizer overrides it)" in capsys.readouterr().err
+  assert common.tokenizer_name(common.open_tokenizer("byte", str(tmp_path))) == "byte"
+
+
+def test_the_byte_tokenizer_is_refused_on_a_subword_vocabulary():
+  import dataclasses
+  byte = common.tokenizer_from_flag("byte")
+  common.check_vocab(dataclasses.replace(TINY, vocab_size=common.BYTE_VOCAB_LIMIT), byte)
+  with pytest.raises(ValueError, match=r"the byte tokenizer \(260 ids\) on a model whose "
+                                       r"vocabulary has 32000 ids .* pass --tokenizer="):
+    common.check_vocab(dataclasses.replace(TINY, vocab_size=32000), byte)
+
+
 def test_read_jsonl_drops_a_truncated_last_line(tmp_path):
   p = tmp_path / "a.jsonl"
   p.write_text('{"a": 1}\n{"a": 2}\n{"a": ')
@@ -99,3 +121,22 @@ def test_eval_attention_memory_and_flags():
   assert common.parse_rope("theta=1e6") == {"theta": 1e6}
   with pytest.raises(ValueError, match="rope_type first"):
     common.parse_rope("factor=2,yarn")
+
+
+def test_every_eval_option_has_help_and_shows_its_default(capsys):
+  import argparse
+
+  from longctx.eval.__main__ import Command, build_parser
+  sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+  for command in Command:
+    parser = sub.choices[command.value]
+    undocumented = [a.dest for a in parser._actions if not a.help]
+    assert not undocumented, (command.value, undocumented)
+    with pytest.raises(SystemExit) as exit_:
+      cli([command.value, "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for action in parser._actions:
+      if action.default not in (None, argparse.SUPPRESS) and not action.required:
+        assert f"(default: {action.default})" in text or "default" in action.help, (
+            command.value, action.dest)

@@ -195,3 +195,73 @@ def test_judge_asked_again_without_score_and_runs_not_mixed(tmp_path):
   unreferenced = [lbc.Question("a", "q", "q")]
   with pytest.raises(ValueError, match="reference 'answer'"):
     lbc.run_longbench_chat(Echo(), TOK, unreferenced, str(tmp_path / "o2"), 256, 8, judge=client)
+
+
+# The published schema (LongAlign's LongBench_Chat/): test_cases.json is a JSON array of
+# {idx, query, prompt, answer}; few_shots.json a list per question of {answer, score}; the judge
+# template prompt_fs.txt has positional fields filled by str.format(question, answer,
+# example answer 1, score 1, ..., prediction). These are stand-ins of that shape, made here.
+PUBLISHED_TEMPLATE = """[Instruction] Rate the answer from 1 to 10 as "Rating: [[5]]".
+{{"format": "a literal brace pair survives"}}
+[Question] {}
+[Reference] {}
+[Example 1] {} Rating: [[{}]]
+[Example 2] {} Rating: [[{}]]
+[Answer to rate] {}"""
+
+
+def _published_files(tmp_path):
+  cases = [{"idx": i, "query": f"question {i}", "prompt": "A long report. " * 20 + f"question {i}",
+            "answer": f"ref {i}"} for i in (1, 2)]
+  (tmp_path / "test_cases.json").write_text(json.dumps(cases, indent=2))
+  few = [[{"answer": f"poor {i}", "score": 2}, {"answer": f"good {i}", "score": 9}]
+         for i in (1, 2)]
+  (tmp_path / "few_shots.json").write_text(json.dumps(few))
+  (tmp_path / "prompt_fs.txt").write_text(PUBLISHED_TEMPLATE)
+  return tmp_path / "test_cases.json", tmp_path / "few_shots.json", tmp_path / "prompt_fs.txt"
+
+
+def test_the_published_files_and_judge_template_through_the_command(tiny_checkpoint, tmp_path):
+  cases, few, template = _published_files(tmp_path)
+  system = "You're a judge of texts."
+  with stub_judge() as (url, requests):
+    assert cli(["longbench-chat", f"--checkpoint={tiny_checkpoint}", f"--questions={cases}",
+                f"--few_shot={few}", f"--judge_prompt={template}", f"--judge_system={system}",
+                "--max_length=96", "--max_new_tokens=4", f"--judge_url={url}",
+                "--judge_model=m", f"--out={tmp_path / 'out'}"]) == 0
+  gens = [json.loads(line)["generation"]
+          for line in (tmp_path / "out" / lbc.GENERATIONS_FILE).read_text().splitlines()]
+  for i, (_, body) in enumerate(requests):
+    assert body["messages"][0]["content"] == system
+    assert body["messages"][1]["content"] == PUBLISHED_TEMPLATE.format(
+        f"question {i + 1}", f"ref {i + 1}", f"poor {i + 1}", 2, f"good {i + 1}", 9, gens[i])
+  report = json.loads((tmp_path / "out" / lbc.REPORT_FILE).read_text())
+  assert report["judge_prompt"] == str(template) and report["judge_system"] == system
+  assert report["scored"] == 2 and report["tokenizer"] == "byte"
+  with stub_judge() as (url, _):  # another judge prompt never reuses these judgments
+    assert cli(["longbench-chat", f"--checkpoint={tiny_checkpoint}", f"--questions={cases}",
+                f"--few_shot={few}", "--max_length=96", "--max_new_tokens=4",
+                f"--judge_url={url}", "--judge_model=m", f"--out={tmp_path / 'out'}"]) == 2
+
+
+def test_question_and_template_files_are_checked_by_content(tmp_path):
+  cases, few, template = _published_files(tmp_path)
+  assert [q.id for q in lbc.load_questions(str(cases), str(few))] == ["1", "2"]
+  (tmp_path / "bad.json").write_text('[{"idx": 1, "query": "q"}, 3]')
+  with pytest.raises(ValueError, match=r"bad.json\[1\]: expected a question object, found int"):
+    lbc.load_questions(str(tmp_path / "bad.json"))
+  (tmp_path / "bad.json").write_text("query,answer\nq,a\n")
+  with pytest.raises(ValueError, match="bad.json: expected JSONL .* or a JSON array"):
+    lbc.load_questions(str(tmp_path / "bad.json"))
+  (tmp_path / "bad.json").write_text('[{"query": "q"},')
+  with pytest.raises(ValueError, match="bad.json: starts as a JSON array but is not valid JSON"):
+    lbc.load_questions(str(tmp_path / "bad.json"))
+  prompt = judge_lib.JudgePrompt.from_file(str(template))
+  with pytest.raises(ValueError, match="fields for 2 few-shot example.*the question has 1"):
+    prompt.render("q", "r", "a", [judge_lib.FewShot("x", 3)])
+  for text, match in [("{} {} {} {}", r"3 \+ 2·k positional \{\} fields .* found 4"),
+                      ("{question} {} {}", r"only positional \{\} fields, found \['question'\]"),
+                      ("{} { {}", "not a str.format template")]:
+    (tmp_path / "t.txt").write_text(text)
+    with pytest.raises(ValueError, match=match):
+      judge_lib.JudgePrompt.from_file(str(tmp_path / "t.txt"))

@@ -86,7 +86,12 @@ def test_command_on_tiny_checkpoint(tiny_checkpoint, tmp_path, capsys):
   report = json.loads(out.read_text())
   assert set(report["accuracy"]) == {"200", "400"}
   assert len(report["results"]) == 4
-  assert "accuracy" in capsys.readouterr().out
+  printed = capsys.readouterr()
+  assert "accuracy" in printed.out and "tokenizer  byte" in printed.out
+  assert f"tokenizer: byte (no tokenizer.json or tokenizer.model in {tiny_checkpoint}" in (
+      printed.err)
+  assert (report["tokenizer"], report["attention"], report["model_rope"]) == (
+      "byte", "blockwise", {"rope_type": "default", "theta": 10000.0})
   # The generated text is the model's greedy continuation.
   model = longctx.load_pretrained(tiny_checkpoint)
   r = report["results"][0]
@@ -178,4 +183,4 @@ def test_command_resumes_from_its_trials_file(tiny_checkpoint, tmp_path, capsys)
   assert len((tmp_path / "pk.trials.jsonl").read_text().splitlines()) == 2
   assert cli(args) == 0 and json.loads(out.read_text())["results"] == first["results"]
   assert cli(args + ["--rope=linear,factor=2"]) == 2  # cached trials never mix RoPEs
-  assert "different run (differs in ['rope'])" in capsys.readouterr().err
+  assert "different run (differs in ['model_rope', 'rope'])" in capsys.readouterr().err

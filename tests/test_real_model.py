@@ -4,6 +4,7 @@ Real English text, the model's own tokenizer and chat template. Short inputs and
 conversion keep this file to about a minute.
 """
 import json
+import os
 
 import jax
 import numpy as np
@@ -77,15 +78,29 @@ def test_greedy_chatml_generation_is_token_for_token_equal(smollm2_dir, hf_model
 
 @pytest.mark.parametrize("flags", [[], ["--attention=ring", "--seq=4"], ["--rope=yarn,factor=2"]],
                          ids=["blockwise", "ring", "yarn"])
-def test_the_perplexity_command_equals_transformers_nll(smollm2_dir, hf_model, tmp_path, flags):
+def test_the_perplexity_command_equals_transformers_nll(smollm2_dir, hf_model, tmp_path, flags,
+                                                        capsys):
+  """Without --tokenizer (as a newcomer types it) the model directory's tokenizer is taken, said
+  and recorded; the other cases name it."""
   text = real_text(4000, offset=10_000)
   (tmp_path / "doc.txt").write_text(text, encoding="utf-8")
   out = tmp_path / "ppl.json"
-  assert eval_main.main(["perplexity", "--checkpoint", smollm2_dir, "--tokenizer",
-                         f"{smollm2_dir}/tokenizer.json", "--data", str(tmp_path / "doc.txt"),
-                         "--lengths", "256", "--stride", "256", "--max_windows", "2",
-                         "--out", str(out), *flags]) == 0
-  report = json.loads(out.read_text())["results"][0]
+  tokenizer = ["--tokenizer", f"{smollm2_dir}/tokenizer.json"] if flags else []
+  assert eval_main.main(["perplexity", "--checkpoint", smollm2_dir, *tokenizer, "--data",
+                         str(tmp_path / "doc.txt"), "--lengths", "256", "--stride", "256",
+                         "--max_windows", "2", "--out", str(out), *flags]) == 0
+  full = json.loads(out.read_text())
+  report = full["results"][0]
+  path = os.path.abspath(f"{smollm2_dir}/tokenizer.json")
+  assert (full["tokenizer"], full["checkpoint"]) == (path, os.path.abspath(smollm2_dir))
+  assert full["attention"] == (flags[0].split("=")[1] if flags[:1] == ["--attention=ring"]
+                               else "blockwise")
+  assert full["model_rope"]["rope_type"] == ("yarn" if "--rope=yarn,factor=2" in flags
+                                             else "default")
+  printed = capsys.readouterr()
+  assert f"tokenizer  {path}" in printed.out
+  assert (f"tokenizer: {smollm2_dir}/tokenizer.json (the checkpoint directory's" in printed.err
+          ) == (not flags)
   if flags and flags[0].startswith("--rope"):  # the oracle: transformers' own YaRN
     config = transformers.AutoConfig.from_pretrained(smollm2_dir)
     config.rope_parameters = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 100000.0,
@@ -98,6 +113,18 @@ def test_the_perplexity_command_equals_transformers_nll(smollm2_dir, hf_model, t
     losses.append(_window_nll(hf_model, torch.as_tensor([ids[start:start + 257]])))
   assert report["windows"] == 2
   np.testing.assert_allclose(report["window_losses"], losses, rtol=NLL_RTOL)
+
+
+def test_the_byte_tokenizer_on_a_subword_model_is_refused_with_the_fix(smollm2_dir, tmp_path,
+                                                                       capsys):
+  (tmp_path / "doc.txt").write_text(real_text(2000), encoding="utf-8")
+  assert eval_main.main(["perplexity", "--checkpoint", smollm2_dir, "--tokenizer=byte",
+                         "--data", str(tmp_path / "doc.txt"), "--lengths", "256",
+                         "--out", str(tmp_path / "ppl.json")]) == 2
+  err = capsys.readouterr().err
+  assert "the byte tokenizer (260 ids) on a model whose vocabulary has 49152 ids" in err
+  assert "pass --tokenizer=PATH/tokenizer.json" in err
+  assert not (tmp_path / "ppl.json").exists()
 
 
 def _window_nll(model, window) -> float:
@@ -230,7 +257,7 @@ def test_the_extension_configs_data_reads_with_the_real_tokenizer(smollm2_dir, t
   from longctx.data.pipeline import iterate_batches
   from longctx.train.config import read_stages
   from tests.bench_scripts import ROOT, run_bench
-  from tests.test_configs import _module
+  from tests.helpers import config_module as _module
   run_bench("smollm2_extend_data.py", "--out", str(tmp_path), "--per_module", "1")
   sft = [json.loads(line) for line in open(tmp_path / "sft.jsonl")]
   assert len(sft) > 50 and all(line.strip() in c["messages"][0]["content"]

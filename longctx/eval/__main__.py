@@ -1,8 +1,10 @@
 """`python -m longctx.eval {passkey,needle,perplexity,longbench-chat} --checkpoint=DIR ...`.
 
-Each command lives in its own module with `add_arguments(parser)` and `main(args)`; this file only
-builds the parser and dispatches. Errors a user can act on (missing files, lengths that do not
-fit, an unreachable judge) are printed as one line and exit with status 2.
+Evaluates a longctx checkpoint or an HF model directory: passkey retrieval, a needle-in-a-haystack
+grid, sliding-window perplexity, or LongBench-Chat answers with a judge's scores.
+`python -m longctx.eval COMMAND --help` lists a command's options with their defaults. Errors a
+user can act on (missing files, lengths that do not fit, an unreachable judge) are printed as one
+line and exit with status 2.
 """
 from __future__ import annotations
 
@@ -25,16 +27,31 @@ class Command(enum.Enum):
     return importlib.import_module(f"longctx.eval.{self.name.lower()}")
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+  """Every option's default shown (unless its help says it in words); the command's docstring as
+  written."""
+
+  def _get_help_string(self, action):
+    text = action.help or ""
+    return text if "default" in text or action.required else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m longctx.eval", description=__doc__)
+  parser = argparse.ArgumentParser(prog="python -m longctx.eval", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
   for command in Command:
-    p = sub.add_parser(command.value, help=(command.module.__doc__ or "").splitlines()[0])
+    p = sub.add_parser(command.value, help=(command.module.__doc__ or "").splitlines()[0],
+                       description=command.module.__doc__,
+                       formatter_class=_Formatter)
     p.add_argument("--checkpoint", required=True,
                    help="a longctx checkpoint or an HF model directory")
-    p.add_argument("--tokenizer", default="byte",
-                   help="'byte', or a local tokenizer.json (HF) or *.model (sentencepiece)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default=common.AUTO_TOKENIZER,
+                   help="'auto' (the checkpoint directory's tokenizer.json or tokenizer.model, "
+                        "else 'byte'), 'byte', or a local tokenizer.json (HF) or *.model "
+                        "(sentencepiece) (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the generated prompts (keys, depths, needles, filler)")
     p.add_argument("--max_memory_gb", type=float, default=None,
                    help="memory budget for the length check (default: 90%% of the device's)")
     p.add_argument("--attention", choices=common.ATTENTION_KINDS, default="blockwise",
@@ -44,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="devices the ring splits each prompt over (--attention=ring)")
     p.add_argument("--rope", default="",
                    help="override the model's RoPE: 'yarn,factor=2' (a new scaling; theta and "
-                        "the trained length default to the model's) or 'theta=1e6'")
+                        "the trained length default to the model's) or 'theta=1e6' (default: "
+                        "none, the model's own)")
     command.module.add_arguments(p)
   return parser
 

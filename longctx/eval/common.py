@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from typing import Any, Sequence
 
 from longctx.data.config import TokenizerKind
@@ -27,6 +28,11 @@ from longctx.model.config import ModelConfig
 
 _GIB = 1 << 30
 _TOKENIZER_SUFFIXES = {".json": TokenizerKind.HF, ".model": TokenizerKind.SENTENCEPIECE}
+AUTO_TOKENIZER = "auto"
+DIRECTORY_TOKENIZERS = ("tokenizer.json", "tokenizer.model")  # looked for in this order
+# The byte tokenizer's 260 ids, padded (configs/tiny_passkey.py has 400); a model with a larger
+# vocabulary was trained with another tokenizer, whose text the byte ids would not be.
+BYTE_VOCAB_LIMIT = 512
 
 
 class ContextTooLongError(ValueError):
@@ -45,6 +51,30 @@ def tokenizer_from_flag(value: str) -> Tokenizer:
     raise ValueError(f"--tokenizer {value!r}: expected a file ending in "
                      f"{sorted(_TOKENIZER_SUFFIXES)} or 'byte'")
   return make_tokenizer(kind, value)
+
+
+def open_tokenizer(flag: str, checkpoint: str) -> Tokenizer:
+  """`--tokenizer`: `auto` (the default) takes the checkpoint directory's tokenizer.json or
+  tokenizer.model (a longctx checkpoint carries its init's; an HF directory has its own), and
+  the byte tokenizer where there is none; says on stderr which it took. Otherwise as
+  `tokenizer_from_flag`."""
+  if flag != AUTO_TOKENIZER:
+    return tokenizer_from_flag(flag)
+  for name in DIRECTORY_TOKENIZERS:
+    path = os.path.join(checkpoint, name)
+    if os.path.isfile(path):
+      print(f"tokenizer: {path} (the checkpoint directory's; --tokenizer overrides it)",
+            file=sys.stderr)
+      return tokenizer_from_flag(path)
+  print(f"tokenizer: byte (no {' or '.join(DIRECTORY_TOKENIZERS)} in {checkpoint}; "
+        "--tokenizer overrides it)", file=sys.stderr)
+  return tokenizer_from_flag(TokenizerKind.BYTE.value)
+
+
+def tokenizer_name(tokenizer: Tokenizer) -> str:
+  """What a report records: the tokenizer file's absolute path, or `byte`."""
+  path = getattr(tokenizer, "path", None)
+  return os.path.abspath(path) if path else TokenizerKind.BYTE.value
 
 
 ONE_DEVICE_KINDS = ("blockwise", "dense")
@@ -142,9 +172,18 @@ def load_model(checkpoint: str, attention: EvalAttention | None = None, rope: st
 
 
 def check_vocab(model_config: ModelConfig, tokenizer: Tokenizer) -> None:
+  """The tokenizer's ids fit the model, and the byte tokenizer is refused on a model whose
+  vocabulary is a subword one (its numbers would be silently wrong)."""
   if tokenizer.vocab_size > model_config.vocab_size:
     raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary has "
                      f"{model_config.vocab_size}; use the tokenizer the model was trained with")
+  if tokenizer_name(tokenizer) == TokenizerKind.BYTE.value and (
+      model_config.vocab_size > BYTE_VOCAB_LIMIT):
+    raise ValueError(
+        f"--tokenizer: the byte tokenizer ({tokenizer.vocab_size} ids) on a model whose "
+        f"vocabulary has {model_config.vocab_size} ids (a byte model has at most "
+        f"{BYTE_VOCAB_LIMIT}): the model was trained with another tokenizer; pass "
+        "--tokenizer=PATH/tokenizer.json (or *.model), the model's own")
 
 
 # ---- the memory limit ---------------------------------------------------------------------------
@@ -242,21 +281,38 @@ def write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def run_info(args) -> dict:
-  """What an eval command's cached results depend on beyond its own flags: the model, how it is
-  read (tokenizer, RoPE override) and how it attends."""
-  return {"checkpoint": os.path.abspath(args.checkpoint), "tokenizer": args.tokenizer,
+def run_info(args, tokenizer: Tokenizer, model=None) -> dict:
+  """What an eval command's results depend on beyond its own flags, recorded in every report and
+  by the resumable ones' cache checks: the model, how it is read (the tokenizer taken, the RoPE
+  override and, with `model`, the RoPE it then has) and how it attends."""
+  info = {"checkpoint": os.path.abspath(args.checkpoint), "tokenizer": tokenizer_name(tokenizer),
           "rope": args.rope, "attention": args.attention, "seq": args.seq}
+  if model is not None:
+    info["model_rope"] = model.config.rope.to_dict()
+  return info
+
+
+def format_run(info: dict) -> str:
+  """The text reports' first line: the same facts as the JSON's run fields."""
+  used = info.get("model_rope")
+  rope = ", ".join(f"{k}={v}" for k, v in used.items() if v is not None) if used else "the model's"
+  rope += f" (--rope {info['rope']})" if info["rope"] else ""
+  attention = info["attention"] + (f" over {info['seq']} devices" if info["seq"] > 1 else "")
+  return "\n".join([f"checkpoint {info['checkpoint']}", f"tokenizer  {info['tokenizer']}",
+                    f"rope       {rope}", f"attention  {attention}"])
 
 
 def check_run_file(path: str, run: dict) -> None:
   """Writes `run` (what a resumable output directory was made with) to `path`, or, when the file
-  exists, checks that this run matches it, so cached results are never mixed across runs."""
+  exists, checks that this run matches it, so cached results are never mixed across runs. A key
+  the file lacks (written by an earlier longctx, which did not record it) is not a difference."""
   if os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)
-    if previous != json.loads(json.dumps(run)):
-      changed = sorted(k for k in set(run) | set(previous) if previous.get(k) != run.get(k))
+    run = json.loads(json.dumps(run))
+    changed = sorted(k for k in set(run) | set(previous)
+                     if k in previous and previous.get(k) != run.get(k))
+    if changed:
       raise ValueError(f"{path}: the cached results beside it are of a different run (differs "
                        f"in {changed}); use another --out or remove them")
     return

@@ -2,7 +2,9 @@
 
 The prompt follows the structure of LongAlign's GPT-4 judge for LongBench-Chat — the question, a
 reference answer, scored example answers (few-shot), then the answer to rate, with the final
-rating written as [[score]] — in our own words. HTTP uses only the standard library.
+rating written as [[score]] — in our own words. `--judge_prompt` takes the benchmark's own
+template file instead (`load_judge_template`, `filled_template`), so that scores compare with
+published tables. HTTP uses only the standard library.
 """
 from __future__ import annotations
 
@@ -68,6 +70,64 @@ def judge_prompt(question: str, reference: str, answer: str,
                              answer=answer)
 
 
+def load_judge_template(path: str) -> str:
+  """A judge prompt file with positional `{}` fields, as LongBench-Chat's prompt_fs.txt: the
+  question, the reference answer, then each few-shot example's answer and score, then the answer
+  to rate (its eval.py fills them with `str.format` in that order)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--judge_prompt: expected a local text file, found nothing at "
+                            f"{path!r}")
+  with open(path, encoding="utf-8") as f:
+    template = f.read()
+  fields = _template_fields(template, path)
+  if fields < 3 or fields % 2 == 0:
+    raise ValueError(f"--judge_prompt {path}: expected 3 + 2·k positional {{}} fields (question, "
+                     f"reference, k example answers and scores, answer), found {fields}")
+  return template
+
+
+def _template_fields(template: str, path: str) -> int:
+  import string
+  try:
+    names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+  except ValueError as e:
+    raise ValueError(f"--judge_prompt {path}: not a str.format template ({e}); a literal brace "
+                     "is written {{ or }}") from e
+  if any(name for name in names):
+    raise ValueError(f"--judge_prompt {path}: expected only positional {{}} fields, found "
+                     f"{sorted({n for n in names if n})}")
+  return len(names)
+
+
+def filled_template(template: str, question: str, reference: str, answer: str,
+                    few_shot: Sequence[FewShot], where: str = "--judge_prompt") -> str:
+  """`template` filled as LongBench-Chat's eval.py fills prompt_fs.txt."""
+  k = (_template_fields(template, where) - 3) // 2
+  if len(few_shot) != k:
+    raise ValueError(f"{where}: the template has fields for {k} few-shot example(s); the "
+                     f"question has {len(few_shot)} (--few_shot)")
+  pairs = [text for ex in few_shot for text in (ex.answer, _fmt(ex.score))]
+  return template.format(question, reference, *pairs, answer)
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgePrompt:
+  """The judge's user message: longctx's own wording (`template=None`) or a template file's."""
+  template: str | None = None
+  source: str = "longctx"   # what the reports record: "longctx" or the file's absolute path
+
+  @classmethod
+  def from_file(cls, path: str | None) -> "JudgePrompt":
+    return cls(load_judge_template(path), os.path.abspath(path)) if path else cls()
+
+  def render(self, question: str, reference: str, answer: str,
+             few_shot: Sequence[FewShot] = ()) -> str:
+    if self.template is None:
+      return judge_prompt(question, reference, answer, few_shot)
+    return filled_template(self.template, question, reference, answer, few_shot,
+                           f"--judge_prompt {self.source}")
+
+
 def _fmt(score: float) -> str:
   return str(int(score)) if float(score).is_integer() else str(score)
 
@@ -100,11 +160,13 @@ class JudgeClient:
   retries: int = 2
   backoff_s: float = 2.0
   api_key_env: str = "OPENAI_API_KEY"
+  system: str = JUDGE_SYSTEM
+  prompt: JudgePrompt = JudgePrompt()
 
   def complete(self, prompt: str) -> str:
     """The assistant message's text; raises JudgeError after `retries` failed retries."""
     body = json.dumps({"model": self.model, "temperature": 0.0, "max_tokens": 1024,
-                       "messages": [{"role": "system", "content": JUDGE_SYSTEM},
+                       "messages": [{"role": "system", "content": self.system},
                                     {"role": "user", "content": prompt}]}).encode()
     headers = {"Content-Type": "application/json"}
     key = os.environ.get(self.api_key_env)

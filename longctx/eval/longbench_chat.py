@@ -1,6 +1,7 @@
 """The LongBench-Chat harness (METHODS.md §6): generate answers to long questions, optionally judge.
 
-Questions come from a local JSONL file, one record per line: `query` (the question the judge
+Questions come from a local JSONL file (one record per line) or a JSON array (LongBench-Chat's
+test_cases.json), told apart by the first character: `query` (the question the judge
 sees), either `prompt` (the whole model input, as in LongBench-Chat's test cases) or an optional
 `context` placed before the query, `answer` (the reference answer, needed to judge), optional
 `id` (or `idx`) and optional `few_shot` ([{"answer", "score", "explanation"?}], scored example
@@ -10,11 +11,13 @@ or, as LongBench-Chat's few_shots.json, a list of lists (question `idx` uses ent
 LongBench does: the first and the last halves are kept. Answers are generated greedily.
 
 With `--judge_url` and `--judge_model`, each answer is rated 1–10 by the judge prompt in
-`longctx.eval.judge` and the `[[score]]` is parsed; without them the generations are written and
-nothing is scored (the report says so). `OUT/generations.jsonl` and `OUT/judgments.jsonl` grow
-one line per question, so generations survive a judge failure and a rerun resumes.
+`longctx.eval.judge` (or the template file of `--judge_prompt`, as LongBench-Chat's
+prompt_fs.txt, with `--judge_system`) and the `[[score]]` is parsed; without them the
+generations are written and nothing is scored (the report says so). `OUT/generations.jsonl` and
+`OUT/judgments.jsonl` grow one line per question, so generations survive a judge failure and a
+rerun resumes.
 
-    python -m longctx.eval longbench-chat --checkpoint=DIR --tokenizer=tokenizer.json \
+    python -m longctx.eval longbench-chat --checkpoint=DIR \
         --questions=longbench_chat.jsonl --max_length=65536 --template=llama2 \
         --judge_url=http://localhost:8000 --judge_model=gpt-4 --out=lbc_out
 """
@@ -31,12 +34,14 @@ import numpy as np
 from longctx.data.config import TemplateKind
 from longctx.data.tokenizers import Tokenizer
 from longctx.eval import common
-from longctx.eval.judge import FewShot, JudgeClient, JudgeError, judge_prompt, parse_score
+from longctx.eval.judge import (JUDGE_SYSTEM, FewShot, JudgeClient, JudgeError, JudgePrompt,
+                                parse_score)
 
 GENERATIONS_FILE = "generations.jsonl"
 JUDGMENTS_FILE = "judgments.jsonl"
 REPORT_FILE = "longbench_chat.json"
 RUN_FILE = "run.json"
+JUDGE_RUN_FILE = "judge.json"
 SCORE_ATTEMPTS = 3  # asks the judge again when its reply has no [[score]] (LongBench-Chat: 5)
 NOT_SCORED = "no judge configured (--judge_url, --judge_model): generations written, none scored"
 
@@ -101,13 +106,35 @@ def _question(r: dict, line: int, where: str, shared, per_question) -> Question:
                   few_shot)
 
 
+def _question_records(path: str) -> list[tuple[dict, str]]:
+  """(record, where) of a JSONL file (`file:line`) or of a JSON array, as LongBench-Chat's
+  test_cases.json (`file[index]`), told apart by the first character."""
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  first = text.lstrip()[:1]
+  if first == "[":
+    try:
+      records = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: starts as a JSON array but is not valid JSON ({e})") from e
+    return [(r, f"{path}[{i}]") for i, r in enumerate(records)]
+  if first == "{":
+    return [(r, f"{path}:{i + 1}") for i, r in enumerate(common.read_jsonl(path))]
+  raise ValueError(f"--questions {path}: expected JSONL (one object per line) or a JSON array of "
+                   f"objects, found text starting with {text.lstrip()[:20]!r}")
+
+
 def load_questions(path: str, few_shot_path: str | None = None) -> list[Question]:
-  """Questions of a JSONL file; errors name file:line."""
+  """Questions of a JSONL file or a JSON array; errors name file:line or file[index]."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"--questions: expected a local JSONL file, found nothing at {path!r}")
+    raise FileNotFoundError(f"--questions: expected a local JSONL or JSON file, found nothing at "
+                            f"{path!r}")
   shared, per_question = _load_few_shot_file(few_shot_path)
-  questions = [_question(r, i, f"{path}:{i + 1}", shared, per_question)
-               for i, r in enumerate(common.read_jsonl(path))]
+  questions = []
+  for i, (r, where) in enumerate(_question_records(path)):
+    if not isinstance(r, dict):
+      raise ValueError(f"{where}: expected a question object, found {type(r).__name__}")
+    questions.append(_question(r, i, where, shared, per_question))
   if not questions:
     raise ValueError(f"{path}: no questions found")
   ids = [q.id for q in questions]
@@ -156,7 +183,7 @@ def encode_prompt(tokenizer: Tokenizer, question: Question, template: TemplateKi
 
 
 def _judge_one(judge: JudgeClient, q: Question, generation: str) -> dict:
-  prompt = judge_prompt(q.query, q.reference, generation, q.few_shot)
+  prompt = judge.prompt.render(q.query, q.reference, generation, q.few_shot)
   for _ in range(SCORE_ATTEMPTS):
     reply = judge.complete(prompt)
     score = parse_score(reply)
@@ -188,6 +215,8 @@ def run_longbench_chat(model, tokenizer: Tokenizer, questions: Sequence[Question
   common.check_run_file(os.path.join(out_dir, RUN_FILE), {
       "max_length": max_length, "max_new_tokens": max_new_tokens, "template": template.value,
       **(run_info or {})})
+  if judge is not None:  # judgments are kept per judge: an earlier one's are never mixed in
+    common.check_run_file(os.path.join(out_dir, JUDGE_RUN_FILE), judge_info(judge))
   gen_path = os.path.join(out_dir, GENERATIONS_FILE)
   judge_path = os.path.join(out_dir, JUDGMENTS_FILE)
   generations = {r["id"]: r for r in common.read_jsonl(gen_path)}
@@ -203,7 +232,14 @@ def run_longbench_chat(model, tokenizer: Tokenizer, questions: Sequence[Question
         raise JudgeError(f"{e}. The {len(generations)} generation(s) made so far are kept in "
                          f"{gen_path}; rerun with the same --out to resume") from e
       common.append_jsonl(judge_path, judgments[q.id])
-  return _report(questions, generations, judgments if judge else None, gen_path)
+  report = _report(questions, generations, judgments if judge else None, gen_path)
+  return {**report, **judge_info(judge)} if judge is not None else report
+
+
+def judge_info(judge: JudgeClient) -> dict:
+  """What a report records of its judge, and what its cached judgments must match."""
+  return {"judge_model": judge.model, "judge_prompt": judge.prompt.source,
+          "judge_system": judge.system}
 
 
 def _generate_one(model, tokenizer, q, template, max_length, max_new_tokens) -> dict:
@@ -236,17 +272,30 @@ def format_report(report: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--questions", required=True, help="local JSONL of questions")
+  parser.add_argument("--questions", required=True,
+                      help="local JSONL of questions, or a JSON array (LongBench-Chat's "
+                           "test_cases.json)")
   parser.add_argument("--few_shot", default=None, help="JSON list of {answer, score, explanation}")
   parser.add_argument("--max_length", type=int, default=65536,
                       help="input tokens (middle-truncated)")
-  parser.add_argument("--max_new_tokens", type=int, default=512)
+  parser.add_argument("--max_new_tokens", type=int, default=512,
+                      help="tokens generated per answer (greedy)")
   parser.add_argument("--template", default=TemplateKind.PLAIN.value,
-                      choices=[t.value for t in TemplateKind])
+                      choices=[t.value for t in TemplateKind],
+                      help="the chat template around each question ('model': the tokenizer "
+                           "directory's own)")
   parser.add_argument("--judge_url", default=None, help="OpenAI-compatible endpoint")
-  parser.add_argument("--judge_model", default=None)
-  parser.add_argument("--judge_timeout_s", type=float, default=120.0)
-  parser.add_argument("--judge_retries", type=int, default=2)
+  parser.add_argument("--judge_model", default=None, help="the judge's model name")
+  parser.add_argument("--judge_timeout_s", type=float, default=120.0,
+                      help="seconds per judge request")
+  parser.add_argument("--judge_retries", type=int, default=2,
+                      help="retries of a failed judge request (server errors and timeouts)")
+  parser.add_argument("--judge_prompt", default=None,
+                      help="a template file with positional {} fields, as LongBench-Chat's "
+                           "prompt_fs.txt (question, reference, example answer and score pairs, "
+                           "answer); default: longctx's own prompt")
+  parser.add_argument("--judge_system", default=JUDGE_SYSTEM,
+                      help="the judge's system message (default: %(default)r)")
   parser.add_argument("--out", default="longbench_chat_out", help="output directory")
 
 
@@ -255,21 +304,24 @@ def judge_from_args(args: argparse.Namespace) -> JudgeClient | None:
     raise ValueError("--judge_url and --judge_model go together: give both or neither")
   if not args.judge_url:
     return None
-  return JudgeClient(args.judge_url, args.judge_model, args.judge_timeout_s, args.judge_retries)
+  return JudgeClient(args.judge_url, args.judge_model, args.judge_timeout_s, args.judge_retries,
+                     system=args.judge_system, prompt=JudgePrompt.from_file(args.judge_prompt))
 
 
 def main(args: argparse.Namespace) -> dict:
-  tokenizer = common.tokenizer_from_flag(args.tokenizer)
+  tokenizer = common.open_tokenizer(args.tokenizer, args.checkpoint)
   questions = load_questions(args.questions, args.few_shot)
   judge = judge_from_args(args)
   model = common.load_model(args.checkpoint, common.EvalAttention(args.attention, args.seq),
                             args.rope)
+  run = common.run_info(args, tokenizer, model)
   report = run_longbench_chat(model, tokenizer, questions, args.out, args.max_length,
                               args.max_new_tokens, TemplateKind(args.template), judge,
                               common.MemoryBudget.from_gib(args.max_memory_gb),
-                              common.run_info(args))
-  report["checkpoint"] = args.checkpoint
+                              run)
+  report.update(run)
   common.write_json(os.path.join(args.out, REPORT_FILE), report)
+  print(common.format_run(run))
   print(format_report(report))
   print(f"wrote {os.path.join(args.out, REPORT_FILE)}")
   return report

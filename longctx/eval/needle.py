@@ -13,7 +13,7 @@ Every finished cell is appended to `OUT/cells.jsonl` at once, so an interrupted 
 with the same `--out` redoes only the missing cells. `OUT/needle.json` holds the grid and
 `OUT/heatmap.png` draws it.
 
-    python -m longctx.eval needle --checkpoint=DIR --tokenizer=byte --lengths=1024,2048 \
+    python -m longctx.eval needle --checkpoint=DIR --lengths=1024,2048 \
         --num_needles=4 --out=needle_out
 """
 from __future__ import annotations
@@ -168,7 +168,7 @@ def run_needle(model, tokenizer: Tokenizer, grid: NeedleGrid, needles: Sequence[
         common.append_jsonl(cells_path, record)
         done[_cell_key(length, depth, record["needle_index"])] = record
       bar.update(1)
-  report = _report(grid, len(needles), done)
+  report = {**_report(grid, len(needles), done), **(run_info or {})}
   common.write_json(os.path.join(out_dir, REPORT_FILE), report)
   plot_heatmap(report, os.path.join(out_dir, HEATMAP_FILE))
   return report
@@ -238,7 +238,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--lengths", default="1024,2048,4096", help="comma-separated, in tokens")
   parser.add_argument("--depths", default=None,
                       help="comma-separated fractions in [0, 1] (default 17 from 0 to 1)")
-  parser.add_argument("--num_depths", type=int, default=17)
+  parser.add_argument("--num_depths", type=int, default=17,
+                      help="depths evenly spaced in [0, 1] (without --depths)")
   parser.add_argument("--num_needles", type=int, default=1, help="built-in magic-number needles")
   parser.add_argument("--needles", default=None, help="JSONL of {needle, question, answer}")
   parser.add_argument("--haystack", default=None, help="a local text file (default: synthetic)")
@@ -246,7 +247,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
-  tokenizer = common.tokenizer_from_flag(args.tokenizer)
+  tokenizer = common.open_tokenizer(args.tokenizer, args.checkpoint)
   needles = load_needles(args.needles) if args.needles else default_needles(args.num_needles,
                                                                            args.seed)
   depths = (common.parse_floats(args.depths, "--depths") if args.depths
@@ -257,9 +258,10 @@ def main(args: argparse.Namespace) -> dict:
                             f"{args.haystack!r}")
   model = common.load_model(args.checkpoint, common.EvalAttention(args.attention, args.seq),
                             args.rope)
+  run = common.run_info(args, tokenizer, model)
   report = run_needle(model, tokenizer, grid, needles, args.out, args.haystack, args.seed,
-                      common.MemoryBudget.from_gib(args.max_memory_gb),
-                      common.run_info(args))
+                      common.MemoryBudget.from_gib(args.max_memory_gb), run)
+  print(common.format_run(run))
   print(format_report(report))
   print(f"wrote {os.path.join(args.out, REPORT_FILE)} and {os.path.join(args.out, HEATMAP_FILE)}")
   return report

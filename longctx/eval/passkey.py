@@ -5,7 +5,7 @@ filler, then "What is the pass key? The pass key is"; K uniform in 1..50000 (the
 `longctx.data.synthetic.passkey`). Greedy decoding; a trial is correct when the first integer in
 the generated text equals K exactly. Lengths are in tokens of the evaluated tokenizer.
 
-    python -m longctx.eval passkey --checkpoint=DIR --tokenizer=byte --lengths=1024,2048 \
+    python -m longctx.eval passkey --checkpoint=DIR --lengths=1024,2048 \
         --trials=10 --out=passkey.json
 
 With `--depths` (fractions of the filler before the passkey line, e.g. 0,0.25,0.5,0.75,1) every
@@ -208,8 +208,10 @@ def format_report(report: dict) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--lengths", default="1024,2048,4096",
                       help="comma-separated prompt lengths in tokens")
-  parser.add_argument("--trials", type=int, default=10)
-  parser.add_argument("--batch_size", type=int, default=8)
+  parser.add_argument("--trials", type=int, default=10,
+                      help="prompts per length (per length and depth with --depths)")
+  parser.add_argument("--batch_size", type=int, default=8,
+                      help="prompts generated together")
   parser.add_argument("--out", default="passkey.json", help="JSON report path")
   parser.add_argument("--depths", default=None,
                       help="comma-separated fractions in [0, 1]: `trials` per length and depth "
@@ -218,18 +220,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
-  tokenizer = common.tokenizer_from_flag(args.tokenizer)
+  tokenizer = common.open_tokenizer(args.tokenizer, args.checkpoint)
   depths = common.parse_floats(args.depths, "--depths") if args.depths else None
   if args.heatmap and depths is None:
     raise ValueError("--heatmap: expected --depths too (the heatmap is lengths × depths)")
   model = common.load_model(args.checkpoint, common.EvalAttention(args.attention, args.seq),
                             args.rope)
+  run = common.run_info(args, tokenizer, model)
   report = run_passkey(model, tokenizer, common.parse_ints(args.lengths, "--lengths"),
                        args.trials, args.seed, args.batch_size,
                        common.MemoryBudget.from_gib(args.max_memory_gb), depths, progress=True,
-                       cache=os.path.splitext(args.out)[0], run_info=common.run_info(args))
-  report["checkpoint"] = args.checkpoint
+                       cache=os.path.splitext(args.out)[0], run_info=run)
+  report.update(run)
   common.write_json(args.out, report)
+  print(common.format_run(run))
   print(format_report(report))
   print(f"wrote {args.out}")
   if args.heatmap:

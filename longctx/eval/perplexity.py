@@ -6,7 +6,7 @@ scored. A window's loss is the mean negative log-likelihood of its L targets; th
 perplexity is exp(mean over windows of the window loss) (LongLoRA `eval.py`). The stream is a
 local text file (tokenized once, with a leading BOS) or a token file (.npy of integer ids).
 
-    python -m longctx.eval perplexity --checkpoint=DIR --tokenizer=byte --data=book.txt \
+    python -m longctx.eval perplexity --checkpoint=DIR --data=book.txt \
         --lengths=2048,4096 --stride=256 --out=ppl.json
 
 Legend: B windows in a batch, L evaluation length, V vocab.
@@ -110,23 +110,28 @@ def format_report(report: dict) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--data", required=True, help="a local text file or .npy of int32 tokens")
   parser.add_argument("--lengths", default="2048,4096", help="comma-separated lengths in tokens")
-  parser.add_argument("--stride", type=int, default=256)
-  parser.add_argument("--batch_size", type=int, default=1)
+  parser.add_argument("--stride", type=int, default=256,
+                      help="tokens between the starts of consecutive windows")
+  parser.add_argument("--batch_size", type=int, default=1, help="windows scored together")
   parser.add_argument("--max_windows", type=int, default=None,
                       help="score only the first N windows per length")
   parser.add_argument("--out", default="perplexity.json", help="JSON report path")
 
 
 def main(args: argparse.Namespace) -> dict:
-  tokenizer = common.tokenizer_from_flag(args.tokenizer)
+  tokenizer = common.open_tokenizer(args.tokenizer, args.checkpoint)
   tokens = load_tokens(args.data, tokenizer)
   model = common.load_model(args.checkpoint, common.EvalAttention(args.attention, args.seq),
                             args.rope)
+  if not args.data.endswith(".npy"):  # token files do not go through the tokenizer
+    common.check_vocab(model.config, tokenizer)
+  run = common.run_info(args, tokenizer, model)
   report = run_perplexity(model, tokens, common.parse_ints(args.lengths, "--lengths"),
                           args.stride, args.batch_size, args.max_windows,
                           common.MemoryBudget.from_gib(args.max_memory_gb))
-  report.update(checkpoint=args.checkpoint, data=args.data)
+  report.update(run, data=os.path.abspath(args.data))
   common.write_json(args.out, report)
+  print(common.format_run(run))
   print(format_report(report))
   print(f"wrote {args.out}")
   return report
