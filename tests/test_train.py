@@ -20,40 +20,8 @@ from longctx.train.config import read_stages
 from longctx.train.data import GlobalBatches
 from longctx.train.metrics import read_metrics
 from longctx.train.step import make_loss_and_grads
-from tests.fault_config import tiny_config_with
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = {
-    "data.source.num_examples": 24, "data.source.min_tokens": 32, "data.source.max_tokens": 300,
-    "data.window": 16, "train.log_every": 1, "checkpoint.every_steps": 2,
-    "checkpoint.async_save": True,
-    "stages.short.data.max_len": 128, "stages.short.train.steps": 3,
-    "stages.long.data.max_len": 256, "stages.long.train.steps": 3,
-}
-SMALL_FLAGS = [f"--config.{k}={v}" for k, v in SMALL.items()]
-
-
-def tiny_config(overrides=None):
-  return tiny_config_with({**SMALL, **(overrides or {})})
-
-
-def stop_after(steps):
-  """A hook that stops the run (with a checkpoint, as SIGTERM does) after `steps` steps of this
-  call, across stages."""
-  from longctx.train.hooks import Hook
-  count = [0]
-
-  def fn(ctx):
-    count[0] += 1
-    if count[0] >= steps:
-      ctx.request_stop()
-  return Hook("stop_after", fn, every=1, needs_state=True, at_end=True)
-
-
-def _losses(workdir, stage):
-  return [(r["step"], r["loss"]) for r in read_metrics(os.path.join(workdir, stage))
-          if "loss" in r]
-
+from tests.helpers import ROOT, SMALL_FLAGS, stop_after, tiny_config
+from tests.helpers import losses as _losses
 
 def _grads_on(mesh_sizes, attention, micro_batches=1, rows=8, model=()):
   config = tiny_config({"data.num_shards": 2, "data.batch_size": rows // 2,
@@ -315,6 +283,11 @@ def test_evaluation_during_training(tmp_path):
   for r in evals:
     assert np.isclose(r["eval_ppl"], np.exp(r["eval_loss"])) and 0 <= r["passkey_96"] <= 1
   assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+  trained = [r for r in records if "loss" in r]  # a CPU: no peak FLOP/s nor memory statistics
+  assert all("mfu" not in r and r["mfu_note"].startswith("no mfu: no peak FLOP/s is known for "
+                                                         "device kind 'cpu'") for r in trained)
+  assert all(r["memory_note"] == "no memory_gib: the cpu backend reports no memory statistics"
+             for r in trained)
 
 
 def test_restore_onto_another_mesh_shape(tmp_path):

@@ -57,6 +57,19 @@ def device_memory() -> dict[str, float]:
   return out
 
 
+def missing_metric_notes(peak: float | None) -> dict[str, str]:
+  """Why a record has no `mfu` or no device memory, said in the record itself (on a CPU, both)."""
+  device = jax.devices()[0]
+  notes = {}
+  if not peak:
+    notes["mfu_note"] = (f"no mfu: no peak FLOP/s is known for device kind {device.device_kind!r}"
+                         "; set train.peak_tflops_per_device to get one")
+  if not device_memory():
+    notes["memory_note"] = (f"no memory_gib: the {device.platform} backend reports no memory "
+                            "statistics")
+  return notes
+
+
 class MetricsWriter:
   """metrics.jsonl and TensorBoard event files under `directory`, process 0 only.
 
@@ -137,6 +150,7 @@ class LogHook:
   def __init__(self, stage, model_cfg: ModelConfig, writer: MetricsWriter, summary, start: int):
     self.every, self.cfg, self.writer, self.summary = stage.train.log_every, model_cfg, writer, summary
     self.peak = peak_flops_per_device(stage.train.peak_tflops_per_device)
+    self.notes = missing_metric_notes(self.peak)
     self.bar = None
     if jax.process_index() == 0:
       from tqdm.auto import tqdm
@@ -176,6 +190,7 @@ class LogHook:
     if self.peak:
       record["mfu"] = achieved / (self.peak * jax.device_count())
     record.update(device_memory())
+    record.update(self.notes)
     self.writer.write(r.step, record)
     if self.bar is not None:
       self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}")
