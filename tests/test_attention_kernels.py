@@ -21,7 +21,7 @@ from longctx.attention.reference import MaskSpec
 from longctx.attention.shifted_sparse import (context_parallel_shifted_sparse_attention,
                                               s2_dense_attention)
 from tests.bench_scripts import run_bench
-from tests.test_attention_ring import random_segments
+from tests.helpers import random_segments
 
 TOL = 2e-5
 L, D = 64, 16

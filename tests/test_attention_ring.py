@@ -12,28 +12,10 @@ from jax.sharding import PartitionSpec as PS
 
 from longctx.attention import (Layout, context_parallel_attention, dense_attention,
                                original_index, permute_batch, ring_attention, unpermute)
+from tests.helpers import make_inputs, random_segments
 
 TOL = 2e-5
 L = 32
-
-
-def make_inputs(rng, b=2, l=L, h=4, kh=4, d=8, dtype=jnp.float32):
-  q = jnp.asarray(rng.normal(size=(b, l, h, d)), dtype)
-  k = jnp.asarray(rng.normal(size=(b, l, kh, d)), dtype)
-  v = jnp.asarray(rng.normal(size=(b, l, kh, d)), dtype)
-  return q, k, v
-
-
-def random_segments(rng, b, l):
-  """Documents of random lengths (crossing every chunk boundary) followed by padding."""
-  rows = []
-  for _ in range(b):
-    n_pad = int(rng.integers(0, l // 4))
-    cuts = np.sort(rng.choice(np.arange(1, l - n_pad), size=3, replace=False))
-    row = np.searchsorted(cuts, np.arange(l), side="right") + 1
-    row[l - n_pad:] = 0
-    rows.append(row)
-  return jnp.asarray(np.stack(rows), jnp.int32)
 
 
 def mesh_of(p):

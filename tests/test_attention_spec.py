@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as PS
 
 from longctx.attention import (AttentionImpl, AttentionSpec, Kernel, Layout, Strategy, Tiles,
                                dense_attention, permute, unpermute)
-from tests.test_attention_ring import make_inputs, random_segments
+from tests.helpers import make_inputs, random_segments
 
 TOL = 2e-5
 L = 32

@@ -21,7 +21,7 @@ from longctx.attention import (Layout, Strategy, all_gather_attention, context_p
                                dense_attention)
 from longctx.attention.costs import collective_bytes, strategy_bytes
 from longctx.attention.strategies import plan
-from tests.test_attention_ring import make_inputs, random_segments
+from tests.helpers import make_inputs, random_segments
 
 TOL = 2e-5
 L = 32

@@ -2,7 +2,6 @@
 cluster launchers in launch/ parse (DESIGN.md contract 4, STYLE.md 6)."""
 import functools
 import glob
-import importlib.util
 import json
 import math
 import os
@@ -20,6 +19,8 @@ from longctx.data.config import DataConfig
 from longctx.model.config import ModelConfig
 from longctx.train.config import read_stages, stage_config
 
+from tests.helpers import config_module
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 TRAINING = [p for p in CONFIGS if os.path.basename(p) != "data_example.py"]  # data section only
@@ -30,11 +31,7 @@ def _name(path):
   return os.path.basename(path)[:-3]
 
 
-def _module(path):
-  spec = importlib.util.spec_from_file_location(f"configs_{_name(path)}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+_module = config_module
 
 
 def test_configs_exist():

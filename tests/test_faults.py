@@ -13,7 +13,7 @@ import pytest
 from longctx.train import loop
 from longctx.train.metrics import read_metrics
 from tests.fault_config import ROOT, fault_config
-from tests.test_train import stop_after
+from tests.helpers import stop_after
 
 # Each run continues the previous one's workdir: every kill point is followed by a rerun, which
 # is itself killed at the next point, until the last run finishes. The first six points are

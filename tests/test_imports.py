@@ -7,7 +7,7 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A room may import the rooms before it in this order, never one after it.
-ROOMS = ("parallel", "attention", "model", "data", "checkpoint", "eval", "train", "plan",
+ROOMS = ("errors", "parallel", "attention", "model", "data", "checkpoint", "eval", "train", "plan",
          "convert", "launch", "longctx")
 
 
@@ -86,3 +86,17 @@ def test_rooms_import_only_upstream():
   back = sorted(f"{m} imports {t}" for m, targets in _graph().items() for t in targets
                 if _room(m) != _room(t) and ROOMS.index(_room(t)) > ROOMS.index(_room(m)))
   assert not back, "\n".join(back)
+
+
+def test_no_test_file_imports_another():
+  """Shared test code lives in helper modules (tests/helpers.py and the topical ones), so a test
+  file can run alone and its helpers are found in one place."""
+  tests = os.path.join(ROOT, "tests")
+  offenders = []
+  for name in sorted(os.listdir(tests)):
+    if name.endswith(".py"):
+      for node in ast.walk(ast.parse(open(os.path.join(tests, name)).read())):
+        modules = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                   else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+        offenders += [f"{name} imports {m}" for m in modules if m.startswith("tests.test_")]
+  assert not offenders, offenders

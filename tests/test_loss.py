@@ -24,7 +24,8 @@ from longctx.train.data import GlobalBatches
 from longctx.train.loss import chunked_numerator, reference_numerator, token_nll
 from longctx.train.runner import StageRunner
 from longctx.train.step import make_loss_and_grads
-from tests.test_train import _losses, tiny_config
+from tests.helpers import losses as _losses
+from tests.helpers import tiny_config
 
 RTOL = 1e-6
 

@@ -16,7 +16,7 @@ from longctx.train import loop
 from longctx.train.config import read_stages
 from longctx.train.data import GlobalBatches
 from longctx.train.runner import StageRunner
-from tests.test_train import ROOT, tiny_config
+from tests.helpers import ROOT, tiny_config
 
 
 def test_plan_matches_the_compiled_step_of_a_real_run():
