@@ -20,13 +20,13 @@ class ConfigError(ValueError):
 USER_ERRORS = (ConfigError, DataError, FileNotFoundError)
 
 
-def user_error(error: BaseException, known: tuple = ()) -> BaseException | None:
+def user_error(error: BaseException) -> BaseException | None:
   """The user-facing error `error` is or was raised from (its __cause__ / __context__ chain, as
   grain and XLA wrap errors raised in their workers), or None for a bug."""
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
-    if isinstance(error, USER_ERRORS + tuple(known)):
+    if isinstance(error, USER_ERRORS):
       return error
     error = error.__cause__ or error.__context__
   return None

@@ -62,7 +62,7 @@ def test_bad_data_is_one_line_before_the_memory_plan(tmp_path):
   (line,) = result.stderr.strip().splitlines()
   assert line.startswith(f"longctx: error: {bad}:2: expected one valid JSON object, found invalid "
                          "JSON") and line.endswith("(--debug shows the traceback)"), line
-  assert "plan" not in result.stdout.lower(), result.stdout  # refused before the pre-flight
+  assert "memory plan" not in result.stdout, result.stdout  # refused before the pre-flight
   debug = launch(*args, "--debug")
   assert debug.returncode != 0 and "Traceback" in debug.stderr
   assert "DataError" in debug.stderr

@@ -281,21 +281,18 @@ def write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def run_info(args, tokenizer: Tokenizer, model=None) -> dict:
+def run_info(args, tokenizer: Tokenizer, model) -> dict:
   """What an eval command's results depend on beyond its own flags, recorded in every report and
   by the resumable ones' cache checks: the model, how it is read (the tokenizer taken, the RoPE
-  override and, with `model`, the RoPE it then has) and how it attends."""
-  info = {"checkpoint": os.path.abspath(args.checkpoint), "tokenizer": tokenizer_name(tokenizer),
-          "rope": args.rope, "attention": args.attention, "seq": args.seq}
-  if model is not None:
-    info["model_rope"] = model.config.rope.to_dict()
-  return info
+  override and the RoPE the model then has) and how it attends."""
+  return {"checkpoint": os.path.abspath(args.checkpoint), "tokenizer": tokenizer_name(tokenizer),
+          "rope": args.rope, "model_rope": model.config.rope.to_dict(),
+          "attention": args.attention, "seq": args.seq}
 
 
 def format_run(info: dict) -> str:
   """The text reports' first line: the same facts as the JSON's run fields."""
-  used = info.get("model_rope")
-  rope = ", ".join(f"{k}={v}" for k, v in used.items() if v is not None) if used else "the model's"
+  rope = ", ".join(f"{k}={v}" for k, v in info["model_rope"].items() if v is not None)
   rope += f" (--rope {info['rope']})" if info["rope"] else ""
   attention = info["attention"] + (f" over {info['seq']} devices" if info["seq"] > 1 else "")
   return "\n".join([f"checkpoint {info['checkpoint']}", f"tokenizer  {info['tokenizer']}",
