@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as PS  # noqa: E402
 
-from longctx.attention import (Layout, blockwise_attention, dense_attention,  # noqa: E402
+from longctx.attention import (Layout, tiled_attention, dense_attention,  # noqa: E402
                                original_index, ring_attention)
 from longctx.attention.tiles import (BLOCK_K, BLOCK_K_BWD, BLOCK_Q, BLOCK_Q_BWD,  # noqa: E402
                                      tile_config)
@@ -154,7 +154,7 @@ def parse_tiles(text):
 
 
 def blockwise_fn(block, grad=True):
-  f = lambda q, k, v: blockwise_attention(q, k, v, **blocks_of(block))
+  f = lambda q, k, v: tiled_attention(q, k, v, **blocks_of(block))
   return jax.grad(loss_of(f), (0, 1, 2)) if grad else f
 
 

@@ -26,7 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from longctx.attention import blockwise_attention, dense_attention  # noqa: E402
+from longctx.attention import tiled_attention, dense_attention  # noqa: E402
 from longctx.attention.kernels import interpret  # noqa: E402
 from timing import best_seconds  # noqa: E402  (bench/timing.py)
 
@@ -128,9 +128,9 @@ def main():
     for name in args.dtypes:
       dtype = jnp.dtype(name)
       inputs = tuple(jnp.asarray(rng.normal(size=(1, l, n, d)), dtype) for n in (h, kh, kh, h))
-      pallas = fwd_bwd(lambda q, k, v, s: blockwise_attention(q, k, v, s, kernel="pallas_gpu"),
+      pallas = fwd_bwd(lambda q, k, v, s: tiled_attention(q, k, v, s, kernel="pallas_gpu"),
                        seg)
-      fallback = fwd_bwd(lambda q, k, v, s: blockwise_attention(q, k, v, s), seg)
+      fallback = fwd_bwd(lambda q, k, v, s: tiled_attention(q, k, v, s), seg)
       line, passed = check(args, l, dtype, pallas, fallback, seg, inputs)
       ok &= passed
       print(line, flush=True)

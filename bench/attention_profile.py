@@ -33,7 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from longctx.attention import blockwise_attention  # noqa: E402
+from longctx.attention import tiled_attention  # noqa: E402
 
 _INSTR = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\S+) fusion\(.*?calls=%([\w.\-]+)")
 _COMP = re.compile(r"^%([\w.\-]+) \((.*)\) -> (\S+) \{")
@@ -92,7 +92,7 @@ def main():
   rng = np.random.default_rng(0)
   q, k, v = (jnp.asarray(rng.standard_normal(shape, np.float32)) for _ in range(3))
   blocks = {} if args.block is None else dict(block_q=args.block, block_k=args.block)
-  attn = lambda q, k, v: blockwise_attention(q, k, v, **blocks)
+  attn = lambda q, k, v: tiled_attention(q, k, v, **blocks)
   fn = (jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v) ** 2), argnums=(0, 1, 2)) if args.grad
         else attn)
   compiled = jax.jit(fn).lower(q, k, v).compile()

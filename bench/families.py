@@ -59,7 +59,7 @@ def compiled_forward(fields: dict, args):
   run once."""
   cfg = ModelConfig(**SHAPE, num_layers=args.layers, dtype=args.dtype, **fields)
   params = init_params(cfg, jax.random.PRNGKey(0))
-  model = Llama(cfg, AttentionSpec(impl="blockwise").function())
+  model = Llama(cfg, AttentionSpec(impl="tiled").function())
   tokens = jax.random.randint(jax.random.PRNGKey(1), (1, args.length), 0, cfg.vocab_size,
                               jnp.int32)
   forward = jax.jit(lambda p, t: model.apply({"params": p}, t)).lower(params, tokens).compile()

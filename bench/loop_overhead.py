@@ -62,7 +62,7 @@ def device_step_time(config, steps: int) -> float:
   mesh = make_mesh(dataclasses.asdict(mesh_config(config)))
   runner = StageRunner(stage, mesh, 0, log=lambda *_: None)
   state = runner.init_state(runner.random_params())
-  batches, denominator, _ = next(GlobalBatches(stage.data, stage.num_shards, mesh, 1,
+  batches, denominator, _ = next(GlobalBatches(stage.data, mesh, 1,
                                                stage.attention.layout))
   step = runner.compiled_step()
   extra = (runner.first_ok(),) if hasattr(runner, "first_ok") else ()

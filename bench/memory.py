@@ -110,7 +110,7 @@ def _time_steps(stage, steps: int) -> tuple[float, int, float]:
   from longctx.train.runner import StageRunner
   runner = StageRunner(stage, mesh, 0, log=lambda *_: None)
   state = runner.init_state(runner.random_params())
-  loader = GlobalBatches(stage.data, stage.num_shards, mesh, stage.train.micro_batches,
+  loader = GlobalBatches(stage.data, mesh, stage.train.micro_batches,
                          stage.attention.layout)
   batches, denominator, shape = next(loader)
   times = []

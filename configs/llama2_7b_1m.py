@@ -13,13 +13,13 @@ Memory:    float32 parameters, gradients and Adam state sharded over all 8 devic
            `python -m longctx.plan --config=configs/llama2_7b_1m.py` (XLA:CPU, 8 emulated
            devices, 2026-12-01): parameters 3.37 GB + Adam state 6.74 GB, temporaries 85.72 GB of
            which the 34.36 GB stack of layer inputs goes to host memory: 61.48 GB on each GPU,
-           fits an H100 80GB at 90%. `--max-len=H100` finds 1,310,720 tokens (70.94 GB).
+           fits an H100 80GB at 90%. `--max_len=H100` finds 1,310,720 tokens (70.94 GB).
 Hardware:  one node of 8 × H100 80GB (or H200), mesh seq=8; host RAM ≥ 8 × 34.4 GB for the
            offloaded layer inputs. Without offload (`--config.model.remat_offload=''`) the plan
            is 95.8 GB per GPU: an H200 holds it, an H100 does not.
 Run:       python -m longctx.convert from-hf /models/Llama-2-7b-hf /ckpt/llama2-7b   # optional
            python -m longctx.plan --config=configs/llama2_7b_1m.py
-           python -m longctx.plan --config=configs/llama2_7b_1m.py --max-len=H100
+           python -m longctx.plan --config=configs/llama2_7b_1m.py --max_len=H100
            python -m longctx.launch --config=configs/llama2_7b_1m.py --workdir=/ckpt/llama2-7b-1m \\
                --config.init.path=/models/Llama-2-7b-hf \\
                --config.data.tokenizer_path=/models/Llama-2-7b-hf/tokenizer.model \\

@@ -39,7 +39,7 @@ Run:       python -m longctx.convert from-hf /models/Llama-2-7b-hf /ckpt/llama2-
            # data: JSONL {"text": ...}. Export the merged model or the adapter:
            python -m longctx.convert to-hf /ckpt/longlora-100k/main/final /models/llama2-7b-longlora-100k
            python -m longctx.convert to-peft /ckpt/longlora-100k/main/final /models/longlora-100k-adapter \
-               --base-model /models/Llama-2-7b-hf
+               --base_model /models/Llama-2-7b-hf
 Expect:    1000 × 64 × 102400 = 6.6B tokens at ~7e10 FLOPs per token (frozen weights need no
            weight gradients; S²-Attn cuts attention to 1/4; remat included): roughly 1.5–2 days
            on 8×H100 at 30–40% MFU (an estimate; LongLoRA: 52.4 h for 7B at 64k on 8×A100). The

@@ -35,7 +35,7 @@ Run:       python -m longctx.launch --config=configs/smollm2_135m_extend.py \\
                --tokenizer=/models/smollm2/tokenizer.json --data=/tmp/topics.txt --lengths=4096,8192,16384,32768
            python -m longctx.eval passkey --checkpoint=/tmp/smollm2-run/ntk/final \\
                --tokenizer=/models/smollm2/tokenizer.json --lengths=16384,32768 --trials=20
-Hardware:  one device (`--local_device_count=1`), blockwise attention, float32, full remat: a
+Hardware:  one device (`--local_device_count=1`), tiled attention, float32, full remat: a
            16k row fits one CPU host (4.5 GB planned, 4.2–5.5 GB peak RSS for the LoRA variants).
 Expect:    measured on the 2-core VM (bench/RESULTS.md, "Extending SmolLM2-135M to 32k on the CPU";
            7–12 min per full 16k step, 3.5–6.5 min per LoRA step): perplexity on the held-out pydoc
@@ -121,7 +121,7 @@ def get_config(arg=None):
   config.init.path = ""  # required: --config.init.path=/models/smollm2
   config.model = model_section(from_init=True, dtype="float32", remat="full", mlp_chunk=2048)
   config.mesh.data, config.mesh.seq = 1, 1
-  config.attention.impl = "blockwise"
+  config.attention.impl = "tiled"
 
   config.data = default_data_config()
   config.data.update(cpt_data())

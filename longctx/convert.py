@@ -8,12 +8,12 @@
   to-hf   CKPT_DIR HF_DIR    longctx checkpoint -> HF model of its family (config.json +
                              safetensors; Phi-3's fused weights stacked again); a LoRA
                              checkpoint is exported with its adapters merged into the weights,
-                             or, with --base-only, as the frozen base without them
+                             or, with --base_only, as the frozen base without them
   to-peft CKPT_DIR OUT_DIR   LoRA checkpoint -> PEFT adapter (adapter_config.json +
                              adapter_model.safetensors) for the HF export of its base:
 
-    python -m longctx.convert to-hf CKPT base/ --base-only
-    python -m longctx.convert to-peft CKPT adapter/ --base-model base/
+    python -m longctx.convert to-hf CKPT base/ --base_only
+    python -m longctx.convert to-peft CKPT adapter/ --base_model base/
     # PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("base/"), "adapter/")
 
 Tensors keep their dtype unless `--dtype` casts them, so from-hf then to-hf is bit-exact.
@@ -21,8 +21,10 @@ Tensors keep their dtype unless `--dtype` casts them, so from-hf then to-hf is b
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
+from longctx.cli import HelpFormatter, old_spellings, respell
 from longctx.checkpoint import hf, peft
 from longctx.checkpoint.params import copy_assets, load_params, save_params
 from longctx.model import lora
@@ -73,39 +75,45 @@ def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m longctx.convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
-  p = sub.add_parser("from-gguf", help="GGUF file -> HF directory (float32, tokenizer)")
+  add = functools.partial(sub.add_parser, formatter_class=HelpFormatter)
+  p = add("from-gguf", help="GGUF file -> HF directory (float32, tokenizer)")
   p.add_argument("gguf_file")
   p.add_argument("hf_dir")
-  p = sub.add_parser("from-hf", help="HF directory (any family) -> longctx checkpoint")
+  p = add("from-hf", help="HF directory (any family) -> longctx checkpoint")
   p.add_argument("hf_dir")
   p.add_argument("out_dir")
-  p = sub.add_parser("to-hf", help="longctx checkpoint -> HF directory of its family")
+  p = add("to-hf", help="longctx checkpoint -> HF directory of its family")
   p.add_argument("ckpt_dir")
   p.add_argument("hf_dir")
   p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                  help="cast every tensor (default: keep each tensor's dtype)")
-  p.add_argument("--max-shard-size", default="5GB", type=_parse_size,
-                 help="shard safetensors above this size, e.g. 5GB, 500MB (default 5GB)")
-  p.add_argument("--base-only", action="store_true",
+  p.add_argument("--max_shard_size", default="5GB", type=_parse_size,
+                 help="shard safetensors above this size, e.g. 5GB, 500MB (default: 5GB)")
+  p.add_argument("--base_only", action="store_true",
                  help="LoRA checkpoint: export the frozen base without the adapters (the base a "
                       "to-peft adapter loads onto) instead of merging them")
-  p = sub.add_parser("to-peft", help="LoRA longctx checkpoint -> PEFT adapter directory")
+  p = add("to-peft", help="LoRA longctx checkpoint -> PEFT adapter directory")
   p.add_argument("ckpt_dir")
   p.add_argument("out_dir")
-  p.add_argument("--modules-to-save", default=",".join(lora.DEFAULT_TRAINABLE),
+  p.add_argument("--modules_to_save", default=",".join(lora.DEFAULT_TRAINABLE),
                  help="comma-separated fragments of the parameters training updated fully, as "
                       "in the lora config's `trainable` (default %(default)s; '' for none)")
-  p.add_argument("--base-model", default=None,
+  p.add_argument("--base_model", default=None,
                  help="base_model_name_or_path written into adapter_config.json")
   p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                  help="cast every tensor (default: keep each tensor's dtype)")
   for p in sub.choices.values():
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
   return parser
 
 
+# The flags' dashed spellings before they were unified (longctx.cli).
+_OLD = old_spellings("--max_shard_size", "--base_only", "--modules_to_save", "--base_model",
+                     "--no_progress")
+
+
 def main(argv=None) -> int:
-  args = _parser().parse_args(argv)
+  args = _parser().parse_args(respell(sys.argv[1:] if argv is None else argv, _OLD))
   if args.command == "from-gguf":
     from longctx.checkpoint.gguf import gguf_to_hf
     print(f"wrote HF directory {gguf_to_hf(args.gguf_file, args.hf_dir)}")

@@ -28,6 +28,7 @@ if "jax" not in sys.modules and os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+from longctx.cli import HELP_FLAGS  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "tiny.py")
@@ -115,7 +116,7 @@ def _help() -> str:
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, with `--help` exiting 0 and a bad flag value one line with exit 2."""
-  if any(a in ("-h", "--help", "--helpshort", "-?") for a in argv[1:]):
+  if any(a in HELP_FLAGS for a in argv[1:]):
     print(_help())
     sys.exit(0)
   try:

@@ -1,4 +1,4 @@
-"""`python -m longctx.plan --config=configs/NAME.py [--json] [--max-len=H100] [--config.key=value]`.
+"""`python -m longctx.plan --config=configs/NAME.py [--json] [--max_len=H100] [--config.key=value]`.
 
 Per-device memory of every stage of the configured run, before launching: the train step is
 compiled for the configured mesh and sequence length from abstract shapes only (nothing is
@@ -9,7 +9,7 @@ whether that fits each named accelerator.
 
   --json            one JSON object on stdout: {"stages": [{"stage", "mesh", "total_bytes",
                     "fits": {"H100 80GB": bool, ...}, ...}], "headroom", "config", "devices"}
-  --max-len=NAME    per stage, the longest data.max_len whose plan fits the named accelerator
+  --max_len=NAME    per stage, the longest data.max_len whose plan fits the named accelerator
                     (a substring of its name, e.g. H100), by bisection over compiles
   --native          compile for this host's accelerators instead of emulated CPU devices
 
@@ -29,6 +29,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from longctx.cli import absl_flags_parser, old_spellings
 from longctx.train.memory import ACCELERATORS, StagePlan, describe, gb, plan_stage
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file")
@@ -36,10 +37,9 @@ _NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "devices to plan for (d
                                     "mesh's size; needed when a mesh axis is -1)")
 _HEADROOM = flags.DEFINE_float("headroom", 0.9, "fraction of an accelerator's memory usable")
 _JSON = flags.DEFINE_bool("json", False, "print one JSON object instead of text")
-_MAX_LEN = flags.DEFINE_string("max-len", None, "name (or part of it) of an accelerator in "
+_MAX_LEN = flags.DEFINE_string("max_len", None, "name (or part of it) of an accelerator in "
                                f"{[n for n, _ in ACCELERATORS]}: find each stage's longest "
                                "data.max_len that fits it")
-flags.DEFINE_alias("max_len", "max-len")
 _REPORT = flags.DEFINE_bool("report", True, "name the largest temporaries (from the compiler's "
                             "buffer-assignment dump)")
 _AS_ACCELERATOR = flags.DEFINE_bool(
@@ -76,7 +76,7 @@ def _stages_and_mesh(config, num_devices):
 def accelerator(name: str) -> tuple[str, float]:
   hits = [(n, cap) for n, cap in ACCELERATORS if name.lower() in n.lower()]
   if len(hits) != 1:
-    raise app.UsageError(f"--max-len={name!r}: expected (part of) one name among "
+    raise app.UsageError(f"--max_len={name!r}: expected (part of) one name among "
                          f"{[n for n, _ in ACCELERATORS]}, found {len(hits)} matches")
   return hits[0]
 
@@ -85,7 +85,7 @@ def length_granule(stage, seq: int) -> int:
   """Every planned length is a multiple of this: the layout's split, the token chunks and the
   ring's default tile on each device (a row splits into whole tiles)."""
   from longctx.attention.tiles import BLOCK_K
-  parts = 2 * seq if stage.attention.layout == "zigzag" else seq
+  parts = stage.attention.layout.parts(seq)
   granule = math.lcm(parts * (stage.attention.tiles.block_k or BLOCK_K), stage.data.pad_multiple)
   for chunk in (stage.train.loss_chunk, stage.model.mlp_chunk):
     granule = math.lcm(granule, seq * max(chunk, 1))
@@ -134,9 +134,6 @@ def max_len(stage, mesh, capacity: float, headroom: float, seed: int = 0,
   return lo, plans[lo]
 
 
-STRATEGIES = ("ring", "all_gather", "ulysses")  # the trainer's, over one sequence axis
-
-
 def strategy_traffic(stage, mesh, batch_shape) -> dict[str, int | str]:
   """{strategy: bytes} one device moves for attention in one train step, forward and backward
   of every layer and micro-batch (`attention.costs.strategy_bytes`), for each strategy the
@@ -144,6 +141,7 @@ def strategy_traffic(stage, mesh, batch_shape) -> dict[str, int | str]:
   without context parallelism. Not counted: the forward's collectives again when remat
   recomputes attention in the backward (the same factor for every strategy)."""
   from longctx.attention.costs import strategy_bytes
+  from longctx.attention.strategies import ONE_AXIS, Strategy
   from longctx.train.runner import head_axis
   seq, spec, m = mesh.shape["seq"], stage.attention, stage.model
   if seq == 1 or not spec.context_parallel:
@@ -155,7 +153,8 @@ def strategy_traffic(stage, mesh, batch_shape) -> dict[str, int | str]:
   nbytes = 4 if m.dtype == "float32" else 2
   u = spec.ulysses_devices
   out: dict[str, int | str] = {}
-  for name in STRATEGIES + (("hybrid",) if u else ()):  # the hybrid: as configured
+  for strategy in ONE_AXIS + ((Strategy.HYBRID,) if u else ()):  # the hybrid: as configured
+    name = strategy.value
     size = (u, seq // u) if name == "hybrid" else seq
     if name in ("ulysses", "hybrid") and h % (u if name == "hybrid" else seq):
       out[name] = f"cannot: {h} query heads per device over {u if name == 'hybrid' else seq}"
@@ -243,4 +242,4 @@ if __name__ == "__main__":
     os.environ["JAX_PLATFORMS"] = "cpu"
   else:
     sys.argv.remove("--native")
-  app.run(main)
+  app.run(main, flags_parser=absl_flags_parser(__doc__, old_spellings("--max_len")))

@@ -20,6 +20,19 @@ jax.config.update("jax_default_matmul_precision", "highest")
 SEED = 0
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+  """A `matrix` test keeps its first case in the quick loop; its other cases are marked `slow`
+  (before `-m` deselects: tryfirst)."""
+  seen = set()
+  for item in items:
+    if item.get_closest_marker("matrix") is not None:
+      key = (str(item.path), item.originalname)
+      if key in seen:
+        item.add_marker(pytest.mark.slow)
+      seen.add(key)
+
+
 @pytest.fixture(autouse=True)
 def _fixed_seeds():
   """Every test starts from the same Python, NumPy and (if present) torch seeds."""

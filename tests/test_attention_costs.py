@@ -43,6 +43,7 @@ def per_device_bytes(compiled):
   return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_memory_at_fixed_chunk_does_not_grow_with_devices():
   """Forward+backward per-device memory at c = 64 stays within 5% over P = 2, 4, 8 (issue 3):
   the ring keeps the same loop for every P, even with a single hop."""

@@ -1,5 +1,5 @@
 """Inner kernels by name: the Pallas GPU (Triton) and TPU (Mosaic) kernels against the dense
-oracle and the pure-JAX blockwise kernel. Off their platform the Pallas kernels run in Pallas'
+oracle and the pure-JAX kernel ("xla"). Off their platform the Pallas kernels run in Pallas'
 interpreter (the same kernel code, not its Triton / Mosaic compile); their lowering for CUDA and
 for TPU is checked on the CPU too.
 
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from longctx.attention import blockwise_attention, context_parallel_attention, dense_attention
-from longctx.attention.blockwise import chunk_backward, chunk_forward, output_delta
+from longctx.attention import tiled_attention, context_parallel_attention, dense_attention
+from longctx.attention.online_softmax import chunk_backward, chunk_forward, output_delta
 from longctx.attention.tiles import TokenMeta, natural_meta, tile_config
 from longctx.attention.kernels import check_kernel, check_vma, interpret, pallas_gpu, pallas_tpu
 from longctx.attention.reference import MaskSpec
@@ -51,14 +51,15 @@ def value_and_vjp(attn, q, k, v, ct):
 
 
 def test_kernel_names():
-  assert check_kernel(None) == "blockwise" and check_kernel("Pallas_GPU") == "pallas_gpu"
+  assert check_kernel(None) == "xla" and check_kernel("Pallas_GPU") == "pallas_gpu"
+  assert check_kernel("blockwise") == "xla"  # the old name (docs/DESIGN.md, "Glossary")
   with pytest.raises(ValueError, match="unknown attention kernel 'flash9000'"):
     check_kernel("flash9000")
   with pytest.raises(NotImplementedError, match="does not return the lse"):
     check_kernel("cudnn")
   assert interpret("pallas_gpu", "cpu") and interpret("pallas_gpu", "tpu")
   assert not interpret("pallas_gpu", "gpu") and not interpret("pallas_tpu", "tpu")
-  assert check_vma("blockwise") and not check_vma("pallas_gpu")  # this test runs on CPU
+  assert check_vma("xla") and not check_vma("pallas_gpu")  # this test runs on CPU
   assert tile_config(MaskSpec(), 1.0, 1024, 1024, kernel="pallas_gpu").block_q == 128
   assert tile_config(MaskSpec(), 1.0, 1024, 1024, kernel="pallas_tpu").block_k == 512
 
@@ -70,16 +71,17 @@ def test_pallas_blocks_the_compilers_can_take():
     pallas_gpu.check_blocks(64, 64, 24, 16, 16)
   q, k, v = inputs(np.random.default_rng(0), d=24)
   with pytest.raises(ValueError, match="head_dim=24"):
-    blockwise_attention(q, k, v, **PALLAS)
+    tiled_attention(q, k, v, **PALLAS)
   with pytest.raises(ValueError, match="block_q=64 must be a multiple of 128"):
-    blockwise_attention(*inputs(np.random.default_rng(0)), kernel="pallas_tpu")
+    tiled_attention(*inputs(np.random.default_rng(0)), kernel="pallas_tpu")
 
 
+@pytest.mark.pallas
 @pytest.mark.parametrize("kernel", KERNEL_CASES)
 @pytest.mark.parametrize("spec,heads", [
     (MaskSpec(True), (4, 2)), (MaskSpec(False), (4, 4)), (MaskSpec(True, 32, 16), (4, 1))],
                          ids=["causal-gqa", "full-mha", "s2-shifted-mqa"])
-def test_pallas_chunk_pair_matches_blockwise_kernel(rng, kernel, spec, heads):
+def test_pallas_chunk_pair_matches_xla_kernel(rng, kernel, spec, heads):
   """One query chunk against another device's key chunk (shuffled original indices, documents
   and padding): out, lse and the gradients equal the pure-JAX kernel's."""
   module, block, l = KERNEL_CASES[kernel]
@@ -104,19 +106,21 @@ def test_pallas_chunk_pair_matches_blockwise_kernel(rng, kernel, spec, heads):
   assert_close((o_ref,) + want, (o,) + got)
 
 
+@pytest.mark.pallas
 @pytest.mark.parametrize("kernel", KERNEL_CASES)
 @pytest.mark.parametrize("causal", [True, False])
-def test_pallas_blockwise_matches_dense(rng, kernel, causal):
+def test_pallas_tiled_matches_dense(rng, kernel, causal):
   _, block, l = KERNEL_CASES[kernel]
   q, k, v = inputs(rng, l=l)
   seg = segments(rng, l=l)
   ct = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
   want = value_and_vjp(lambda q, k, v: dense_attention(q, k, v, seg, causal=causal), q, k, v, ct)
-  got = value_and_vjp(lambda q, k, v: blockwise_attention(
+  got = value_and_vjp(lambda q, k, v: tiled_attention(
       q, k, v, seg, causal=causal, kernel=kernel, block_q=block, block_k=block), q, k, v, ct)
   assert_close(want, got)
 
 
+@pytest.mark.pallas
 @pytest.mark.parametrize("kernel,p,layout,heads", [
     ("pallas_gpu", 2, "zigzag", (4, 2)), ("pallas_gpu", 4, "striped", (4, 1)),
     ("pallas_gpu", 4, "zigzag", (4, 4)), ("pallas_tpu", 2, "zigzag", (4, 2)),
@@ -139,6 +143,7 @@ def test_pallas_ring_matches_dense(rng, kernel, p, layout, heads):
   assert np.all(np.asarray(got[0])[np.asarray(seg) == 0] == 0)
 
 
+@pytest.mark.pallas
 def test_pallas_s2_ring_matches_s2_reference(rng):
   q, k, v = inputs(rng, b=1)
   ct = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
@@ -150,6 +155,7 @@ def test_pallas_s2_ring_matches_s2_reference(rng):
   assert_close(want, got)
 
 
+@pytest.mark.pallas
 @pytest.mark.parametrize("kernel", KERNEL_CASES)
 def test_pallas_bfloat16_error_at_most_twice_dense(rng, kernel):
   _, block, l = KERNEL_CASES[kernel]
@@ -157,7 +163,7 @@ def test_pallas_bfloat16_error_at_most_twice_dense(rng, kernel):
   exact = dense_attention(q32, k32, v32)
   q, k, v = (x.astype(jnp.bfloat16) for x in (q32, k32, v32))
   err = lambda out: float(jnp.abs(out.astype(jnp.float32) - exact).max())
-  out = blockwise_attention(q, k, v, kernel=kernel, block_q=block, block_k=block)
+  out = tiled_attention(q, k, v, kernel=kernel, block_q=block, block_k=block)
   assert out.dtype == jnp.bfloat16
   assert err(out) <= 2 * err(dense_attention(q, k, v))
 
@@ -201,6 +207,7 @@ def test_pallas_tpu_lowers_to_mosaic(monkeypatch, spec, dtype):
   assert text.count("tpu_custom_call") == 3
 
 
+@pytest.mark.pallas
 def test_gpu_check_script_runs_interpreted():
   """bench/attention_gpu.py (the check to run on a GPU) works end to end, here interpreted."""
   done = run_bench("attention_gpu.py", "--lengths", "128", "--heads", "4", "--kv-heads", "2",

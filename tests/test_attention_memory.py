@@ -3,7 +3,7 @@
 The model scans its layers, with segment ids and token indices constant across them. Under
 `jax.grad` JAX hoists what depends only on such constants out of the scan, which once turned
 every tile's mask into a stacked [N_q, N_k, ..., Q, T] input: O(L²) memory despite the
-recomputing custom_vjp (see `blockwise.tie_inputs`). These tests read the compiler's temp
+recomputing custom_vjp (see `online_softmax.tie_inputs`). These tests read the compiler's temp
 memory at L and 2L (O(L) grows ~2x, O(L²) ~4x) and check values and gradients in the scan
 against the dense oracle.
 
@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as PS
 
-from longctx.attention import blockwise_attention, dense_attention, ring_attention
+from longctx.attention import tiled_attention, dense_attention, ring_attention
 
 TOL = 2e-5
 P = 4  # ring size
@@ -50,8 +50,8 @@ def ring(block):
   return attn
 
 
-def blockwise(block):
-  return lambda q, k, v, seg: blockwise_attention(q, k, v, seg, block_q=block, block_k=block)
+def tiled(block):
+  return lambda q, k, v, seg: tiled_attention(q, k, v, seg, block_q=block, block_k=block)
 
 
 def grad_temp_bytes(attn, l, h=2, kh=1, d=32):
@@ -62,7 +62,7 @@ def grad_temp_bytes(attn, l, h=2, kh=1, d=32):
   return compiled.memory_analysis().temp_size_in_bytes
 
 
-@pytest.mark.parametrize("name, attn, l", [("blockwise", blockwise(256), 2048),
+@pytest.mark.parametrize("name, attn, l", [("tiled", tiled(256), 2048),
                                             ("ring", ring(256), 512 * P)])
 def test_scanned_gradient_memory_is_linear_in_length(name, attn, l):
   """2L needs < 2.5x the temp of L (it was ~3.5x: stacked per-tile masks, O(L²))."""
@@ -77,7 +77,7 @@ def packed_segments(b, l):
   return jnp.asarray([row0, row1][:b], jnp.int32)
 
 
-@pytest.mark.parametrize("name, attn, segments", [("blockwise", blockwise(8), True),
+@pytest.mark.parametrize("name, attn, segments", [("tiled", tiled(8), True),
                                                    ("ring", ring(4), True),
                                                    ("ring", ring(4), False)])
 def test_scanned_values_and_gradients_equal_dense(rng, name, attn, segments):

@@ -49,11 +49,13 @@ CASES = [(1, "contiguous", c) for c in (True, False)] + [
     for c in (True, False)]
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("p,layout,causal", CASES)
 def test_ring_matches_dense_mha(rng, p, layout, causal):
   check_against_dense(rng, p, layout, causal)
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("p,layout,causal,heads", [
     (4, "zigzag", True, (4, 2)), (4, "zigzag", True, (4, 1)), (8, "striped", False, (4, 2)),
     (2, "contiguous", True, (4, 1))], ids=["gqa-zz", "mqa-zz", "gqa-striped", "mqa-contig"])
@@ -65,9 +67,10 @@ def test_ring_without_segments_whole_chunk_tiles(rng):
   check_against_dense(rng, 8, Layout.ZIGZAG, True, segments=False, block=512)
 
 
+@pytest.mark.slow
 def test_ring_warns_when_chunk_has_no_tile_size(rng):
   """A chunk of 2 × 97 tokens would be tiled by 2: still exact, but the ring says so and how
-  far to pad (single-device blockwise pads by itself)."""
+  far to pad (single-device tiled attention pads by itself)."""
   q, k, v = make_inputs(rng, b=1, l=4 * 97, h=2, kh=2)
   with pytest.warns(UserWarning, match="chunk on each device: 194 tokens .* padded to 256"):
     out = context_parallel_attention(q, k, v, mesh=mesh_of(2), block_q=64, block_k=64)
@@ -80,6 +83,7 @@ def test_ring_backward_tiles_differ_from_forward(rng, blocks):
   check_against_dense(rng, 4, Layout.ZIGZAG, True, h=4, kh=2, **blocks)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("p", [2, 8])
 def test_ring_bfloat16_error_bounded_and_flat_in_p(rng, p):
   q, k, v = make_inputs(rng, b=1)
@@ -93,6 +97,7 @@ def test_ring_bfloat16_error_bounded_and_flat_in_p(rng, p):
   assert err <= 2 * err_dense, (err, err_dense)
 
 
+@pytest.mark.slow
 def test_model_inside_shard_map_with_permuted_batch(rng):
   """The trainer's path: permute the batch dict once, call the ring inside shard_map with
   document positions as the mask index (causal + segment ids), unpermute the output."""

@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 
 from longctx.attention import (context_parallel_shifted_sparse_attention, s2_dense_attention,
                                shifted_sparse_attention)
-from longctx.attention.blockwise import chunk_forward
+from longctx.attention.online_softmax import chunk_forward
 from longctx.attention.tiles import TileConfig, TokenMeta
 from longctx.attention.reference import MaskSpec, dense_attention, make_mask
 from longctx.attention.shifted_sparse import s2_specs
@@ -58,7 +58,7 @@ def assert_close(want, got):
 
 
 @pytest.mark.parametrize("heads", [(4, 2), (4, 1)], ids=["gqa", "mqa"])
-def test_s2_blockwise_matches_dense_s2(rng, heads):
+def test_s2_tiled_matches_dense_s2(rng, heads):
   q, k, v = make_inputs(rng, h=heads[0], kh=heads[1])
   seg = segments(32)
   ct = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
@@ -69,6 +69,7 @@ def test_s2_blockwise_matches_dense_s2(rng, heads):
   assert_close(want, got)
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("p,layout", [(4, "zigzag"), (8, "striped"), (2, "contiguous")])
 def test_s2_ring_matches_dense_s2(rng, p, layout):
   """L = 32, G = 8: shifted groups [4, 12), [12, 20), … straddle every chunk boundary."""
@@ -97,6 +98,7 @@ def s2_per_head_oracle(q, k, v, seg, group_size):
   return jnp.concatenate(outs, axis=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("heads", [(9, 3), (6, 3), (4, 2), (4, 1)],
                          ids=["smollm2-9-3", "odd-kv-6-3", "gqa-4-2", "mqa-4-1"])
 def test_s2_splits_heads_by_kv_group(rng, heads):

@@ -57,23 +57,23 @@ def test_strings_parse_into_the_registries():
   spec = AttentionSpec(impl="ring", strategy="all-gather", layout="STRIPED", kernel=None)
   assert spec.impl is AttentionImpl.CONTEXT_PARALLEL  # "ring": the name before the strategies
   assert (spec.strategy, spec.layout, spec.kernel) == (Strategy.ALL_GATHER, Layout.STRIPED,
-                                                       Kernel.BLOCKWISE)
+                                                       Kernel.XLA)
   assert spec.strategy == "all_gather" and f"{spec.layout}" == "striped"
   assert spec.batch_layout is Layout.STRIPED
   assert AttentionSpec(impl="dense").batch_layout is None
   assert AttentionSpec(s2_group=8).full_attention().s2_group == 0
   assert spec.local_kwargs() == dict(block_q=None, block_k=None, block_q_bwd=None,
-                                     block_k_bwd=None, kernel="blockwise")
+                                     block_k_bwd=None, kernel="xla")
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
     ({"strategy": "ringg"}, ValueError, r"strategy: expected one of \['ring', 'all_gather', "),
     ({"layout": "spiral"}, ValueError, r"layout: expected one of \['contiguous', 'zigzag'"),
-    ({"impl": "flash"}, ValueError, r"impl: expected one of \['dense', 'blockwise', 'context_"),
+    ({"impl": "flash"}, ValueError, r"impl: expected one of \['dense', 'tiled', 'context_"),
     ({"kernel": "flash9000"}, ValueError, "unknown attention kernel 'flash9000'"),
     ({"kernel": "splash"}, NotImplementedError, "splash attention's masks are static"),
-    ({"impl": "blockwise", "kernel": "pallas_gpu"}, ValueError,
-     "kernel='pallas_gpu' needs impl='context_parallel' .found 'blockwise'"),
+    ({"impl": "tiled", "kernel": "pallas_gpu"}, ValueError,
+     "kernel='pallas_gpu' needs impl='context_parallel' .found 'tiled'"),
     ({"s2_group": 8, "causal": False}, ValueError, "s2_group=8 .S²-Attn. needs causal"),
 ])
 def test_bad_spec_names_what_was_expected(kwargs, error, match):
@@ -96,7 +96,7 @@ def test_bad_function_arguments():
     fn(q, k, v, seg, pos)
 
 
-@pytest.mark.parametrize("impl", ["dense", "blockwise"])
+@pytest.mark.parametrize("impl", ["dense", "tiled"])
 def test_one_device_impls_equal_dense(impl):
   q, k, v, seg, pos, ct = _case()
   fn = AttentionSpec(impl=impl, tiles=Tiles(8, 8)).function()
@@ -105,6 +105,7 @@ def test_one_device_impls_equal_dense(impl):
   _assert_close(_oracle(q, k, v, seg, ct), got, seg)
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("strategy,h,kh", [("ring", 4, 2), ("all_gather", 4, 1),
                                            ("ulysses", 8, 2)])
 def test_natural_order_on_an_explicit_mesh_with_sharded_inputs(strategy, h, kh):

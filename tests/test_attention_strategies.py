@@ -115,6 +115,7 @@ THIN = [("all_gather", "p2", "gqa", True), ("all_gather", "p8", "mqa", False),
 HEADS["h8k2"] = (8, 2)
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("strategy,mesh_name,heads,causal", FULL + THIN,
                          ids=["-".join(map(str, c)) for c in FULL + THIN])
 def test_strategy_matches_dense_every_layout(rng, strategy, mesh_name, heads, causal):
@@ -134,6 +135,7 @@ def test_public_entry_point_without_segments(rng, strategy, mesh_name, layout):
   assert float(np.abs(np.asarray(got) - dense_out(q, k, v)).max()) < TOL
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("strategy,mesh_name", [
     ("ring", "p8"), ("all_gather", "p8"), ("ulysses", "p4"), ("hybrid", "u2r4")])
 def test_explicit_mesh_unsharded_and_sharded_inputs(rng, strategy, mesh_name):

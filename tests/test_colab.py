@@ -12,6 +12,10 @@ import re
 
 import nbclient
 import nbformat
+import pytest
+
+# End to end (subprocesses, real model or full training runs): the quick loop skips it.
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "launch", "colab", "longctx_tpu_demo.ipynb")

@@ -1,10 +1,12 @@
 """Every config in configs/ loads, is locked, explains itself and passes the stage checks; the
 cluster launchers in launch/ parse (DESIGN.md contract 4, STYLE.md 6)."""
+import dataclasses
 import functools
 import glob
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -101,7 +103,7 @@ def _check_rows_and_lengths(path, config):
   mesh = config.mesh
   for stage in read_stages(config):
     where = f"{_name(path)} stage {stage.name}"
-    rows = stage.num_shards * stage.data.batch_size
+    rows = stage.data.num_shards * stage.data.batch_size
     if mesh.data > 0 and mesh.fsdp > 0:
       assert rows % (mesh.data * mesh.fsdp) == 0, f"{where}: {rows} rows per micro-batch"
     parts = 2 * mesh.seq if stage.attention.layout == "zigzag" else mesh.seq
@@ -153,14 +155,14 @@ def test_recipe_numbers():
   _, s = _stages("llama2_7b_longalign_64k")
   main = s["main"]
   assert main.model.rope.theta == 2e6 and main.data.max_len == 65536
-  assert main.num_shards * main.data.batch_size * main.train.micro_batches == 8  # packs / step
+  assert main.data.num_shards * main.data.batch_size * main.train.micro_batches == 8  # packs / step
   assert main.train.learning_rate == 2e-5 and main.data.objective.value == "sequence"
 
   _, s = _stages("llama2_7b_longlora_100k")
   main = s["main"]
   assert main.model.rope.factor == math.ceil(100_000 / 4096) == 25
   assert main.data.max_len == 25 * main.model.max_position_embeddings
-  assert main.num_shards * main.data.batch_size * main.train.micro_batches == 64
+  assert main.data.num_shards * main.data.batch_size * main.train.micro_batches == 64
   assert (main.lora.enabled, main.lora.rank, main.lora.alpha) == (True, 8, 16.0)
   assert main.train.schedule.value == "constant" and main.train.warmup_steps == 20
   assert main.train.steps == 1000 and main.train.weight_decay == 0.0
@@ -262,3 +264,47 @@ def test_xla_flags_are_known_to_this_jaxlib():
   result = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True,
                           text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_every_section_is_its_dataclass():
+  """One mechanism (longctx.schema): each section's ConfigDict defaults are derived from its
+  dataclass and read back to the dataclass's defaults; no section has a hand-kept copy."""
+  from longctx import schema
+  from longctx.data.config import SourceConfig, default_config
+  from longctx.train.config import SECTIONS
+  for name, cls in {**SECTIONS, "data": DataConfig}.items():
+    assert schema.read(cls, schema.defaults(cls), name) == cls(), name
+  section = default_config()
+  assert set(section.keys()) == {f.name for f in dataclasses.fields(DataConfig)}
+  assert set(section.source.keys()) == {f.name for f in dataclasses.fields(SourceConfig)}
+  assert DataConfig.from_config_dict(section).num_shards == 1
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("num_shards", 0, "config data.num_shards: expected > 0, found 0"),
+    ("source.kind", "csv", "config data.source.kind: expected one of 'synthetic', 'jsonl', "
+     "'parquet', 'array_record', found 'csv'"),
+    ("source.weights", "1,2", "config data.source.weights: expected 0 weights (one per path), "
+     "found 2"),
+    ("max_len", 1000, "config data.max_len: expected a multiple of pad_multiple=128, found 1000"),
+    ("tokenizer", "HF", "config data.tokenizer_path: expected a local file for tokenizer 'hf'"),
+])
+def test_a_bad_data_value_names_the_key(key, value, message):
+  from longctx.data.config import default_config
+  from longctx.errors import ConfigError
+  section = default_config()
+  section.update_from_flattened_dict({key: value})
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    DataConfig.from_config_dict(section)
+
+
+def test_old_attention_names_read_as_the_new_ones(capsys, monkeypatch):
+  """A config written before the renamings (docs/DESIGN.md, "Glossary") reads the same."""
+  from longctx import names
+  from longctx.train.config import LoraConfig, attention_spec, default_config
+  monkeypatch.setattr(names, "_NOTED", set())  # the note is said once per process
+  old, new = default_config().attention, default_config().attention
+  old.impl, old.kernel = "blockwise", "blockwise"
+  new.impl, new.kernel = "tiled", "xla"
+  assert attention_spec(old, LoraConfig(), 256) == attention_spec(new, LoraConfig(), 256)
+  assert "'blockwise' is now called 'tiled'" in capsys.readouterr().err

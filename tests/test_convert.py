@@ -35,8 +35,8 @@ def test_from_hf_to_hf_is_bit_exact(tmp_path, case, dtype):
   src, ckpt, dst = tmp_path / "src", tmp_path / "ckpt", tmp_path / "dst"
   make_hf_model(case).to(dtype).save_pretrained(src, safe_serialization=True, max_shard_size="20KB")
   assert os.path.isfile(src / hf.INDEX_FILE)  # the source is sharded
-  assert convert.main(["from-hf", str(src), str(ckpt), "--no-progress"]) == 0
-  assert convert.main(["to-hf", str(ckpt), str(dst), "--max-shard-size", "30KB", "--no-progress"]) == 0
+  assert convert.main(["from-hf", str(src), str(ckpt), "--no_progress"]) == 0
+  assert convert.main(["to-hf", str(ckpt), str(dst), "--max_shard_size", "30KB", "--no_progress"]) == 0
   before, after = _tensors(src), _tensors(dst)
   assert sorted(before) == sorted(after)
   for name in before:
@@ -69,6 +69,7 @@ ROPES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rope", sorted(ROPES))
 def test_longctx_model_exports_to_transformers(tmp_path, rope):
   cfg = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -118,6 +119,7 @@ def test_tensor_shape_mismatch_is_reported(tmp_path):
     convert.from_hf(str(tmp_path / "src"), str(tmp_path / "ckpt"), progress=False)
 
 
+@pytest.mark.slow
 def test_params_saved_on_8_devices_load_on_1(tmp_path):
   """final/ of a run on a mesh loads on a machine with fewer devices (host arrays, no shardings)."""
   import subprocess

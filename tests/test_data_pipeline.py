@@ -108,6 +108,7 @@ def test_restore_on_another_process_count_fails_clearly(tmp_path):
     restore_iterator(str(tmp_path / "state"), make_iterator(cfg, Shard(0, 4)))
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_batches_and_resume(tmp_path):
   cfg = small_config(**{"source.num_examples": 12})
   want = list(make_iterator(cfg))

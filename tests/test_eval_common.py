@@ -103,20 +103,36 @@ def test_python_dash_m_entry_point(tmp_path):
 
 
 def test_eval_attention_memory_and_flags():
-  dense, blockwise = common.EvalAttention("dense"), common.EvalAttention()
-  ring = common.EvalAttention("ring", seq=4)
-  parts = {a.kind: common.estimate_bytes(TINY, 1, 16384, 8, a) for a in (dense, blockwise, ring)}
-  assert parts["dense"]["attention_scores"] == 16 * parts["blockwise"]["attention_scores"]
-  assert parts["ring"]["kv_cache"] * 4 == parts["blockwise"]["kv_cache"]
+  dense, tiled = common.EvalAttention("dense"), common.EvalAttention()
+  ring = common.EvalAttention("context_parallel", seq=4)
+  parts = {a.name: common.estimate_bytes(TINY, 1, 16384, 8, a) for a in (dense, tiled, ring)}
+  assert parts["dense"]["attention_scores"] == 16 * parts["tiled"]["attention_scores"]
+  assert parts["ring"]["kv_cache"] * 4 == parts["tiled"]["kv_cache"]
   assert parts["ring"]["params"] == parts["dense"]["params"]
   budget = common.MemoryBudget(1 << 30)
   assert (common.longest_fitting(TINY, 1, 8, budget, dense)
-          < common.longest_fitting(TINY, 1, 8, budget, blockwise)
+          < common.longest_fitting(TINY, 1, 8, budget, tiled)
           < common.longest_fitting(TINY, 1, 8, budget, ring))
-  with pytest.raises(ValueError, match="--attention: expected one of"):
+  with pytest.raises(ValueError, match=r"unknown --attention 'flash'; expected one of "
+                     r"\['dense', 'tiled', 'context_parallel'\]"):
     common.EvalAttention("flash")
-  with pytest.raises(ValueError, match=r"--seq=2: expected 1, or ≥ 1 devices with --attention in \['ring'"):
-    common.EvalAttention("blockwise", seq=2)
+  with pytest.raises(ValueError, match=r"--seq=2: expected 1, or ≥ 1 devices with "
+                     r"--attention=context_parallel \(found --attention=tiled\)"):
+    common.EvalAttention("tiled", seq=2)
+  with pytest.raises(ValueError, match=r"--strategy: expected one of \['ring', 'all_gather', "
+                     r"'ulysses'\], found 'hybrid'"):
+    common.EvalAttention("context_parallel", 2, "hybrid")
+
+
+def test_eval_attention_old_spellings_still_work_with_a_note(capsys):
+  """`--attention=blockwise` and `--attention=ulysses` (before the renamings) mean what they
+  meant, and say the new spelling."""
+  old = common.EvalAttention("ulysses", seq=2)
+  assert (old.impl, old.strategy, old.name) == ("context_parallel", "ulysses", "ulysses")
+  assert "--attention=context_parallel --strategy=ulysses" in capsys.readouterr().err
+  assert common.EvalAttention("blockwise") == common.EvalAttention("tiled")
+  assert common.EvalAttention("ring", seq=2).spec() == common.EvalAttention(
+      "context_parallel", seq=2).spec()
   assert common.parse_rope("yarn,factor=2") == {"rope_type": "yarn", "factor": 2}
   assert common.parse_rope("theta=1e6") == {"theta": 1e6}
   with pytest.raises(ValueError, match="rope_type first"):

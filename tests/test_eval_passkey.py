@@ -91,7 +91,7 @@ def test_command_on_tiny_checkpoint(tiny_checkpoint, tmp_path, capsys):
   assert f"tokenizer: byte (no tokenizer.json or tokenizer.model in {tiny_checkpoint}" in (
       printed.err)
   assert (report["tokenizer"], report["attention"], report["model_rope"]) == (
-      "byte", "blockwise", {"rope_type": "default", "theta": 10000.0})
+      "byte", "tiled", {"rope_type": "default", "theta": 10000.0})
   # The generated text is the model's greedy continuation.
   model = longctx.load_pretrained(tiny_checkpoint)
   r = report["results"][0]

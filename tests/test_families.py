@@ -43,6 +43,7 @@ def _tokens(length, seed=0, batch=2):
 
 # 17: within every trained length; 96: past Phi-3's original 32 (LongRoPE's long factors) and
 # past YaRN's original 32.
+@pytest.mark.matrix
 @pytest.mark.parametrize("length", [17, 96])
 def test_logits_match_transformers(variant, length):
   name, hf_model, path = variant
@@ -70,6 +71,7 @@ def test_longrope_switches_sets_by_the_batch_length():
     rope.inv_freq(8)
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_greedy_generation_is_token_for_token_equal(name, tmp_path):
   """Phi-3: one prompt shorter than original_max_position_embeddings, whose generation crosses
@@ -88,8 +90,8 @@ def test_greedy_generation_is_token_for_token_equal(name, tmp_path):
 
 def test_the_round_trip_is_bit_exact_and_transformers_loads_the_export(variant, tmp_path):
   name, hf_model, path = variant
-  assert convert.main(["from-hf", str(path), str(tmp_path / "ckpt"), "--no-progress"]) == 0
-  assert convert.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--no-progress"]) == 0
+  assert convert.main(["from-hf", str(path), str(tmp_path / "ckpt"), "--no_progress"]) == 0
+  assert convert.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--no_progress"]) == 0
   source, exported = (load_file(str(d / "model.safetensors")) for d in (path, tmp_path / "hf"))
   assert sorted(source) == sorted(exported)
   for key, value in source.items():
@@ -108,18 +110,19 @@ PEFT_CASES = {"qwen2": lora.LORA_TARGETS, "qwen3": ("q_proj", "k_proj", "v_proj"
               "phi3_qv": ("q_proj", "v_proj")}
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("case", sorted(PEFT_CASES))
 def test_lora_exports_to_peft_and_merged_hf(case, tmp_path):
   name = case.split("_")[0]
   hf_model = save_family_dir(name, tmp_path / "hf")
-  assert convert.main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "base"), "--no-progress"]) == 0
+  assert convert.main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "base"), "--no_progress"]) == 0
   cfg, base = load_params(str(tmp_path / "base"))
   lcfg = lora.with_lora(cfg, 4, 8.0, PEFT_CASES[case])
   save_params(str(tmp_path / "ckpt"), lora_trained(base, lcfg, 1), lcfg)
   assert convert.main(["to-peft", str(tmp_path / "ckpt"), str(tmp_path / "adapter"),
-                       "--no-progress"]) == 0
+                       "--no_progress"]) == 0
   assert convert.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "merged"),
-                       "--no-progress"]) == 0
+                       "--no_progress"]) == 0
   tokens = _tokens(40, seed=2)
   ours = np.asarray(longctx.load_pretrained(str(tmp_path / "ckpt"), progress=False)(tokens))
   adapted = peft.PeftModel.from_pretrained(hf_model, str(tmp_path / "adapter")).eval()
@@ -136,6 +139,7 @@ def test_lora_exports_to_peft_and_merged_hf(case, tmp_path):
     assert {"q_norm", "k_norm"} <= set(config["modules_to_save"])
 
 
+@pytest.mark.slow
 def test_the_global_length_picks_longropes_factors_under_context_parallelism(tmp_path):
   """A 96-token row over 4 devices is 24 tokens each, under Phi-3's original 32: every strategy
   still uses the long factors, as the whole row does on one device."""
@@ -210,9 +214,9 @@ def test_a_sliding_window_is_carried_and_longer_rows_are_refused(tmp_path):
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     assert convert.main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "ckpt"),
-                         "--no-progress"]) == 0
+                         "--no_progress"]) == 0
     assert convert.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "out"),
-                         "--no-progress"]) == 0
+                         "--no_progress"]) == 0
   assert json.loads((tmp_path / "out" / "config.json").read_text())["sliding_window"] == 24
 
 
@@ -235,11 +239,11 @@ def test_phi3_exports_other_static_scalings_as_equal_factor_longrope(tmp_path):
   logits from it."""
   from longctx.model.rope import YarnRope
   save_family_dir("phi3", tmp_path / "hf")
-  assert convert.main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "ckpt"), "--no-progress"]) == 0
+  assert convert.main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "ckpt"), "--no_progress"]) == 0
   cfg, params = load_params(str(tmp_path / "ckpt"))
   yarn = cfg.replace(rope=YarnRope(10000.0, 4.0, 32))
   save_params(str(tmp_path / "yarn"), params, yarn)
-  assert convert.main(["to-hf", str(tmp_path / "yarn"), str(tmp_path / "out"), "--no-progress"]) == 0
+  assert convert.main(["to-hf", str(tmp_path / "yarn"), str(tmp_path / "out"), "--no_progress"]) == 0
   exported = json.loads((tmp_path / "out" / "config.json").read_text())["rope_scaling"]
   assert exported["rope_type"] == "longrope" and exported["short_factor"] == exported["long_factor"]
   tokens = _tokens(96)

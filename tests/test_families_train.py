@@ -24,6 +24,9 @@ from longctx.train.config import read_stages
 from longctx.train.metrics import read_metrics
 from tests.hf_models import FAMILIES, FAMILY_TEXT, finetune_config, save_family_dir
 
+# End to end (subprocesses, real model or full training runs): the quick loop skips it.
+pytestmark = pytest.mark.slow
+
 STRATEGIES = {"ring": {}, "all_gather": {}, "ulysses": {},
               "hybrid": {"attention.ulysses_devices": 2}}
 MEMORY = {"model.remat": "full", "model.remat_save": "qkv", "model.remat_offload": "layer_input"}
@@ -101,7 +104,7 @@ def test_phi3_lora_s2_run_exports_to_peft_on_the_fused_modules(family_dirs, tmp_
   path = family_dirs["phi3"]
   assert_two_finite_steps(train(path, tmp_path / "run", {**LORA, **_strategy("hybrid")}))
   final = tmp_path / "run" / "main" / "final"
-  assert convert.main(["to-peft", str(final), str(tmp_path / "adapter"), "--no-progress"]) == 0
+  assert convert.main(["to-peft", str(final), str(tmp_path / "adapter"), "--no_progress"]) == 0
   config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
   assert config["target_modules"] == ["gate_up_proj", "o_proj", "qkv_proj"]
   tokens = np.random.default_rng(0).integers(3, 320, size=(1, 48), dtype=np.int32)

@@ -15,6 +15,9 @@ from longctx.train.metrics import read_metrics
 from tests.fault_config import ROOT, fault_config
 from tests.helpers import stop_after
 
+# End to end (subprocesses, real model or full training runs): the quick loop skips it.
+pytestmark = pytest.mark.slow
+
 # Each run continues the previous one's workdir: every kill point is followed by a rerun, which
 # is itself killed at the next point, until the last run finishes. The first six points are
 # reached in the first stage whatever the asynchronous saves managed before each kill (8 steps,

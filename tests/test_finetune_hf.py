@@ -41,6 +41,7 @@ def _architecture(cfg: ModelConfig) -> dict:
   return {k: v for k, v in cfg.to_dict().items() if k in ARCHITECTURE_FIELDS}
 
 
+@pytest.mark.slow
 def test_the_architecture_and_tokenizer_come_from_the_directory(hf_dir, tmp_path):
   want = ModelConfig.from_hf(json.loads((hf_dir / "config.json").read_text()))
   config = finetune_config(hf_dir)
@@ -81,6 +82,7 @@ def test_unset_architecture_without_an_init_checkpoint_is_an_error(hf_dir):
     read_stages(finetune_config(hf_dir, {"init.kind": "random"}))
 
 
+@pytest.mark.slow
 def test_data_inspect_takes_the_tokenizer_of_the_init_directory(hf_dir):
   """`python -m longctx.data inspect` on configs/finetune_hf.py with only init.path: the
   tokenizer (and the model's chat template beside it) come from the directory, as in training."""

@@ -11,6 +11,7 @@ from tests.hf_models import CASES, make_hf_model
 NEW = 32
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_greedy_matches_transformers_generate(tmp_path, case):
   make_hf_model(case).save_pretrained(tmp_path)
@@ -26,6 +27,7 @@ def test_greedy_matches_transformers_generate(tmp_path, case):
   assert ours == hf[0, len(prompt):].tolist()
 
 
+@pytest.mark.slow
 def test_batched_ragged_prompts_equal_one_by_one(tmp_path):
   make_hf_model("gqa_yarn_bias").save_pretrained(tmp_path)
   model = longctx.load_pretrained(str(tmp_path), progress=False)

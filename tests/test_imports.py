@@ -7,8 +7,8 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A room may import the rooms before it in this order, never one after it.
-ROOMS = ("errors", "parallel", "attention", "model", "data", "checkpoint", "eval", "train", "plan",
-         "convert", "launch", "longctx")
+ROOMS = ("errors", "names", "schema", "cli", "parallel", "attention", "model", "data", "checkpoint",
+         "eval", "train", "plan", "convert", "launch", "longctx")
 
 
 def _modules() -> dict[str, str]:

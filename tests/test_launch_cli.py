@@ -16,6 +16,7 @@ def launch(*args, cwd=ROOT):
                         text=True, cwd=cwd, env=env, timeout=300, check=False)
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("args, message", [
     (["--config.train.learning_rat=1e-4"],
      "longctx: unknown config key train.learning_rat (did you mean train.learning_rate?); list "
@@ -50,6 +51,7 @@ def test_help_exits_0_with_every_flag_and_default_and_keys_lists_the_config():
   assert "stages.ntk.train.learning_rate = 0.001  (float)" in lines
 
 
+@pytest.mark.slow
 def test_bad_data_is_one_line_before_the_memory_plan(tmp_path):
   """A malformed JSONL line: the DataError's own message (file:line), exit 2, before the
   pre-flight compiles anything; with --debug the traceback."""
@@ -66,3 +68,47 @@ def test_bad_data_is_one_line_before_the_memory_plan(tmp_path):
   debug = launch(*args, "--debug")
   assert debug.returncode != 0 and "Traceback" in debug.stderr
   assert "DataError" in debug.stderr
+
+
+def _help(module, *args):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return subprocess.run([sys.executable, "-m", module, *args, "--help"], capture_output=True,
+                        text=True, cwd=ROOT, env=env, timeout=300, check=False)
+
+
+@pytest.mark.matrix
+@pytest.mark.parametrize("module, args, shown", [
+    ("longctx.plan", [], ["--max_len", "--num_devices", "(default: '0.9')"]),
+    ("longctx.data", ["inspect"], ["--max_batches", "(default: '0/1')"]),
+    ("longctx.convert", ["to-hf"], ["--max_shard_size", "--base_only", "--no_progress",
+                                    "(default: 5GB)"]),
+    ("longctx.convert", ["to-peft"], ["--modules_to_save", "--base_model", "(default: None)"]),
+    ("longctx.eval", ["perplexity"], ["--attention {dense,tiled,context_parallel}",
+                                      "--strategy {ring,all_gather,ulysses}", "--max_windows",
+                                      "(default: tiled)"]),
+], ids=["plan", "data", "convert_to_hf", "convert_to_peft", "eval"])
+def test_every_command_helps_with_its_flags_spelled_one_way(module, args, shown):
+  """`--help` of each command exits 0 and shows each option, underscored, with its default."""
+  result = _help(module, *args)
+  assert result.returncode == 0, result.stderr[-2000:]
+  text = " ".join(result.stdout.split())
+  for item in shown:
+    assert item in text, (item, result.stdout[-3000:])
+  dashed = [w for w in text.split() if w.startswith("--") and "-" in w[2:].split("=")[0]]
+  assert not dashed, dashed
+
+
+def test_old_dashed_flags_still_work_with_a_note(capsys):
+  """Flags spelled before the one spelling (`--max-shard-size`, plan's `--max-len`) are read as
+  the new ones, and the note names the new spelling."""
+  from longctx import convert
+  from longctx.cli import old_spellings, respell
+  argv = respell(["to-hf", "ckpt", "out", "--max-shard-size", "30KB", "--base-only",
+                  "--no-progress"], convert._OLD)
+  args = convert._parser().parse_args(argv)
+  assert (args.max_shard_size, args.base_only, args.no_progress) == (30_000, True, True)
+  err = capsys.readouterr().err
+  assert "note: --max-shard-size is now spelled --max_shard_size" in err
+  assert "note: --no-progress is now spelled --no_progress" in err
+  assert respell(["--max-len=H100", "--json"], old_spellings("--max_len")) == [
+      "--max_len=H100", "--json"]

@@ -222,12 +222,13 @@ def _assert_close(want, got):
 @pytest.mark.parametrize("packed", [False, True], ids=["one_document", "packed"])
 def test_shifted_sparse_matches_dense_s2(packed):
   q, k, v, ct, seg, pos, want = _s2_case(packed)
-  fn = AttentionSpec(impl="blockwise", tiles=Tiles(4, 4), s2_group=G).function()
+  fn = AttentionSpec(impl="tiled", tiles=Tiles(4, 4), s2_group=G).function()
   got = jax.jit(lambda q, k, v: _value_and_grads(lambda q, k, v: fn(q, k, v, seg, pos),
                                                  q, k, v, ct))(q, k, v)
   _assert_close(want, got)
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("strategy", ["ring", "all_gather", "ulysses"])
 @pytest.mark.parametrize("split", ["data", "tensor"])
 def test_context_parallel_shifted_sparse_matches_dense_s2(split, strategy):
@@ -259,7 +260,7 @@ def test_s2_in_the_model_ring_equals_one_device(base):
   seg, pos = _rows(True)
   tokens = np.random.default_rng(5).integers(0, 61, (2, 32)).astype(np.int32)
   one = _apply(LCFG, params, tokens, pos, seg,
-               AttentionSpec(impl="blockwise", s2_group=G).function())
+               AttentionSpec(impl="tiled", s2_group=G).function())
   ring = AttentionSpec(s2_group=G).function(mesh, permuted=True, batch_axes="data")
   b = permute_batch({"t": jnp.asarray(tokens), "p": jnp.asarray(pos), "s": jnp.asarray(seg)},
                     "zigzag", 4)

@@ -119,7 +119,7 @@ def _trainer_loss_and_grads(mesh_sizes, overrides, micro_batches=1):
   if stage.lora.enabled:  # B = 0 at init would leave LoRA's own gradients trivial
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: x + 0.01 if "lora_b" in jax.tree_util.keystr(p) else x, params)
-  loader = GlobalBatches(stage.data, stage.num_shards, mesh, micro_batches,
+  loader = GlobalBatches(stage.data, mesh, micro_batches,
                          stage.attention.layout if mesh.shape["seq"] > 1 else None)
   batches, denominator, _ = next(loader)
   from longctx.train.step import split_params
@@ -129,6 +129,7 @@ def _trainer_loss_and_grads(mesh_sizes, overrides, micro_batches=1):
   return float(loss), jax.device_get(grads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_sizes,overrides", [
     ({"data": 2, "seq": 4}, {"data.objective": "sequence"}),  # untied head
     ({"fsdp": 2, "seq": 4}, {"lora.enabled": True, "lora.s2_group_fraction": 0.0,
@@ -144,6 +145,7 @@ def test_chunked_loss_in_the_trainer_equals_the_unchunked_path(mesh_sizes, overr
            jax.tree_util.keystr(path))
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("mode", ["token", "sequence"])
 def test_the_trainer_loss_is_the_objective_of_the_batch(mode):
   """Two micro-batches of packed rows: the step's loss equals data.objective's objective(...)
@@ -155,7 +157,7 @@ def test_the_trainer_loss_is_the_objective_of_the_batch(mode):
   mesh = make_mesh({"data": 8})
   runner = StageRunner(stage, mesh, seed=0, log=lambda *_: None)
   params = runner.random_params()
-  batches, denominator, _ = next(GlobalBatches(stage.data, stage.num_shards, mesh, 2, None))
+  batches, denominator, _ = next(GlobalBatches(stage.data, mesh, 2, None))
   loss, _ = jax.jit(make_loss_and_grads(runner.numerator_fn))(params, {}, batches, denominator)
   rows = {k: np.asarray(v).reshape((-1,) + v.shape[2:]) for k, v in batches.items()}
   logits = runner.model.apply({"params": params}, rows["inputs"], rows["positions"],
@@ -184,6 +186,7 @@ def _no_remat_losses(tmp):
   return tuple(_losses(tmp, "short"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(POLICIES))
 def test_remat_and_offload_policies_give_the_same_losses(name, tmp_path_factory):
   """Two optimizer steps of the tiny config: the second loss depends on the first update."""

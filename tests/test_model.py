@@ -22,6 +22,7 @@ def _apply(cfg, params, tokens, positions=None, segment_ids=None, attention_fn=N
   return Llama(cfg, attention_fn).apply({"params": params}, tokens, positions, segment_ids)
 
 
+@pytest.mark.slow
 def test_packed_documents_equal_separate_documents(params):
   """Segment ids block attention across documents and positions restart: contract 1."""
   rng = np.random.default_rng(0)
@@ -44,6 +45,7 @@ def test_future_tokens_do_not_change_logits(params):
   np.testing.assert_array_equal(np.asarray(a[0, :10]), np.asarray(b[0, :10]))
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params(params):
   tokens = np.random.default_rng(2).integers(0, 61, (2, 16)).astype(np.int32)
   cfg16 = CFG.replace(dtype="bfloat16")
@@ -57,6 +59,7 @@ def test_bfloat16_compute_keeps_float32_params(params):
   assert 0 < err < 0.05
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("policy", [p for p in RematPolicy if p is not RematPolicy.NONE])
 def test_remat_policies_give_identical_gradients(params, policy):
   tokens = np.random.default_rng(3).integers(0, 61, (2, 12)).astype(np.int32)
@@ -112,6 +115,7 @@ def test_config_validation():
   assert ModelConfig.from_dict(CFG.to_dict()) == CFG
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("permuted", [False, True])
 def test_ring_attention_in_the_model_equals_dense(params, permuted):
   """The model on 8 devices with ring attention: logits and gradients equal the dense model's.

@@ -20,6 +20,7 @@ def hf_case(request, tmp_path_factory):
   return request.param, model, str(path)
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("seq_len", [17, 3 * MAX_POS - 7])  # within and beyond max_position_embeddings
 def test_logits_match_transformers(hf_case, seq_len):
   name, hf_model, path = hf_case

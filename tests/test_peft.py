@@ -55,13 +55,13 @@ def test_peft_adapter_and_merged_export_match_longctx(tmp_path, case):
   save_params(str(tmp_path / "base_ckpt"), base, cfg)
   save_params(str(tmp_path / "ckpt"), params, lcfg)
   assert convert.main(["to-hf", str(tmp_path / "base_ckpt"), str(tmp_path / "original"),
-                       "--no-progress"]) == 0
-  assert convert.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "frozen"), "--base-only",
-                       "--no-progress"]) == 0
+                       "--no_progress"]) == 0
+  assert convert.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "frozen"), "--base_only",
+                       "--no_progress"]) == 0
   assert convert.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "merged"),
-                       "--no-progress"]) == 0
+                       "--no_progress"]) == 0
   assert convert.main(["to-peft", str(tmp_path / "ckpt"), str(tmp_path / "adapter"),
-                       "--base-model", str(tmp_path / "original"), "--no-progress"]) == 0
+                       "--base_model", str(tmp_path / "original"), "--no_progress"]) == 0
 
   tokens = np.random.default_rng(2).integers(0, 97, size=(2, 24), dtype=np.int32)
   ours = np.asarray(longctx.load_pretrained(str(tmp_path / "ckpt"))(tokens))

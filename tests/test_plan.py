@@ -1,5 +1,5 @@
 """`python -m longctx.plan` and the launcher's pre-flight: the abstract plan agrees with the
-compiled step of a real run; --json, the breakdown, offload accounting, --max-len's bisection,
+compiled step of a real run; --json, the breakdown, offload accounting, --max_len's bisection,
 and the refusal of a stage that does not fit with the cheapest fix."""
 import dataclasses
 import json
@@ -19,6 +19,7 @@ from longctx.train.runner import StageRunner
 from tests.helpers import ROOT, tiny_config
 
 
+@pytest.mark.slow
 def test_plan_matches_the_compiled_step_of_a_real_run():
   config = tiny_config()
   stage = read_stages(config)[1]
@@ -27,7 +28,7 @@ def test_plan_matches_the_compiled_step_of_a_real_run():
   # The real thing: materialised state and a real batch, compiled by the training loop's code.
   runner = StageRunner(stage, mesh, seed=0, log=lambda *_: None)
   state = runner.init_state(runner.random_params())
-  batches, denominator, _ = next(GlobalBatches(stage.data, stage.num_shards, mesh, 1,
+  batches, denominator, _ = next(GlobalBatches(stage.data, mesh, 1,
                                                stage.attention.layout))
   memory = runner.compiled_step().lower(state, batches, denominator,
                                          runner.first_ok()).compile().memory_analysis()
@@ -49,6 +50,7 @@ def _plan_command(*flags):
   return result.stdout
 
 
+@pytest.mark.slow
 def test_plan_command_text_and_json():
   """The text report, and --json: one object with every stage's mesh, total and verdict per
   accelerator, and the breakdown (state, saved activations, the largest temporaries by name)."""
@@ -91,6 +93,7 @@ def test_strategy_traffic_is_the_formulas_over_layers_and_micro_batches(sizes, h
   assert plan_lib.strategy_traffic(stage, make_mesh({"data": 8}), shape) == {}
 
 
+@pytest.mark.slow
 def test_offloaded_activations_leave_the_device_total():
   config = tiny_config({"model.remat": "full"})
   stage = read_stages(config)[1]
@@ -105,6 +108,7 @@ def test_offloaded_activations_leave_the_device_total():
   assert offloaded.saved_activation_bytes == on_device.saved_activation_bytes - layer_inputs
 
 
+@pytest.mark.slow
 def test_max_len_bisects_to_the_longest_length_that_fits():
   config = tiny_config({"attention.block_q": 16, "attention.block_k": 16})
   stage = read_stages(config)[1]  # max_len 256
@@ -120,6 +124,7 @@ def test_max_len_bisects_to_the_longest_length_that_fits():
     plan_lib.max_len(stage, mesh, 1e3, headroom=1.0)
 
 
+@pytest.mark.slow
 def test_preflight_refuses_a_plan_over_the_memory_with_the_cheapest_fix(tmp_path, monkeypatch):
   """The launcher's pre-flight: a stage whose plan exceeds the devices' memory is refused before
   anything is materialised, with the breakdown and the first change that fits."""

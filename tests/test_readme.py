@@ -4,6 +4,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -27,6 +29,7 @@ def test_ci_runs_the_readme_test_command():
   assert _quick_start_commands()[1] in ci_lines
 
 
+@pytest.mark.slow
 def test_main_job_trains():
   """The first command's job, with fewer steps to keep the suite fast: the loss falls."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

@@ -22,6 +22,9 @@ from longctx.model import lora
 from longctx.model.lora_params import add_lora_params
 from tests.real_model import real_text
 
+# End to end (subprocesses, real model or full training runs): the quick loop skips it.
+pytestmark = pytest.mark.slow
+
 LOGIT_TOL = 5e-4     # float32 both sides, 30 layers, logits up to ~41
 NLL_RTOL = 2e-5      # the issue's bound for perplexity on the same windows
 
@@ -76,8 +79,8 @@ def test_greedy_chatml_generation_is_token_for_token_equal(smollm2_dir, hf_model
   assert len(want) > 4
 
 
-@pytest.mark.parametrize("flags", [[], ["--attention=ring", "--seq=4"], ["--rope=yarn,factor=2"]],
-                         ids=["blockwise", "ring", "yarn"])
+@pytest.mark.parametrize("flags", [[], ["--attention=context_parallel", "--seq=4"],
+                                   ["--rope=yarn,factor=2"]], ids=["tiled", "ring", "yarn"])
 def test_the_perplexity_command_equals_transformers_nll(smollm2_dir, hf_model, tmp_path, flags,
                                                         capsys):
   """Without --tokenizer (as a newcomer types it) the model directory's tokenizer is taken, said
@@ -93,8 +96,7 @@ def test_the_perplexity_command_equals_transformers_nll(smollm2_dir, hf_model, t
   report = full["results"][0]
   path = os.path.abspath(f"{smollm2_dir}/tokenizer.json")
   assert (full["tokenizer"], full["checkpoint"]) == (path, os.path.abspath(smollm2_dir))
-  assert full["attention"] == (flags[0].split("=")[1] if flags[:1] == ["--attention=ring"]
-                               else "blockwise")
+  assert full["attention"] == ("ring" if "--seq=4" in flags else "tiled")
   assert full["model_rope"]["rope_type"] == ("yarn" if "--rope=yarn,factor=2" in flags
                                              else "default")
   printed = capsys.readouterr()
@@ -134,7 +136,7 @@ def _window_nll(model, window) -> float:
 
 
 def test_lora_peft_export_loads_onto_the_real_base(smollm2_dir, tmp_path):
-  assert convert.main(["from-hf", smollm2_dir, str(tmp_path / "base"), "--no-progress"]) == 0
+  assert convert.main(["from-hf", smollm2_dir, str(tmp_path / "base"), "--no_progress"]) == 0
   cfg, base = load_params(str(tmp_path / "base"))
   lcfg = lora.with_lora(cfg, 4, 8.0, ("q_proj", "v_proj"))
   params = add_lora_params(base, lcfg, jax.random.PRNGKey(0))
@@ -144,7 +146,7 @@ def test_lora_peft_export_loads_onto_the_real_base(smollm2_dir, tmp_path):
       if "lora_b" in jax.tree_util.keystr(path) else np.asarray(x), params)
   save_params(str(tmp_path / "ckpt"), params, lcfg)
   assert convert.main(["to-peft", str(tmp_path / "ckpt"), str(tmp_path / "adapter"),
-                       "--modules-to-save", "", "--no-progress"]) == 0
+                       "--modules_to_save", "", "--no_progress"]) == 0
   tok = HFTokenizer(f"{smollm2_dir}/tokenizer.json")
   tokens = np.concatenate([[tok.bos_id], tok.encode(real_text(800))])[:48][None]
   got = np.asarray(longctx.load_pretrained(str(tmp_path / "ckpt"), progress=False)(tokens))
@@ -166,8 +168,8 @@ def test_from_gguf_errors_name_the_path(tmp_path, smollm2_dir):
 
 def test_the_export_is_a_complete_hf_model(smollm2_dir, tmp_path):
   """from-hf then to-hf keeps the tokenizer, the chat template and the generation defaults."""
-  assert convert.main(["from-hf", smollm2_dir, str(tmp_path / "ckpt"), "--no-progress"]) == 0
-  assert convert.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--no-progress"]) == 0
+  assert convert.main(["from-hf", smollm2_dir, str(tmp_path / "ckpt"), "--no_progress"]) == 0
+  assert convert.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--no_progress"]) == 0
   messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."}]
   source, exported = (transformers.AutoTokenizer.from_pretrained(d)
                       for d in (smollm2_dir, tmp_path / "hf"))

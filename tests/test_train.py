@@ -32,7 +32,7 @@ def _grads_on(mesh_sizes, attention, micro_batches=1, rows=8, model=()):
   runner = loop.StageRunner(stage, mesh, seed=0, log=lambda *_: None)
   params = runner.random_params()
   layout = attention.batch_layout
-  batches, denominator, _ = next(GlobalBatches(stage.data, stage.num_shards, mesh,
+  batches, denominator, _ = next(GlobalBatches(stage.data, mesh,
                                                micro_batches, layout))
   fn = jax.jit(make_loss_and_grads(runner.numerator_fn))
   loss, grads = fn(params, {}, batches, denominator)
@@ -52,6 +52,7 @@ def _assert_same(loss, grads, ref_loss, ref_grads):
     np.testing.assert_allclose(g, ref[path], rtol=0, atol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_sizes,layout", [
     ({"data": 2, "seq": 4}, "zigzag"), ({"fsdp": 2, "seq": 4}, "striped"),
     ({"seq": 8}, "contiguous"), ({"tensor": 2, "seq": 4}, "zigzag"),
@@ -61,6 +62,7 @@ def test_loss_and_grads_do_not_depend_on_mesh_or_layout(mesh_sizes, layout):
   _assert_same(loss, grads, *_reference_grads())
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("strategy", ["all_gather", "ulysses", "hybrid"])
 @pytest.mark.parametrize("mesh_sizes", [{"data": 2, "seq": 4}, {"seq": 8}], ids=["2x4", "8"])
 def test_every_strategy_gives_the_same_loss_and_grads(strategy, mesh_sizes):
@@ -75,6 +77,7 @@ def test_every_strategy_gives_the_same_loss_and_grads(strategy, mesh_sizes):
   _assert_same(loss, grads, *_reference_grads(model))
 
 
+@pytest.mark.pallas
 def test_pallas_kernel_in_the_trainer(monkeypatch):
   """attention.kernel = "pallas_gpu" reaches every ring step of the model (interpreted on CPU;
   the TPU kernel shares the dispatch but needs chunks of ≥ 128, longer than this test's)."""
@@ -97,7 +100,7 @@ def test_unknown_attention_kernel(tmp_path):
   with pytest.raises(ValueError, match="config attention.kernel: unknown attention kernel"):
     loop.run(tiny_config({"attention.kernel": "flash9000"}), str(tmp_path), log=lambda *_: None)
   with pytest.raises(ValueError, match="attention.kernel='pallas_gpu' needs impl='context_par"):
-    loop.run(tiny_config({"attention.kernel": "pallas_gpu", "attention.impl": "blockwise"}),
+    loop.run(tiny_config({"attention.kernel": "pallas_gpu", "attention.impl": "tiled"}),
              str(tmp_path), log=lambda *_: None)
 
 
@@ -129,6 +132,7 @@ def test_the_strategy_is_chosen_per_stage():
   assert (short.attention.ulysses_devices, long.attention.ulysses_devices) == (0, 2)
 
 
+@pytest.mark.slow
 def test_micro_batches_do_not_change_loss_or_grads():
   """The same global batch as two micro-batches of 4 rows or one of 8 rows."""
   loss2, grads2, (batches, denominator, runner, params) = _grads_on(
@@ -199,6 +203,7 @@ def _launch(args, devices, extra_env=None):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
   # One after the other: on 2 cores a concurrent 8-device run can starve the gloo handshake.
   one = _launch([f"--workdir={tmp_path / 'one'}"], 8)
@@ -215,6 +220,7 @@ def test_two_processes_match_one(tmp_path):
   np.testing.assert_allclose([x for _, x in b], [x for _, x in a], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_restorable_checkpoint(tmp_path):
   import signal
   import time
@@ -239,6 +245,7 @@ def test_sigterm_saves_a_restorable_checkpoint(tmp_path):
     assert [json.loads(line)["step"] for line in f] == list(range(1, max(steps) + 2))
 
 
+@pytest.mark.slow
 def test_longlora_trains_only_lora_embedding_and_norms(tmp_path):
   """LongLoRA mode through the whole loop: S²-Attn on the ring in training, and only LoRA,
   embedding and norm parameters move; the final weights export as a PEFT adapter."""
@@ -266,6 +273,7 @@ def test_longlora_trains_only_lora_embedding_and_norms(tmp_path):
   assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_evaluation_during_training(tmp_path):
   """eval.every_steps: held-out loss / perplexity (full attention) and passkey in metrics.jsonl."""
   config = tiny_config({"stage_order": "short", "eval.every_steps": 2,
@@ -290,6 +298,7 @@ def test_evaluation_during_training(tmp_path):
              for r in trained)
 
 
+@pytest.mark.slow
 def test_restore_onto_another_mesh_shape(tmp_path):
   """A checkpoint written on data=2 x seq=4 resumes on fsdp=2 x seq=4 (parameters and optimizer
   state resharded by orbax) and continues with the same losses as the uninterrupted run."""

@@ -6,7 +6,7 @@ D head dim, P devices on `axis`.
 Each device keeps its chunk of queries (in any layout, see layouts.py) and gathers every
 device's K and V (at K heads, never repeated to H) with their segment ids and original indices
 by one `lax.all_gather` along the sequence, then attends its C queries to all L keys with the
-blockwise kernel, masking on the gathered indices, so every layout and packed documents match
+pure-JAX kernel, masking on the gathered indices, so every layout and packed documents match
 the dense reference. The backward gathers K and V again instead of keeping them (a custom_vjp:
 the residuals are the local chunk, O(C) per device, not O(L)) and returns each device's dK, dV
 by `lax.psum_scatter` (a reduce-scatter), the transpose of the gather.
@@ -22,7 +22,7 @@ import functools
 import jax
 
 from longctx.attention import kernels
-from longctx.attention.blockwise import output_delta, tie_inputs
+from longctx.attention.online_softmax import output_delta, tie_inputs
 from longctx.attention.reference import MaskSpec, check_inputs
 from longctx.attention.ring import chunk_config, chunk_meta
 from longctx.attention.tiles import TokenMeta
@@ -40,7 +40,8 @@ def _all_gather(cfg, axis, q_BCHD, k_BCKD, v_BCKD, meta):
 
 
 def _all_gather_fwd(cfg, axis, q_BCHD, k_BCKD, v_BCKD, meta):
-  q_t, k_t, v_t, meta_t = tie_inputs((q_BCHD, k_BCKD, v_BCKD, meta))  # see blockwise.tie_inputs
+  # see online_softmax.tie_inputs
+  q_t, k_t, v_t, meta_t = tie_inputs((q_BCHD, k_BCKD, v_BCKD, meta))
   k_BLKD, v_BLKD, meta_L = _gather(axis, k_t, v_t, meta_t)
   o_BCHD, lse_BCH = kernels.pair_forward(cfg, q_t, k_BLKD, v_BLKD, meta_t, meta_L)
   o_BCHD = o_BCHD.astype(q_BCHD.dtype)

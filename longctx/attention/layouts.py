@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longctx.attention.names import Name
+from longctx.names import Name
 
 
 class Layout(Name):
@@ -24,19 +24,17 @@ class Layout(Name):
   STRIPED = "striped"        # token t on device t mod P (causal balance)
 
   @classmethod
-  def parse(cls, layout: Union["Layout", str]) -> "Layout":
+  def parse(cls, layout: Union["Layout", str], what: str | None = None) -> "Layout":
     """Accepts a Layout or its name; raises ValueError listing the valid names."""
-    if isinstance(layout, Layout):
-      return layout
-    try:
-      return cls(str(layout).lower())
-    except ValueError:
-      raise ValueError(f"unknown layout {layout!r}; expected one of "
-                       f"{[m.value for m in cls]}") from None
+    return super().parse(layout, what or "layout")
+
+  def parts(self, num_devices: int) -> int:
+    """The chunks a row is cut into over `num_devices`: a row length must be a multiple."""
+    return 2 * num_devices if self is Layout.ZIGZAG else num_devices
 
   def check_length(self, length: int, num_devices: int) -> None:
     """Raises ValueError if this layout cannot split `length` tokens over `num_devices`."""
-    parts = 2 * num_devices if self is Layout.ZIGZAG else num_devices
+    parts = self.parts(num_devices)
     if length % parts:
       raise ValueError(f"layout {self.value} over {num_devices} devices needs the sequence "
                        f"length to be a multiple of {parts}; got {length}")

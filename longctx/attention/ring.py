@@ -17,7 +17,7 @@ splitting them into sub-chunks doubles the steps, each a rendezvous of all devic
 ~15% slower on the emulated CPU mesh (bench/RESULTS.md).
 
 Two inner-kernel paths share that loop (`_forward_ring`, `_backward_ring`). The pure-JAX
-kernel ("blockwise") lays Q, K and V out in tiles once per layer and runs the online softmax
+kernel ("xla") lays Q, K and V out in tiles once per layer and runs the online softmax
 on across ring steps, unnormalised. A Pallas kernel (`kernels`) attends a whole chunk pair per
 step and returns a normalised output and its lse, merged step by step (`merge_partials`).
 `costs.collective_permute_bytes` reads the bytes moved from the compiled HLO, multiplying loop
@@ -30,11 +30,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from longctx.attention.blockwise import (key_tiles, merge_partials, output_delta, query_tiles,
+from longctx.attention.online_softmax import (key_tiles, merge_partials, output_delta, query_tiles,
                                          rows_tiles, safe_lse, softmax_finish, softmax_init,
                                          tie_inputs, tiled_backward, tiled_forward, untile_heads,
                                          untile_kv_t, untile_rows, varying_like)
-from longctx.attention.kernels import query_backward, query_forward
+from longctx.attention.kernels import Kernel, query_backward, query_forward
 from longctx.attention.reference import MaskSpec, check_inputs, default_scale
 from longctx.attention.tiles import TileConfig, TokenMeta, fitted_tiles, tile_config
 
@@ -90,7 +90,7 @@ def _ring_forward(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, meta: Tok
   Q and K/V are laid out in tiles once, outside the loop, and the online softmax runs on
   across ring steps unnormalised (no per-step normalise-and-merge).
   """
-  if cfg.kernel != "blockwise":
+  if Kernel(cfg.kernel).pallas:
     return _ring_forward_pairs(cfg, axis, size, q_BCHD, k_BCKD, v_BCKD, meta)
   qt = query_tiles(cfg, q_BCHD, k_BCKD.shape[2], meta)
 
@@ -109,7 +109,7 @@ def _ring_forward(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, meta: Tok
 def _ring_backward(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, meta: TokenMeta,
                    do_BCHD, lse_BCH, delta_BCH):
   """Backward ring: (dq, dk, dv) float32 of this device's chunk."""
-  if cfg.kernel != "blockwise":
+  if Kernel(cfg.kernel).pallas:
     return _ring_backward_pairs(cfg, axis, size, q_BCHD, k_BCKD, v_BCKD, meta, do_BCHD,
                                 lse_BCH, delta_BCH)
   kh = k_BCKD.shape[2]
@@ -167,7 +167,7 @@ def _ring(cfg, axis, size, q_BCHD, k_BCKD, v_BCKD, meta):
 
 
 def _ring_fwd(cfg, axis, size, q_BCHD, k_BCKD, v_BCKD, meta):
-  # tied: not loop-invariant in a scan over layers (see `blockwise.tie_inputs`); the residuals
+  # tied: not loop-invariant in a scan over layers (see `online_softmax.tie_inputs`); the residuals
   # are the untied inputs, which a scan forwards instead of stacking
   o_BCHD, lse_BCH, _ = _ring_forward(cfg, axis, size, *tie_inputs((q_BCHD, k_BCKD, v_BCKD, meta)))
   o_BCHD = o_BCHD.astype(q_BCHD.dtype)
@@ -218,7 +218,7 @@ def ring_attention(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC, index_BC, *, axis="se
   Tiles are block_q × block_k in the forward, block_q_bwd × block_k_bwd in the backward
   (reduced to divisors of C; None = defaults, see `tiles.tile_config`); with zigzag, a
   block dividing C/2 lets the empty half-chunk tiles be skipped. kernel: the inner kernel of
-  each ring step (`kernels.KERNELS`; None = "blockwise", pure JAX).
+  each ring step (`kernels.KERNELS`; None = "xla", pure JAX).
   Raises ValueError on bad shapes or dtypes.
   """
   check_inputs(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC)

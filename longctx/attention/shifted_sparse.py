@@ -20,7 +20,7 @@ from typing import Tuple
 
 import jax.numpy as jnp
 
-from longctx.attention.local import blockwise_attention
+from longctx.attention.local import tiled_attention
 from longctx.attention.reference import MaskSpec, dense_attention
 
 
@@ -90,11 +90,11 @@ def s2_dense_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *, group_siz
 
 def shifted_sparse_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *, group_size,
                              causal=True, scale=None, **blocks):
-  """S²-Attn on one device (blockwise, tiles outside the groups skipped); contract of
+  """S²-Attn on one device (tiled, tiles outside the groups skipped); contract of
   `dense_attention` plus group_size (even, divides L). Training only: inference uses full
-  attention. blocks: the tile sizes and kernel of `blockwise_attention` (block_q, block_k,
+  attention. blocks: the tile sizes and kernel of `tiled_attention` (block_q, block_k,
   block_q_bwd, block_k_bwd, kernel)."""
-  return apply_s2(lambda q, k, v, spec: blockwise_attention(
+  return apply_s2(lambda q, k, v, spec: tiled_attention(
       q, k, v, segment_ids_BL, scale=scale, spec=spec, **blocks),
                   q_BLHD, k_BLKD, v_BLKD, group_size=group_size, causal=causal)
 
@@ -138,11 +138,11 @@ def context_parallel_shifted_sparse_attention(q_BLHD, k_BLKD, v_BLKD, segment_id
 
 def at_positions(spec):
   """S²-Attn on one device for an `AttentionSpec` with s2_group > 0, rows in natural order:
-  fn(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, positions_BL), blockwise with the tiles outside
+  fn(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, positions_BL), tiled with the tiles outside
   the groups skipped."""
   import functools
 
-  from longctx.attention.local import tiled_attention
+  from longctx.attention.local import attend_tiles
   from longctx.attention.reference import check_inputs, default_scale
   from longctx.attention.tiles import TokenMeta, fitted_tiles, tile_config
 
@@ -157,7 +157,7 @@ def at_positions(spec):
     def half(q, k, v, mask):
       tiles = functools.partial(tile_config, mask, default_scale(d, None), **spec.local_kwargs(),
                                 group=q.shape[2] // k.shape[2])
-      return tiled_attention(fitted_tiles(l, tiles, "S²-Attn"), q, k, v, meta)[0]
+      return attend_tiles(fitted_tiles(l, tiles, "S²-Attn"), q, k, v, meta)[0]
     return apply_s2(half, q_BLHD, k_BLKD, v_BLKD, group_size=spec.s2_group, causal=True)
   return fn
 

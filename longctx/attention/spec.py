@@ -9,9 +9,9 @@ Legend: B batch, L sequence, H query heads, K kv heads, D head dim.
     out_BLHD = attend(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, positions_BL)
 
 An `AttentionSpec` is built once (the trainer reads it from a config's `attention` section) and
-names everything that picks an algorithm: the implementation (dense oracle, blockwise on one
-device, or context parallel), the context-parallel strategy and layout, the inner kernel
-(`kernels.Kernel`), the tiles, causality and LongLoRA's S²-Attn group. `function` turns it into
+names everything that picks an algorithm: the implementation (dense oracle, tiled on one
+device (online softmax over tiles), or context parallel), the context-parallel strategy and
+layout, the inner kernel (`kernels.Kernel`), the tiles, causality and LongLoRA's S²-Attn group. `function` turns it into
 the model's attention function, so the model and the trainer hold no algorithm of their own.
 
 `permuted`: False: rows arrive in natural order and a context-parallel function permutes them
@@ -30,22 +30,20 @@ import jax
 
 from longctx.attention.kernels.base import Kernel, check_vma
 from longctx.attention.layouts import Layout
-from longctx.attention.names import Name
+from longctx.names import Name, renamed
 from longctx.attention.strategies import Strategy
 
 AttentionFn = Callable[..., jax.Array]
 
 
+# "ring": the name before the strategies existed (then strategy must be "ring"); "blockwise":
+# also the name of the inner kernel (now "xla"), so the one-device impl says what it does.
+@renamed({"ring": "context_parallel", "blockwise": "tiled"})
 class AttentionImpl(Name):
   """Where a row's attention runs."""
   DENSE = "dense"                         # the O(L²) oracle, one device per row
-  BLOCKWISE = "blockwise"                 # tiled online softmax, one device per row
+  TILED = "tiled"                         # tiled online softmax, one device per row
   CONTEXT_PARALLEL = "context_parallel"   # a row split over a mesh axis by `strategy`
-
-  @classmethod
-  def _missing_(cls, value):
-    # "ring": the name before the strategies existed (then strategy must be "ring")
-    return cls.CONTEXT_PARALLEL if str(value).lower() == "ring" else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,14 +60,10 @@ class Tiles:
 
 
 def _parse(enum_cls, value, key):
-  if isinstance(value, enum_cls):
-    return value
-  parse = getattr(enum_cls, "parse", None)
   try:
-    return parse(value) if parse else enum_cls(str(value).lower())
-  except ValueError as e:
-    raise ValueError(f"{key}: expected one of {[m.value for m in enum_cls]}, "
-                     f"found {value!r}" + ("" if parse is None else f" ({e})")) from None
+    return enum_cls.parse(value)
+  except ValueError:
+    raise ValueError(f"{key}: expected one of {enum_cls.names()}, found {value!r}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +79,7 @@ class AttentionSpec:
   impl: AttentionImpl = AttentionImpl.CONTEXT_PARALLEL
   strategy: Strategy = Strategy.RING
   layout: Layout = Layout.ZIGZAG
-  kernel: Kernel = Kernel.BLOCKWISE
+  kernel: Kernel = Kernel.XLA
   tiles: Tiles = Tiles()
   causal: bool = True
   s2_group: int = 0
@@ -98,12 +92,12 @@ class AttentionSpec:
     set_("strategy", _parse(Strategy, self.strategy, "strategy"))
     set_("layout", _parse(Layout, self.layout, "layout"))
     set_("kernel", check_kernel(self.kernel))
-    if self.kernel is not Kernel.BLOCKWISE and self.impl is not AttentionImpl.CONTEXT_PARALLEL:
+    if self.kernel.pallas and self.impl is not AttentionImpl.CONTEXT_PARALLEL:
       # under plain jit XLA cannot split a Pallas call over the data / tensor axes: it would
       # gather the global batch onto every device; shard_map runs it per device
       raise ValueError(f"kernel={self.kernel.value!r} needs impl='context_parallel' (found "
                        f"{self.impl.value!r}): a Pallas call runs per device inside shard_map; "
-                       "use kernel='blockwise'")
+                       "use kernel='xla'")
     if self.s2_group and not self.causal:
       raise ValueError(f"s2_group={self.s2_group} (S²-Attn) needs causal attention: its groups "
                        "are taken on positions")
@@ -153,12 +147,12 @@ _RING, _ULYSSES = "seq_ring", "seq_ulysses"  # the hybrid's split of the sequenc
 
 
 def _one_device(spec: AttentionSpec) -> AttentionFn:
-  from longctx.attention.local import blockwise_attention
+  from longctx.attention.local import tiled_attention
   from longctx.attention.reference import dense_attention
   if spec.impl is AttentionImpl.DENSE:
     run = functools.partial(dense_attention, causal=spec.causal)
   else:
-    run = functools.partial(blockwise_attention, causal=spec.causal, **spec.local_kwargs())
+    run = functools.partial(tiled_attention, causal=spec.causal, **spec.local_kwargs())
 
   def fn(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, positions_BL):
     del positions_BL

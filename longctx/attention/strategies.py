@@ -25,7 +25,7 @@ import functools
 from typing import Callable, Union
 
 from longctx.attention.layouts import LayoutLike, run_context_parallel, sequence_axes
-from longctx.attention.names import Name
+from longctx.names import Name
 
 
 class Strategy(Name):
@@ -36,18 +36,15 @@ class Strategy(Name):
   HYBRID = "hybrid"
 
   @classmethod
-  def parse(cls, strategy: Union["Strategy", str]) -> "Strategy":
+  def parse(cls, strategy: Union["Strategy", str], what: str | None = None) -> "Strategy":
     """Accepts a Strategy or its name ("all-gather" too); raises ValueError listing the names."""
-    if isinstance(strategy, Strategy):
-      return strategy
-    try:
-      return cls(str(strategy).lower().replace("-", "_"))
-    except ValueError:
-      raise ValueError(f"unknown context-parallel strategy {strategy!r}; expected one of "
-                       f"{[m.value for m in cls]}") from None
+    return super().parse(strategy, what or "context-parallel strategy")
 
 
 StrategyLike = Union[Strategy, str]
+# The strategies over one sequence axis (the hybrid needs two, or `ulysses_devices`): what eval
+# and the planner's traffic table offer.
+ONE_AXIS = tuple(s for s in Strategy if s is not Strategy.HYBRID)
 
 
 @dataclasses.dataclass(frozen=True)

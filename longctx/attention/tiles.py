@@ -24,7 +24,7 @@ from longctx.attention.reference import MaskSpec
 
 
 # Default tile sizes (queries × keys) of the forward and of the backward: 1024 × 1024, with the
-# query tile divided by G = Hq / Hkv so that a tile's score rows (R = G·Q, blockwise.py's
+# query tile divided by G = Hq / Hkv so that a tile's score rows (R = G·Q, online_softmax.py's
 # legend) stay 1024 under GQA. On XLA:CPU the tile products contract only D (64–128), and at
 # 1024 they run at 84–95% of a large matmul's speed (58–70% at 512), with a quarter of the
 # per-tile loop and dispatch overhead; bench/RESULTS.md ("Tiles", "Where the time goes") has the
@@ -50,7 +50,7 @@ class TileConfig:
   block_k: int
   block_q_bwd: int | None = None
   block_k_bwd: int | None = None
-  kernel: str = "blockwise"
+  kernel: str = "xla"
 
   def backward(self) -> "TileConfig":
     """The config the backward pass tiles with."""
@@ -69,7 +69,7 @@ def tile_config(spec: MaskSpec, scale: float, c: int, s: int, block_q=None, bloc
   TPU_BLOCK_* for the Pallas kernels, whose programs take one query head each); the
   backward's to the forward's where the caller set those, else to (BLOCK_Q_BWD // group,
   BLOCK_K_BWD). So `block_q=block_k=128` tiles both passes at 128, and no arguments gives the
-  tuned pairs. kernel: a name of `kernels.KERNELS`, None = "blockwise". group: G = Hq / Hkv,
+  tuned pairs. kernel: a name of `kernels.KERNELS`, None = "xla". group: G = Hq / Hkv,
   the query heads that share a tile's rows in the pure-JAX kernel. cap: the largest default
   tile (the ring passes C/2, so the two halves of a zigzag chunk, far apart in the sequence,
   never share a tile and causal skipping keeps working); blocks given are not capped.

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longctx.attention.local import tiled_attention
+from longctx.attention.local import attend_tiles
 from longctx.attention.reference import MaskSpec, check_inputs
 from longctx.attention.ring import chunk_config, chunk_meta, ring_attention
 from longctx.attention.tiles import TokenMeta
@@ -104,7 +104,7 @@ def ulysses_attention(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC, index_BC, *, axis=
   cfg = chunk_config(shape(q_BLnD), shape(k_BLmD), spec, scale,
                      (block_q, block_k, block_q_bwd, block_k_bwd), kernel,
                      what="Ulysses attention, the chunk on each device")
-  o_BLnD = tiled_attention(cfg, q_BLnD, k_BLmD, v_BLmD, meta_L)[0]
+  o_BLnD = attend_tiles(cfg, q_BLnD, k_BLmD, v_BLmD, meta_L)[0]
   return _to_sequence(axis, o_BLnD)
 
 

@@ -13,7 +13,7 @@ LoRA+ trains the embedding and every RMSNorm fully (METHODS.md §2). PEFT's `mod
 takes any module, norms included (it wraps each in a ModulesToSaveWrapper and saves the whole
 module under its own name), so they go there: the adapter then reproduces the trained model on
 the *original* base, and equally on the frozen base of the checkpoint
-(`python -m longctx.convert to-hf CKPT DIR --base-only`), whose untrained weights are the same.
+(`python -m longctx.convert to-hf CKPT DIR --base_only`), whose untrained weights are the same.
 A tied embedding also feeds the head: then `ensure_weight_tying` is set, with which PEFT keeps
 the head tied to its trained copy of the embedding and saves that copy as `lm_head.weight` too
 (a PEFT version that knows `ensure_weight_tying` is needed; 0.21.2 is tested).

@@ -14,6 +14,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from longctx.cli import absl_flags_parser
 from longctx.data.config import DataConfig
 from longctx.data.pipeline import Shard
 from longctx.data.report import format_summary, summarize
@@ -58,4 +59,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=absl_flags_parser(__doc__))

@@ -1,23 +1,23 @@
 """Typed data configuration, read once from an ml_collections ConfigDict (DESIGN.md contract 4).
 
-Library code takes `DataConfig`, never the ConfigDict. Every string option becomes an Enum here,
-so a mistyped value fails at the boundary with the allowed values listed.
+Library code takes `DataConfig`, never the ConfigDict. The dataclasses below are the schema: the
+`data` section's defaults, reader and checks come from them (`longctx.schema`). Every string
+option becomes a `Name` enum here, so a mistyped value fails at the boundary with the allowed
+values listed.
 """
 from __future__ import annotations
 
 import dataclasses
-import enum
-from typing import TypeVar
 
 import ml_collections
 
+from longctx import schema
 from longctx.data.objective import ObjectiveMode
 from longctx.errors import ConfigError
+from longctx.names import Name
 
-E = TypeVar("E", bound=enum.Enum)
 
-
-class SourceKind(enum.Enum):
+class SourceKind(Name):
   """Where examples come from."""
   SYNTHETIC = "synthetic"       # LongAlign-like conversations, passkey or needle documents
   JSONL = "jsonl"
@@ -25,27 +25,27 @@ class SourceKind(enum.Enum):
   ARRAY_RECORD = "array_record"  # each record: UTF-8 JSON of one example
 
 
-class SyntheticKind(enum.Enum):
+class SyntheticKind(Name):
   LONGALIGN = "longalign"
   PASSKEY = "passkey"
   PASSKEY_TEXT = "passkey_text"  # the same document as plain text: every token a target
   NEEDLE = "needle"
 
 
-class TokenizerKind(enum.Enum):
+class TokenizerKind(Name):
   BYTE = "byte"
   HF = "hf"                      # local tokenizer.json
   SENTENCEPIECE = "sentencepiece"  # local .model
 
 
-class TemplateKind(enum.Enum):
+class TemplateKind(Name):
   PLAIN = "plain"    # plain LM: every token is a target
   LLAMA2 = "llama2"  # [INST] … [/INST] answer </s>
   CHATML = "chatml"  # <|im_start|>role\n … <|im_end|>
   MODEL = "model"    # the tokenizer directory's own jinja chat template (data/chat_template.py)
 
 
-class OverLengthPolicy(enum.Enum):
+class OverLengthPolicy(Name):
   """What to do with an example longer than max_len (never silent: counted in stats)."""
   ERROR = "error"
   DROP = "drop"
@@ -53,89 +53,60 @@ class OverLengthPolicy(enum.Enum):
   TRUNCATE_MIDDLE = "truncate_middle"  # keep head and tail halves, as LongBench does
 
 
-class BadExamplePolicy(enum.Enum):
+class BadExamplePolicy(Name):
   """Malformed records: raise with file:line, or skip them and count them."""
   ERROR = "error"
   SKIP = "skip"
 
 
-class BatchingKind(enum.Enum):
+class BatchingKind(Name):
   PACKED = "packed"  # rows of max_len holding several documents (LongAlign packing)
   SORTED = "sorted"  # one document per row, batches of similar length (LongAlign sorted batching)
 
 
-def parse_enum(enum_cls: type[E], value: str, where: str) -> E:
-  """`enum_cls(value)`, or ValueError naming the allowed values and the config key."""
-  try:
-    return enum_cls(value)
-  except ValueError:
-    allowed = ", ".join(repr(m.value) for m in enum_cls)
-    raise ConfigError(f"config {where}: expected one of {allowed}, found {value!r}") from None
-
-
 @dataclasses.dataclass(frozen=True)
 class SourceConfig:
-  kind: SourceKind
-  paths: tuple[str, ...]       # globs; one entry per mixed source
-  weights: tuple[float, ...]   # empty: sources concatenated; else mixed with these weights
-  synthetic_kind: SyntheticKind
-  num_examples: int            # synthetic only
-  min_tokens: int              # synthetic only: length range (byte tokens)
-  max_tokens: int
+  """Where examples come from (`data.source`)."""
+  kind: SourceKind = SourceKind.SYNTHETIC
+  paths: tuple[str, ...] = ()      # globs; one entry per mixed source
+  weights: tuple[float, ...] = ()  # empty: sources concatenated; else mixed with these weights
+  synthetic_kind: SyntheticKind = SyntheticKind.LONGALIGN
+  num_examples: int = schema.field(256, **schema.POSITIVE)     # synthetic only
+  min_tokens: int = schema.field(1024, **schema.POSITIVE)      # synthetic only: length range
+  max_tokens: int = schema.field(65536, **schema.POSITIVE)     # (byte tokens)
+
+  def __post_init__(self):
+    if self.weights and len(self.weights) != len(self.paths):
+      raise ConfigError(f"config data.source.weights: expected {len(self.paths)} weights (one "
+                        f"per path), found {len(self.weights)}: {list(self.weights)}")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Everything the data pipeline needs; see `default_config()` for the meaning of each key."""
-  source: SourceConfig
-  tokenizer: TokenizerKind
-  tokenizer_path: str
-  template: TemplateKind
-  max_len: int
-  over_length: OverLengthPolicy
-  bad_example: BadExamplePolicy
-  batching: BatchingKind
-  batch_size: int       # rows per process per step
-  window: int           # examples packed / sorted together
-  pad_multiple: int     # sorted batching: seq_len rounded up to this (mesh × layout needs)
-  objective: ObjectiveMode
-  seed: int
-  num_epochs: int       # 0 = repeat forever
-  num_workers: int      # tokenization worker processes (0 = in process)
+  """Everything the data pipeline needs: the `data` section of a config, whose defaults
+  (`default_config()`) are the embedded default, synthetic LongAlign-like SFT in byte tokens."""
+  source: SourceConfig = SourceConfig()
+  tokenizer: TokenizerKind = TokenizerKind.BYTE
+  tokenizer_path: str = ""
+  template: TemplateKind = TemplateKind.LLAMA2
+  max_len: int = schema.field(65536, **schema.POSITIVE)
+  over_length: OverLengthPolicy = OverLengthPolicy.TRUNCATE_MIDDLE
+  bad_example: BadExamplePolicy = BadExamplePolicy.ERROR
+  batching: BatchingKind = BatchingKind.PACKED
+  batch_size: int = schema.field(1, **schema.POSITIVE)  # rows per logical shard per step
+  # logical data shards (trainer): global rows = num_shards x batch_size, independent of the
+  # number of hosts, so runs are exact across layouts
+  num_shards: int = schema.field(1, **schema.POSITIVE)
+  window: int = schema.field(512, **schema.POSITIVE)        # examples packed / sorted together
+  # sorted batching: seq_len rounded up to this (mesh × layout needs)
+  pad_multiple: int = schema.field(128, **schema.POSITIVE)
+  objective: ObjectiveMode = ObjectiveMode.SEQUENCE
+  seed: int = 0
+  num_epochs: int = schema.field(1, **schema.NON_NEGATIVE)   # 0 = repeat forever
+  num_workers: int = schema.field(0, **schema.NON_NEGATIVE)  # tokenization processes (0: inline)
 
-  @classmethod
-  def from_config_dict(cls, cd: ml_collections.ConfigDict) -> "DataConfig":
-    """Build from the `data` section of a config; raises ValueError on bad values."""
-    s = cd.source
-    paths = tuple(p.strip() for p in s.paths.split(",") if p.strip())
-    weights = tuple(float(w) for w in s.weights.split(",") if w.strip())
-    if weights and len(weights) != len(paths):
-      raise ConfigError(f"config data.source.weights: expected {len(paths)} weights (one per "
-                        f"path), found {len(weights)}: {s.weights!r}")
-    cfg = cls(
-        source=SourceConfig(
-            kind=parse_enum(SourceKind, s.kind, "data.source.kind"), paths=paths, weights=weights,
-            synthetic_kind=parse_enum(SyntheticKind, s.synthetic_kind, "data.source.synthetic_kind"),
-            num_examples=int(s.num_examples), min_tokens=int(s.min_tokens),
-            max_tokens=int(s.max_tokens)),
-        tokenizer=parse_enum(TokenizerKind, cd.tokenizer, "data.tokenizer"),
-        tokenizer_path=cd.tokenizer_path,
-        template=parse_enum(TemplateKind, cd.template, "data.template"),
-        max_len=int(cd.max_len),
-        over_length=parse_enum(OverLengthPolicy, cd.over_length, "data.over_length"),
-        bad_example=parse_enum(BadExamplePolicy, cd.bad_example, "data.bad_example"),
-        batching=parse_enum(BatchingKind, cd.batching, "data.batching"),
-        batch_size=int(cd.batch_size), window=int(cd.window), pad_multiple=int(cd.pad_multiple),
-        objective=parse_enum(ObjectiveMode, cd.objective, "data.objective"),
-        seed=int(cd.seed), num_epochs=int(cd.num_epochs), num_workers=int(cd.num_workers))
-    cfg.validate()
-    return cfg
-
-  def validate(self) -> None:
-    """Raise ValueError on inconsistent values (expected / found)."""
-    for name in ("max_len", "batch_size", "window", "pad_multiple"):
-      if getattr(self, name) <= 0:
-        raise ConfigError(f"config data.{name}: expected > 0, found {getattr(self, name)}")
+  def __post_init__(self):
+    """What involves several keys (each key's own range is checked by `schema.read`)."""
     if self.max_len % self.pad_multiple:
       raise ConfigError(f"config data.max_len: expected a multiple of pad_multiple="
                         f"{self.pad_multiple}, found {self.max_len}")
@@ -148,34 +119,16 @@ class DataConfig:
     if self.tokenizer is not TokenizerKind.BYTE and not self.tokenizer_path:
       raise ConfigError(f"config data.tokenizer_path: expected a local file for tokenizer "
                         f"{self.tokenizer.value!r}, found ''")
-    if self.num_epochs < 0 or self.num_workers < 0:
-      raise ConfigError("config data.num_epochs / num_workers: expected >= 0, found "
-                        f"{self.num_epochs} / {self.num_workers}")
+
+  @classmethod
+  def from_config_dict(cls, cd: ml_collections.ConfigDict) -> "DataConfig":
+    """The `data` section of a config, typed and checked (`schema.read`)."""
+    return schema.read(cls, cd, "data")
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The `data` section with the embedded default: synthetic LongAlign-like SFT, byte tokens."""
-  cd = ml_collections.ConfigDict()
-  cd.source = ml_collections.ConfigDict(dict(
-      kind="synthetic", paths="", weights="", synthetic_kind="longalign",
-      num_examples=256, min_tokens=1024, max_tokens=65536))
-  cd.tokenizer = "byte"
-  cd.tokenizer_path = ""
-  cd.template = "llama2"
-  cd.max_len = 65536
-  cd.over_length = "truncate_middle"
-  cd.bad_example = "error"
-  cd.batching = "packed"
-  cd.batch_size = 1        # rows per logical shard per step
-  cd.num_shards = 1        # logical data shards (trainer): global rows = num_shards x batch_size,
-                           # independent of the number of hosts, so runs are exact across layouts
-  cd.window = 512
-  cd.pad_multiple = 128
-  cd.objective = "sequence"
-  cd.seed = 0
-  cd.num_epochs = 1
-  cd.num_workers = 0
-  return cd
+  """The `data` section with the embedded default (the `DataConfig` field defaults)."""
+  return schema.defaults(DataConfig)
 
 
 def jsonl_section(paths: str, tokenizer_path: str, *, max_len: int, template: str = "plain",

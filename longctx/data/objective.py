@@ -27,15 +27,17 @@ row, contract 1). Works on numpy or jax arrays, under jit.
 """
 from __future__ import annotations
 
-import enum
+
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from longctx.names import Name
 
-class ObjectiveMode(enum.Enum):
+
+class ObjectiveMode(Name):
   TOKEN = "token"        # mean over target tokens
   SEQUENCE = "sequence"  # LongAlign loss weighting: mean over sequences of per-sequence means
 

@@ -13,6 +13,10 @@ import enum
 import importlib
 import sys
 
+from longctx.attention.layouts import Layout
+from longctx.cli import HelpFormatter
+from longctx.attention.spec import AttentionImpl
+from longctx.attention.strategies import ONE_AXIS, Strategy
 from longctx.eval import common
 
 
@@ -27,15 +31,6 @@ class Command(enum.Enum):
     return importlib.import_module(f"longctx.eval.{self.name.lower()}")
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-  """Every option's default shown (unless its help says it in words); the command's docstring as
-  written."""
-
-  def _get_help_string(self, action):
-    text = action.help or ""
-    return text if "default" in text or action.required else super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m longctx.eval", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
   for command in Command:
     p = sub.add_parser(command.value, help=(command.module.__doc__ or "").splitlines()[0],
                        description=command.module.__doc__,
-                       formatter_class=_Formatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="a longctx checkpoint or an HF model directory")
     p.add_argument("--tokenizer", default=common.AUTO_TOKENIZER,
@@ -54,11 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the generated prompts (keys, depths, needles, filler)")
     p.add_argument("--max_memory_gb", type=float, default=None,
                    help="memory budget for the length check (default: 90%% of the device's)")
-    p.add_argument("--attention", choices=common.ATTENTION_KINDS, default="blockwise",
-                   help="blockwise (default: tiles, memory linear in length), dense (the O(L²) "
-                        "oracle) or ring (over --seq devices)")
+    p.add_argument("--attention", default=AttentionImpl.TILED.value,
+                   metavar="{" + ",".join(AttentionImpl.names()) + "}",
+                   help="tiled (tiles, memory linear in length), dense (the O(L²) oracle) or "
+                        "context_parallel (over --seq devices, by --strategy in --layout); the "
+                        "old names blockwise and ring|all_gather|ulysses still work")
     p.add_argument("--seq", type=int, default=1,
-                   help="devices the ring splits each prompt over (--attention=ring)")
+                   help="devices a context-parallel prompt is split over")
+    p.add_argument("--strategy", default=Strategy.RING.value, choices=[s.value for s in ONE_AXIS],
+                   help="the context-parallel strategy (--attention=context_parallel)")
+    p.add_argument("--layout", default=Layout.ZIGZAG.value, choices=Layout.names(),
+                   help="how a context-parallel prompt is laid out over the devices")
     p.add_argument("--rope", default="",
                    help="override the model's RoPE: 'yarn,factor=2' (a new scaling; theta and "
                         "the trained length default to the model's) or 'theta=1e6' (default: "

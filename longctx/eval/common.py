@@ -1,9 +1,12 @@
 """What every eval command shares: the model flags (attention, mesh, RoPE), the tokenizer flag,
 the memory limit on lengths, output files.
 
-Attention (`EvalAttention`): blockwise by default (tiles of 1024, memory O(P · tile)); `dense`
-is the O(P²) oracle; `ring`, `all_gather` and `ulysses` split the prompt over `--seq` devices
-with that context-parallel strategy (the prefill and its KV cache sharded along the sequence).
+Attention (`EvalAttention`), in the trainer's words (`attention.AttentionImpl`, `Strategy`,
+`Layout`): `--attention=tiled` by default (tiles of 1024, memory O(P · tile)); `dense` is the
+O(P²) oracle; `context_parallel` splits the prompt over `--seq` devices with `--strategy` (ring,
+all_gather or ulysses) in `--layout` (the prefill and its KV cache sharded along the sequence).
+The old spellings `--attention=blockwise` and `--attention=ring|all_gather|ulysses` still work,
+with a note naming the new ones.
 
 The limit on lengths: an evaluation at prompt length P with T new tokens and batch B holds the
 parameters, the KV cache (2 · layers · B · (P+T) · kv_heads · head_dim), the prefill's attention
@@ -22,6 +25,9 @@ import os
 import sys
 from typing import Any, Sequence
 
+from longctx.attention.layouts import Layout
+from longctx.attention.spec import AttentionImpl, AttentionSpec, Tiles
+from longctx.attention.strategies import ONE_AXIS, Strategy
 from longctx.data.config import TokenizerKind
 from longctx.data.tokenizers import Tokenizer, make_tokenizer
 from longctx.model.config import ModelConfig
@@ -77,37 +83,46 @@ def tokenizer_name(tokenizer: Tokenizer) -> str:
   return os.path.abspath(path) if path else TokenizerKind.BYTE.value
 
 
-ONE_DEVICE_KINDS = ("blockwise", "dense")
-CONTEXT_PARALLEL_KINDS = ("ring", "all_gather", "ulysses")  # attention.Strategy, one seq axis
-ATTENTION_KINDS = ONE_DEVICE_KINDS + CONTEXT_PARALLEL_KINDS
-
-
 @dataclasses.dataclass(frozen=True)
 class EvalAttention:
-  """How an evaluation attends over its prompts (see the module docstring)."""
-  kind: str = "blockwise"
+  """How an evaluation attends over its prompts (see the module docstring). `impl` also takes
+  a strategy's name (the old `--attention=ring` form): context parallel with that strategy."""
+  impl: AttentionImpl = AttentionImpl.TILED
   seq: int = 1
-  layout: str = "zigzag"
+  strategy: Strategy = Strategy.RING
+  layout: Layout = Layout.ZIGZAG
   tile: int = 1024
 
   def __post_init__(self):
-    if self.kind not in ATTENTION_KINDS:
-      raise ValueError(f"--attention: expected one of {list(ATTENTION_KINDS)}, found "
-                       f"{self.kind!r}")
+    impl, strategy = self.impl, self.strategy
+    if str(impl).lower().replace("-", "_") in Strategy.names() and str(impl).lower() != "ring":
+      print(f"note: --attention={impl} is now --attention=context_parallel --strategy={impl}",
+            file=sys.stderr)
+      impl, strategy = AttentionImpl.CONTEXT_PARALLEL, impl
+    object.__setattr__(self, "impl", AttentionImpl.parse(impl, "--attention"))
+    object.__setattr__(self, "strategy", Strategy.parse(strategy, "--strategy"))
+    object.__setattr__(self, "layout", Layout.parse(self.layout, "--layout"))
+    if self.strategy not in ONE_AXIS:
+      raise ValueError(f"--strategy: expected one of {[s.value for s in ONE_AXIS]}, found "
+                       f"{self.strategy.value!r}")
     if self.seq < 1 or (not self.context_parallel and self.seq != 1):
-      raise ValueError(f"--seq={self.seq}: expected 1, or ≥ 1 devices with --attention in "
-                       f"{list(CONTEXT_PARALLEL_KINDS)} (found --attention={self.kind})")
+      raise ValueError(f"--seq={self.seq}: expected 1, or ≥ 1 devices with "
+                       f"--attention=context_parallel (found --attention={self.impl})")
 
   @property
   def context_parallel(self) -> bool:
-    return self.kind in CONTEXT_PARALLEL_KINDS
+    return self.impl is AttentionImpl.CONTEXT_PARALLEL
+
+  @property
+  def name(self) -> str:
+    """What reports record: the strategy when context parallel, else the impl."""
+    return (self.strategy if self.context_parallel else self.impl).value
 
   def spec(self):
     """The `AttentionSpec` of these flags."""
-    from longctx.attention.spec import AttentionSpec, Tiles
     if self.context_parallel:
-      return AttentionSpec(strategy=self.kind, layout=self.layout)
-    return AttentionSpec(impl=self.kind, tiles=Tiles(block_q=self.tile, block_k=self.tile))
+      return AttentionSpec(strategy=self.strategy, layout=self.layout)
+    return AttentionSpec(impl=self.impl, tiles=Tiles(block_q=self.tile, block_k=self.tile))
 
   def mesh(self):
     import jax
@@ -121,7 +136,12 @@ class EvalAttention:
     return self.spec().function(self.mesh() if self.context_parallel else None)
 
   def keys_per_query(self, prompt_len: int) -> int:
-    return prompt_len if self.kind == "dense" else min(prompt_len, self.tile)
+    return prompt_len if self.impl is AttentionImpl.DENSE else min(prompt_len, self.tile)
+
+
+def eval_attention(args) -> EvalAttention:
+  """The `EvalAttention` of a command's --attention / --seq / --strategy / --layout flags."""
+  return EvalAttention(args.attention, args.seq, args.strategy, args.layout)
 
 
 def parse_rope(text: str) -> dict[str, Any]:
@@ -164,11 +184,9 @@ def load_model(checkpoint: str, attention: EvalAttention | None = None, rope: st
     base = ModelConfig.from_directory(checkpoint)
     overrides["rope"] = rope_lib.override(base.rope, base.max_position_embeddings,
                                           parse_rope(rope))
-  model = load_pretrained(checkpoint, progress=False,
-                                  attention_fn=attention.attention_fn(), **overrides)
-  model.attention = attention
-  model.mesh = attention.mesh() if attention.context_parallel else None
-  return model
+  return load_pretrained(checkpoint, progress=False, attention_fn=attention.attention_fn(),
+                         mesh=attention.mesh() if attention.context_parallel else None,
+                         attention=attention, **overrides)
 
 
 def check_vocab(model_config: ModelConfig, tokenizer: Tokenizer) -> None:
@@ -287,7 +305,7 @@ def run_info(args, tokenizer: Tokenizer, model) -> dict:
   override and the RoPE the model then has) and how it attends."""
   return {"checkpoint": os.path.abspath(args.checkpoint), "tokenizer": tokenizer_name(tokenizer),
           "rope": args.rope, "model_rope": model.config.rope.to_dict(),
-          "attention": args.attention, "seq": args.seq}
+          "attention": model.attention.name, "seq": args.seq}
 
 
 def format_run(info: dict) -> str:
@@ -306,6 +324,8 @@ def check_run_file(path: str, run: dict) -> None:
   if os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)
+    if "attention" in previous:  # written before the renamings (docs/DESIGN.md, "Glossary")
+      previous["attention"] = EvalAttention(previous["attention"]).name
     run = json.loads(json.dumps(run))
     changed = sorted(k for k in set(run) | set(previous)
                      if k in previous and previous.get(k) != run.get(k))

@@ -3,7 +3,8 @@
 Prompts of different lengths are left-padded into one [B, P] batch: padding has segment id 0
 (attended by nothing) and real tokens have positions 0..n−1, so every row sees exactly what it
 would see alone. The prompt is prefilled in one forward pass through the model's attention
-function (dense, blockwise or ring), which also returns every layer's keys and values; decoding
+function (dense, tiled or context parallel), which also returns every layer's keys and values;
+decoding
 then runs one token per step against that cache inside a single jitted `lax.scan`.
 
 With a mesh, the prefill runs ring attention over its `seq` axis (the training attention path,

@@ -312,7 +312,7 @@ def main(args: argparse.Namespace) -> dict:
   tokenizer = common.open_tokenizer(args.tokenizer, args.checkpoint)
   questions = load_questions(args.questions, args.few_shot)
   judge = judge_from_args(args)
-  model = common.load_model(args.checkpoint, common.EvalAttention(args.attention, args.seq),
+  model = common.load_model(args.checkpoint, common.eval_attention(args),
                             args.rope)
   run = common.run_info(args, tokenizer, model)
   report = run_longbench_chat(model, tokenizer, questions, args.out, args.max_length,

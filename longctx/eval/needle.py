@@ -256,7 +256,7 @@ def main(args: argparse.Namespace) -> dict:
   if args.haystack and not os.path.isfile(args.haystack):
     raise FileNotFoundError(f"--haystack: expected a local text file, found nothing at "
                             f"{args.haystack!r}")
-  model = common.load_model(args.checkpoint, common.EvalAttention(args.attention, args.seq),
+  model = common.load_model(args.checkpoint, common.eval_attention(args),
                             args.rope)
   run = common.run_info(args, tokenizer, model)
   report = run_needle(model, tokenizer, grid, needles, args.out, args.haystack, args.seed,

@@ -224,7 +224,7 @@ def main(args: argparse.Namespace) -> dict:
   depths = common.parse_floats(args.depths, "--depths") if args.depths else None
   if args.heatmap and depths is None:
     raise ValueError("--heatmap: expected --depths too (the heatmap is lengths × depths)")
-  model = common.load_model(args.checkpoint, common.EvalAttention(args.attention, args.seq),
+  model = common.load_model(args.checkpoint, common.eval_attention(args),
                             args.rope)
   run = common.run_info(args, tokenizer, model)
   report = run_passkey(model, tokenizer, common.parse_ints(args.lengths, "--lengths"),

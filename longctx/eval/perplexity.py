@@ -121,7 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> dict:
   tokenizer = common.open_tokenizer(args.tokenizer, args.checkpoint)
   tokens = load_tokens(args.data, tokenizer)
-  model = common.load_model(args.checkpoint, common.EvalAttention(args.attention, args.seq),
+  model = common.load_model(args.checkpoint, common.eval_attention(args),
                             args.rope)
   if not args.data.endswith(".npy"):  # token files do not go through the tokenizer
     common.check_vocab(model.config, tokenizer)

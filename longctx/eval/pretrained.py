@@ -22,9 +22,12 @@ class PretrainedModel:
   """
 
   def __init__(self, config: ModelConfig, params: dict, attention_fn: AttentionFn | None = None,
-               mesh: jax.sharding.Mesh | None = None):
+               mesh: jax.sharding.Mesh | None = None, attention: Any = None):
     self.config = config
     self.mesh = mesh  # a `seq` mesh: inputs sharded along it, generate's default ring
+    # what the eval commands attend with (eval.common.EvalAttention), recorded in reports;
+    # generate's default strategy and layout when context parallel
+    self.attention = attention
     self.params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
     self.module = Llama(config, attention_fn)
     self._apply = jax.jit(lambda p, t, pos, seg: self.module.apply({"params": p}, t, pos, seg))
@@ -43,18 +46,20 @@ class PretrainedModel:
       tokens = jax.device_put(tokens, NamedSharding(self.mesh, P(None, "seq")))
     return self._apply(self.params, tokens, positions, segment_ids)
 
-  def generate(self, prompts, *, mesh=None, axis: str = "seq", layout: str = "zigzag",
+  def generate(self, prompts, *, mesh=None, axis: str = "seq", layout: str | None = None,
                strategy: str | None = None, **sampling) -> list[list[int]]:
     """New token ids for each prompt (a list of token-id lists); see eval.generate.SamplingConfig
     for `max_new_tokens`, `temperature`, `top_p`, `seed`, `eos_token_id`. With `mesh`, the
     prompt is prefilled by context-parallel attention over `axis` (`strategy`: ring, all_gather
-    or ulysses; None = the one of the eval flags, else ring) and the KV cache stays sharded on
-    it."""
+    or ulysses; `layout`; None = those of the eval flags, else ring in zigzag) and the KV cache
+    stays sharded on it."""
     from longctx.eval.generate import ContextParallel, SamplingConfig, generate
     mesh = self.mesh if mesh is None else mesh
-    attention = getattr(self, "attention", None)
+    attention = self.attention
     if strategy is None:
-      strategy = attention.kind if getattr(attention, "context_parallel", False) else "ring"
+      strategy = attention.strategy if getattr(attention, "context_parallel", False) else "ring"
+    if layout is None:
+      layout = attention.layout if getattr(attention, "context_parallel", False) else "zigzag"
     cp = None if mesh is None else ContextParallel(mesh, axis, layout, strategy)
     return generate(self.module, self.params, prompts, SamplingConfig(**sampling), cp)
 
@@ -65,7 +70,8 @@ class PretrainedModel:
 
 
 def load_pretrained(path: str, *, attention_fn: AttentionFn | None = None, dtype: str | None = None,
-                    progress: bool = True, **config_overrides: Any) -> PretrainedModel:
+                    progress: bool = True, mesh: jax.sharding.Mesh | None = None,
+                    attention: Any = None, **config_overrides: Any) -> PretrainedModel:
   """Loads `path`, an HF directory of any registered family (config.json + safetensors;
   longctx.model.families) or a longctx checkpoint.
 
@@ -83,4 +89,4 @@ def load_pretrained(path: str, *, attention_fn: AttentionFn | None = None, dtype
   else:
     raise FileNotFoundError(f"{path!r} is neither an HF model directory (config.json + "
                             "*.safetensors) nor a longctx checkpoint (model_config.json + params/)")
-  return PretrainedModel(config, params, attention_fn)
+  return PretrainedModel(config, params, attention_fn, mesh, attention)

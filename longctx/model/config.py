@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import enum
 import warnings
 from typing import Any, Mapping
 
@@ -10,9 +9,10 @@ import jax
 import jax.numpy as jnp
 
 from longctx.model.rope import DefaultRope, RopeScaling
+from longctx.names import Name
 
 
-class RematPolicy(enum.Enum):
+class RematPolicy(Name):
   """What each decoder layer keeps for the backward pass; the rest is recomputed."""
   NONE = "none"                      # keep everything (no remat)
   FULL = "full"                      # keep only the layer input
@@ -237,7 +237,7 @@ class ModelConfig:
     if "rope" in d and not isinstance(d["rope"], RopeScaling):
       d["rope"] = RopeScaling.from_dict(d["rope"])
     if "remat" in d and not isinstance(d["remat"], RematPolicy):
-      d["remat"] = RematPolicy(d["remat"])
+      d["remat"] = RematPolicy.parse(d["remat"], "remat")
     return cls(**d)
 
   @classmethod

@@ -7,7 +7,7 @@ Parameters are float32 and carry logical axis names (`embed`, `vocab`, `heads`, 
 `config.dtype`. Attention is a parameter: any function
 `attention_fn(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, positions_BL) -> out_BLHD` (contract 3 plus
 the positions, which a ring over a pre-permuted batch uses as its mask index), so the dense
-reference, blockwise attention or a context-parallel strategy (`longctx.attention.AttentionSpec`)
+reference, tiled attention or a context-parallel strategy (`longctx.attention.AttentionSpec`)
 plug in unchanged.
 
 Legend: B batch, L sequence, E hidden (embed), H query heads, K kv heads, D head dim,

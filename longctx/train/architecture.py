@@ -22,6 +22,7 @@ from typing import Any, Mapping
 import ml_collections
 from ml_collections import config_dict
 
+from longctx import schema
 from longctx.model import rope as rope_lib
 from longctx.model.config import ModelConfig
 
@@ -31,29 +32,25 @@ ARCHITECTURE_FIELDS = (
     "head_dim", "rms_norm_eps", "max_position_embeddings", "rope", "tie_word_embeddings",
     "attention_bias", "mlp_bias", "qkv_bias", "qk_norm", "partial_rotary_factor",
     "sliding_window", "family", "bos_token_id", "eos_token_id", "pad_token_id")
-# The field types of ModelConfig and the RoPE scalings, as their annotations spell them, and the
-# type of their ConfigDict placeholder (lists, e.g. LongRoPE's factors, are tuples there).
-_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "int | None": int,
-          "float | None": float, "tuple[float, ...]": tuple}
-
-
 def _rope_fields() -> dict[str, type]:
+  """The keys of every RoPE scaling and their placeholder types (lists, e.g. LongRoPE's
+  factors, are tuples there)."""
   fields = {"rope_type": str}
   for cls in rope_lib.registered().values():
-    fields.update({f.name: _TYPES[f.type] for f in dataclasses.fields(cls)})
+    fields.update({k: schema.placeholder_type(t) for k, t in schema.hints(cls).items()})
   return fields
 
 
 def unset_architecture(**fields) -> dict[str, Any]:
   """`fields`, plus an unset placeholder for each architecture field not among them."""
-  types = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+  types = {k: schema.placeholder_type(t) for k, t in schema.hints(ModelConfig).items()}
   out = dict(fields)
   for name in ARCHITECTURE_FIELDS:
     if name == "rope" and name not in fields:
       out["rope"] = ml_collections.ConfigDict(
           {k: config_dict.placeholder(t) for k, t in _rope_fields().items()})
     elif name not in fields:
-      out[name] = config_dict.placeholder(_TYPES[types[name]])
+      out[name] = config_dict.placeholder(types[name])
   return out
 
 

@@ -14,10 +14,12 @@ import numpy as np
 from etils import epath
 from jax.sharding import Mesh
 
+from longctx import schema
 from longctx.checkpoint import manager as ckpt
+from longctx.data.config import DataConfig
 from longctx.errors import ConfigError, user_error
 from longctx.train.architecture import read_architecture
-from longctx.train.config import InitKind, StageSpec
+from longctx.train.config import SECTIONS, InitKind, StageSpec
 from longctx.train.data import GlobalBatches, check_length
 from longctx.train.runner import HOST_MEMORY, check_same_architecture, head_axis
 
@@ -57,6 +59,16 @@ def resumable_changes() -> str:
           f"{{{', '.join(RESUMABLE_TRAIN_KEYS)}}}")
 
 
+def _same(key: str, a, b) -> bool:
+  """Whether a config key's saved and current values mean the same (an enum value under an old
+  name and its new one do: docs/DESIGN.md, "Glossary")."""
+  parts = key.split(".")
+  if parts[0] == "stages" and len(parts) > 2:
+    parts = parts[2:]
+  cls = {**SECTIONS, "data": DataConfig}.get(parts[0])
+  return a == b or (cls is not None and schema.same_value(cls, ".".join(parts[1:]), a, b))
+
+
 def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Write <workdir>/config.json, or refuse a workdir that trains another config."""
   path = epath.Path(workdir) / "config.json"
@@ -64,7 +76,7 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   if path.exists():
     saved = _flat(json.loads(path.read_text()))
     diff = sorted(k for k in set(saved) | set(current)
-                  if saved.get(k) != current.get(k) and not resumable(k))
+                  if not _same(k, saved.get(k), current.get(k)) and not resumable(k))
     if diff:
       raise ConfigMismatchError(
           f"workdir {workdir} holds checkpoints of another config: keys {diff} differ from "
@@ -93,7 +105,7 @@ def check_first_batch(stage: StageSpec, mesh: Mesh) -> None:
   reported before the memory plan and the compile, as the error itself rather than the data
   loader's wrapping of it."""
   try:
-    next(GlobalBatches(stage.data, stage.num_shards, mesh, stage.train.micro_batches,
+    next(GlobalBatches(stage.data, mesh, stage.train.micro_batches,
                        stage.attention.batch_layout))
   except Exception as e:  # noqa: BLE001  re-raised: the user's error unwrapped, else as it came
     error = user_error(e)
@@ -167,11 +179,12 @@ def check_memory_options(stage: StageSpec, seq: int, layout: str | None) -> None
   """Token chunks that tile every row length the stage can see; host memory for offload."""
   from longctx.data.config import BatchingKind
   from longctx.model.chunking import check_chunk
+  from longctx.train.data import row_parts
   from longctx.train.runner import has_host_memory
   if stage.data.batching is BatchingKind.PACKED:
     length = stage.data.max_len
   else:  # sorted batches are padded to multiples of this, so a chunk must tile it
-    length = int(np.lcm(2 * seq if layout == "zigzag" else seq, stage.data.pad_multiple))
+    length = int(np.lcm(row_parts(seq, layout), stage.data.pad_multiple))
   where = f"stages.{stage.name}."
   check_chunk(length, seq, stage.train.loss_chunk, where + "train.loss_chunk")
   check_chunk(length, seq, stage.model.mlp_chunk, where + "model.mlp_chunk")

@@ -4,7 +4,7 @@ A training config holds, besides `model` and `data`:
   seed         int
   init         where the first stage's weights come from: kind "random" | "hf" | "checkpoint"
   mesh         data / fsdp / seq / tensor sizes; -1 takes the remaining devices
-  attention    impl "dense" | "blockwise" | "context_parallel" ("ring": its old name);
+  attention    impl "dense" | "tiled" | "context_parallel" (old names: "ring", "blockwise");
                context-parallel strategy "ring" | "all_gather" | "ulysses" | "hybrid" (with
                ulysses_devices) and layout
                "contiguous" | "zigzag" | "striped"; inner kernel; tile sizes. Read once into an
@@ -24,11 +24,11 @@ below once, at the boundary, and checks every stage before any compute.
 from __future__ import annotations
 
 import dataclasses
-import enum
 from typing import Any
 
 import ml_collections
 
+from longctx import schema
 from longctx.attention.kernels.base import Kernel
 from longctx.attention.layouts import Layout
 from longctx.attention.spec import AttentionImpl, AttentionSpec, Tiles
@@ -36,15 +36,15 @@ from longctx.attention.strategies import Strategy
 from longctx.data.config import DataConfig
 from longctx.errors import ConfigError
 from longctx.model.config import ModelConfig
-from longctx.train import schema
+from longctx.names import Name
 
 
-class Schedule(enum.Enum):
+class Schedule(Name):
   COSINE = "cosine"      # linear warm-up, then cosine decay to min_lr_ratio · lr
   CONSTANT = "constant"  # linear warm-up, then constant (LongLoRA's recipe)
 
 
-class InitKind(enum.Enum):
+class InitKind(Name):
   RANDOM = "random"
   HF = "hf"                  # a HuggingFace directory (safetensors + config.json)
   CHECKPOINT = "checkpoint"  # a longctx params checkpoint (longctx.checkpoint.params)
@@ -109,12 +109,13 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
   """The `attention` section as written (`attention_spec` turns it into the stage's
-  `AttentionSpec`). impl: dense, blockwise or context_parallel (the row split over mesh.seq by
+  `AttentionSpec`). impl: dense, tiled (one device) or context_parallel (the row split over
+  mesh.seq by
   `strategy`: ring, all_gather, ulysses, or hybrid = Ulysses over `ulysses_devices` of the seq
   devices × the ring over mesh.seq / ulysses_devices, in `layout`); block_*: the attention tile sizes,
   forward (block_q × block_k) and backward (None, 0 in a config dict = the defaults of
   `attention.tiles.tile_config`); kernel: the inner kernel (`attention.kernels.Kernel`:
-  "blockwise"; "pallas_gpu" on GPUs, "pallas_tpu" on TPUs, with impl context_parallel only).
+  "xla" (pure JAX); "pallas_gpu" on GPUs, "pallas_tpu" on TPUs, with impl context_parallel only).
   """
   impl: AttentionImpl = AttentionImpl.CONTEXT_PARALLEL
   strategy: Strategy = Strategy.RING
@@ -123,7 +124,7 @@ class AttentionConfig:
   block_k: int | None = None
   block_q_bwd: int | None = None
   block_k_bwd: int | None = None
-  kernel: Kernel = Kernel.BLOCKWISE
+  kernel: Kernel = Kernel.XLA
   ulysses_devices: int = schema.field(0, lambda v: v >= 0, ">= 0")  # hybrid only
 
 
@@ -216,7 +217,7 @@ def attention_spec(section: ml_collections.ConfigDict, lora: LoraConfig,
 
 
 def _kernel(attention: ml_collections.ConfigDict) -> Kernel:
-  """attention.kernel, validated (absent = "blockwise")."""
+  """attention.kernel, validated (absent = "xla")."""
   from longctx.attention.kernels import check_kernel
   try:
     return check_kernel(attention.get("kernel", None))
@@ -230,7 +231,6 @@ class StageSpec:
   name: str
   model: ModelConfig
   data: DataConfig
-  num_shards: int
   train: TrainConfig
   lora: LoraConfig
   attention: AttentionSpec
@@ -250,11 +250,7 @@ class StageSpec:
     lora = schema.read(LoraConfig, cd.lora, "lora")
     data = DataConfig.from_config_dict(cd.data)
     attention = attention_spec(cd.attention, lora, data.max_len)
-    num_shards = int(cd.data.num_shards)
-    if num_shards <= 0:
-      raise ConfigError(f"config data.num_shards: expected > 0, found {num_shards}")
-    return cls(name=name, model=model, data=data,
-               num_shards=num_shards, train=train, lora=lora, attention=attention,
+    return cls(name=name, model=model, data=data, train=train, lora=lora, attention=attention,
                eval=schema.read(EvalConfig, cd.get("eval"), "eval"))
 
 

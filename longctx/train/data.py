@@ -19,18 +19,24 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from longctx.attention.layouts import Layout
 from longctx.data import DataConfig, Shard, make_iterator
 from longctx.data.config import BatchingKind
+from longctx.data.packing import BATCH_KEYS
 from longctx.data.objective import row_denominators
 from longctx.errors import ConfigError
 from longctx.parallel.mesh import rows_per_step_divisor, step_batch_sharding, step_rows_sharding
 
-KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_weights")
+
+
+def row_parts(seq: int, layout: str | None) -> int:
+  """The chunks a row is cut into over `seq` devices (natural order, layout None: seq)."""
+  return seq if layout is None else Layout.parse(layout).parts(seq)
 
 
 def check_length(length: int, seq: int, layout: str | None, where: str = "data.max_len") -> None:
   """ValueError when the ring layout cannot split rows of `length` over `seq` devices."""
-  parts = 2 * seq if layout == "zigzag" else seq
+  parts = row_parts(seq, layout)
   if length % parts:
     raise ConfigError(f"config {where}: the {layout or 'sequence'} layout over seq={seq} devices "
                       f"needs a multiple of {parts}, found {length}")
@@ -39,11 +45,11 @@ def check_length(length: int, seq: int, layout: str | None, where: str = "data.m
 class GlobalBatches:
   """Iterator of (batches [K, R, L] dict of jax.Array, denominator [K, R], shape (K, R, L))."""
 
-  def __init__(self, cfg: DataConfig, num_shards: int, mesh: Mesh, micro_batches: int,
+  def __init__(self, cfg: DataConfig, mesh: Mesh, micro_batches: int,
                layout: str | None):
-    self.cfg, self.num_shards, self.mesh = cfg, num_shards, mesh
+    self.cfg, self.num_shards, self.mesh = cfg, cfg.num_shards, mesh
     self.micro_batches, self.layout = micro_batches, layout
-    self.rows = num_shards * cfg.batch_size
+    self.rows = cfg.num_shards * cfg.batch_size
     divisor = rows_per_step_divisor(mesh)
     if self.rows % divisor:
       raise ConfigError(f"config data.num_shards x data.batch_size = {self.rows} rows per "
@@ -54,7 +60,7 @@ class GlobalBatches:
     self.sharding = step_batch_sharding(mesh)
     self.row_sharding = step_rows_sharding(mesh)
     self.shards = self._needed_shards()
-    self.iterators = {s: make_iterator(cfg, Shard(s, num_shards)) for s in self.shards}
+    self.iterators = {s: make_iterator(cfg, Shard(s, cfg.num_shards)) for s in self.shards}
 
   def _needed_shards(self) -> list[int]:
     index_map = self.row_sharding.addressable_devices_indices_map(
@@ -103,16 +109,15 @@ class GlobalBatches:
     parts = {(k, s): next(self.iterators[s]) for k in range(k_steps) for s in self.shards}
     length = self._length(list(parts.values()))
     host = {key: np.zeros((k_steps, self.rows, length),
-                          np.float32 if key == "loss_weights" else np.int32) for key in KEYS}
+                          np.float32 if key == "loss_weights" else np.int32) for key in BATCH_KEYS}
     denominator = np.zeros((k_steps, self.rows), np.int32)
     for (k, s), part in parts.items():
       rows = slice(s * b, (s + 1) * b)
       n = part["inputs"].shape[1]
-      for key in KEYS:
+      for key in BATCH_KEYS:
         host[key][k, rows, :n] = part[key]
       denominator[k, rows] = row_denominators(part, self.cfg.objective)
     if self.layout is not None and self.seq > 1:
-      from longctx.attention.layouts import Layout
       perm = np.asarray(Layout.parse(self.layout).permutation(length, self.seq))
       host = {key: np.take(v, perm, axis=2) for key, v in host.items()}
     batches = {key: jax.make_array_from_callback(v.shape, self.sharding, lambda i, v=v: v[i])

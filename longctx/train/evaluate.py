@@ -36,10 +36,10 @@ class Evaluator:
     spec = stage.attention.full_attention()  # evaluation uses full attention
     self.layout = spec.layout if mesh.shape["seq"] > 1 else None
     if self.layout is None:  # plain jit: the pure-JAX kernel (a Pallas call would be gathered)
-      spec = dataclasses.replace(spec, impl="blockwise", kernel="blockwise")
+      spec = dataclasses.replace(spec, impl="tiled", kernel="xla")
     self.model = Llama(model_cfg, attention_fn(stage, mesh, spec))
     data = dataclasses.replace(stage.data, seed=stage.data.seed + 1000, num_epochs=0)
-    loader = GlobalBatches(data, stage.num_shards, mesh, 1, self.layout)
+    loader = GlobalBatches(data, mesh, 1, self.layout)
     self.batches = [next(loader)[0] for _ in range(cfg.batches)]
     replicated = NamedSharding(mesh, P())
 

@@ -226,7 +226,7 @@ class _StageRun:
     stage = self.stage
     self.runner = runner = StageRunner(stage, self.mesh, int(self.config.seed), self.log)
     layout = stage.attention.batch_layout
-    self.loader = GlobalBatches(stage.data, stage.num_shards, self.mesh,
+    self.loader = GlobalBatches(stage.data, self.mesh,
                                 stage.train.micro_batches, layout)
     self.manager = ckpt.make_manager(os.path.join(self.dir, "checkpoints"),
                                      self.ckpt_cfg.max_to_keep, self.ckpt_cfg.async_save)

@@ -304,5 +304,5 @@ def check_fits(stage: StageSpec, plan: StagePlan, mesh, capacity: float, where: 
   else:
     lines.append("No change of chunks, remat, offload or micro-batches fits: spread the state "
                  "over more devices (mesh fsdp / seq) or shorten data.max_len "
-                 "(`python -m longctx.plan --max-len=...` finds the longest that fits).")
+                 "(`python -m longctx.plan --max_len=...` finds the longest that fits).")
   raise MemoryPlanError("\n".join(lines))

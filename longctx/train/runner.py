@@ -20,6 +20,7 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from longctx.checkpoint import manager as ckpt
+from longctx.data.packing import BATCH_KEYS
 from longctx.checkpoint.params import load_config
 from longctx.model import Llama
 from longctx.model.config import ModelConfig
@@ -31,7 +32,6 @@ from longctx.train.loss import chunked_numerator, reference_numerator
 from longctx.train.step import (TrainState, init_state, learning_rate_schedule, make_optimizer,
                                 make_train_step)
 
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_weights")
 HOST_MEMORY = "pinned_host"
 
 
@@ -56,7 +56,7 @@ def attention_fn(stage: StageSpec, mesh: Mesh, spec=None):
   trainer's batches: in the spec's layout when context parallel (`permuted`)."""
   spec = stage.attention if spec is None else spec
   from longctx.attention.kernels import interpret
-  if spec.kernel != "blockwise" and interpret(spec.kernel):
+  if spec.kernel.pallas and interpret(spec.kernel):
     warnings.warn(f"attention.kernel={spec.kernel!r} on {jax.default_backend()}: it runs in "
                   "Pallas' interpreter, which is for tests and very slow", stacklevel=2)
   if not spec.context_parallel:
@@ -212,7 +212,8 @@ class StageRunner:
 
   def abstract_batch(self, length: int | None = None):
     """(batches, denominator) as ShapeDtypeStructs of one step at `length` (default max_len)."""
-    k, rows = self.stage.train.micro_batches, self.stage.num_shards * self.stage.data.batch_size
+    data = self.stage.data
+    k, rows = self.stage.train.micro_batches, data.num_shards * data.batch_size
     shape = (k, rows, length or self.stage.data.max_len)
     batch_sh = step_batch_sharding(self.mesh)
     batches = {key: jax.ShapeDtypeStruct(shape, jnp.float32 if key == "loss_weights"

@@ -1,11 +1,11 @@
 """Inner attention kernels by platform (issue 3, item 6).
 
-Blockwise and ring attention compute each (query chunk, key chunk) pair with an inner kernel
+Tiled and context-parallel attention compute each (query chunk, key chunk) pair with an inner kernel
 chosen by name (`TileConfig.kernel`, the `kernel=` argument of the attention functions,
 `attention.kernel` in a training config):
 
-  "blockwise"   pure-JAX tiled online softmax (attention/blockwise.py); every platform; the
-                default, and what CI runs.
+  "xla"         pure-JAX tiled online softmax (attention/online_softmax.py), compiled by XLA; every
+                platform; the default, and what CI runs ("blockwise" before; still read).
   "pallas_gpu"  Pallas (Triton) FlashAttention-2 kernels (pallas_gpu.py): forward, dq and dk/dv.
   "pallas_tpu"  Pallas (Mosaic) flash kernels (pallas_tpu.py): the same three, with TPU
                 layouts and block skipping from scalar-prefetched block ranges.
@@ -13,7 +13,7 @@ chosen by name (`TileConfig.kernel`, the `kernel=` argument of the attention fun
 `query_forward` / `query_backward` lay out a query chunk (and its cotangent and statistics)
 once for the kernel a `TileConfig` names and return a function of a key chunk, so the ring
 does that work once per layer, not once per step; `pair_forward` / `pair_backward` are the
-one-shot forms blockwise attention uses. Both Pallas kernels return the lse the ring merges
+one-shot forms tiled attention uses. Both Pallas kernels return the lse the ring merges
 through, build their masks from segment ids / original indices / S² groups (`block_mask`, so
 every ring layout and step), skip the blocks the mask empties and do GQA without repeating K/V.
 On their platform they compile (Triton / Mosaic); on any other backend they run in Pallas'
@@ -50,20 +50,20 @@ def _pallas(cfg, q_BCHD):
 def query_forward(cfg, q_BCHD, mq):
   """attend(k_BSKD, v_BSKD, mk) -> (out_BCHD, lse_BCH), float32, of this query chunk (metadata
   mq: `tiles.TokenMeta`) against a key chunk, by `cfg.kernel` (`tiles.TileConfig`)."""
-  if cfg.kernel != "blockwise":
+  if Kernel(cfg.kernel).pallas:
     module, kw = _pallas(cfg, q_BCHD)
     return module.forward_for(q_BCHD, mq, **kw)
-  from longctx.attention.blockwise import chunk_forward
+  from longctx.attention.online_softmax import chunk_forward
   return lambda k, v, mk: chunk_forward(cfg, q_BCHD, k, v, mq, mk)[:2]
 
 
 def query_backward(cfg, q_BCHD, do_BCHD, lse_BCH, delta_BCH, mq):
   """grads(k_BSKD, v_BSKD, mk) -> (dq, dk, dv), float32, of this query chunk against a key
-  chunk, by `cfg.kernel`; lse_BCH is the final log-sum-exp (see `blockwise.chunk_backward`)."""
-  if cfg.kernel != "blockwise":
+  chunk, by `cfg.kernel`; lse_BCH is the final log-sum-exp (see `online_softmax.chunk_backward`)."""
+  if Kernel(cfg.kernel).pallas:
     module, kw = _pallas(cfg, q_BCHD)
     return module.backward_for(q_BCHD, do_BCHD, lse_BCH, delta_BCH, mq, **kw)
-  from longctx.attention.blockwise import chunk_backward
+  from longctx.attention.online_softmax import chunk_backward
   return lambda k, v, mk: chunk_backward(cfg, q_BCHD, k, v, do_BCHD, lse_BCH, delta_BCH, mq, mk)
 
 

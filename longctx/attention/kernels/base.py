@@ -8,14 +8,23 @@ from typing import Optional, Union
 
 import jax
 
-from longctx.attention.names import Name
+from longctx.names import Name, renamed
 
 
+# "blockwise": the pure-JAX kernel's name until "blockwise" also named the one-device impl (now
+# "tiled") and the module; the kernel is named by what compiles it.
+@renamed({"blockwise": "xla"})
 class Kernel(Name):
   """The registry of inner kernels (a `Name`: a Kernel equals, and formats as, its name)."""
-  BLOCKWISE = "blockwise"    # pure-JAX tiled online softmax; every platform
+  XLA = "xla"                # pure-JAX online softmax (attention/online_softmax.py); anywhere
   PALLAS_GPU = "pallas_gpu"  # Pallas (Triton) FlashAttention-2
   PALLAS_TPU = "pallas_tpu"  # Pallas (Mosaic) flash kernels
+
+  @property
+  def pallas(self) -> bool:
+    """Whether this is a Pallas kernel (per device, inside shard_map; interpreted off its
+    platform)."""
+    return self is not Kernel.XLA
 
 
 KERNELS = tuple(Kernel)
@@ -26,21 +35,14 @@ _PLANNED = {"cudnn": "jax.nn.dot_product_attention does not return the lse the r
 
 
 def check_kernel(name: Optional[Union[str, Kernel]]) -> Kernel:
-  """The Kernel of a name (None = BLOCKWISE). Raises ValueError for an unknown name and
+  """The Kernel of a name (None = XLA). Raises ValueError for an unknown name and
   NotImplementedError for a planned kernel that does not exist yet."""
   if name is None:
-    return Kernel.BLOCKWISE
-  if isinstance(name, Kernel):
-    return name
-  name = str(name).lower()
-  try:
-    return Kernel(name)
-  except ValueError:
-    pass
-  names = [k.value for k in Kernel]
-  if name in _PLANNED:
-    raise NotImplementedError(f"attention kernel {name!r}: {_PLANNED[name]}; available: {names}")
-  raise ValueError(f"unknown attention kernel {name!r}; expected one of {names}")
+    return Kernel.XLA
+  if str(name).lower() in _PLANNED:
+    raise NotImplementedError(f"attention kernel {name!r}: {_PLANNED[str(name).lower()]}; "
+                              f"available: {Kernel.names()}")
+  return Kernel.parse(name, "attention kernel")
 
 
 def block_mask(spec, iq_Q1, sq_Q1, ik_1T, sk_1T):

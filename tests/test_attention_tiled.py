@@ -1,4 +1,4 @@
-"""Dense oracle and single-device blockwise attention: values, gradients, padding, bad input.
+"""Dense oracle and single-device tiled attention: values, gradients, padding, bad input.
 
 Legend: B batch, L sequence, H query heads, K kv heads, D head dim.
 """
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longctx.attention import (blockwise_attention, blockwise_attention_with_lse,
+from longctx.attention import (tiled_attention, tiled_attention_with_lse,
                                dense_attention, merge_partials)
 from longctx.attention.tiles import (BLOCK_K, BLOCK_K_BWD, BLOCK_Q, BLOCK_Q_BWD, tile_config,
                                      tiled_length)
@@ -69,24 +69,25 @@ def test_dense_matches_naive_loop(rng, causal):
   assert np.abs(np.asarray(got) - naive_attention(q, k, v, seg, causal)).max() < TOL
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_blockwise_matches_dense(rng, heads, causal):
+def test_tiled_matches_dense(rng, heads, causal):
   h, kh = heads
   q, k, v = make_inputs(rng, h=h, kh=kh)
   seg = packed_segments(2, 16)
   ct = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
   want = value_and_grads(lambda q, k, v: dense_attention(q, k, v, seg, causal=causal), q, k, v, ct)
-  got = value_and_grads(lambda q, k, v: blockwise_attention(q, k, v, seg, causal=causal,
+  got = value_and_grads(lambda q, k, v: tiled_attention(q, k, v, seg, causal=causal,
                                                             block_q=4, block_k=8), q, k, v, ct)
   for name, w, g in zip(["out", "dq", "dk", "dv"], want, got):
     assert float(jnp.abs(w - g).max()) < TOL, name
 
 
-def test_blockwise_no_segments_and_scale(rng):
+def test_tiled_no_segments_and_scale(rng):
   q, k, v = make_inputs(rng, b=1)
   want = dense_attention(q, k, v, causal=True, scale=0.3)
-  got = blockwise_attention(q, k, v, causal=True, scale=0.3, block_q=8, block_k=4)
+  got = tiled_attention(q, k, v, causal=True, scale=0.3, block_q=8, block_k=4)
   assert float(jnp.abs(want - got).max()) < TOL
 
 
@@ -95,7 +96,7 @@ def test_padding_rows_output_zero_and_gradients_zero(rng):
   seg = packed_segments(2, 16)
   pad = np.asarray(seg) == 0
   ct = jnp.ones(q.shape, jnp.float32)
-  for fn in (dense_attention, lambda *a: blockwise_attention(*a, block_q=4, block_k=4)):
+  for fn in (dense_attention, lambda *a: tiled_attention(*a, block_q=4, block_k=4)):
     out, dq, dk, dv = value_and_grads(lambda q, k, v: fn(q, k, v, seg), q, k, v, ct)
     for x in (out, dq, dk, dv):
       assert np.isfinite(np.asarray(x)).all()
@@ -106,7 +107,7 @@ def test_padding_rows_output_zero_and_gradients_zero(rng):
 
 def test_future_keys_have_zero_gradient(rng):
   q, k, v = make_inputs(rng, b=1)
-  grad = jax.grad(lambda k: blockwise_attention(q, k, v, block_q=4, block_k=4)[:, 5].sum())(k)
+  grad = jax.grad(lambda k: tiled_attention(q, k, v, block_q=4, block_k=4)[:, 5].sum())(k)
   assert np.all(np.asarray(grad)[:, 6:] == 0) and np.abs(np.asarray(grad)[:, :6]).max() > 0
 
 
@@ -120,7 +121,7 @@ def test_lse_merges_partials(rng):
   o, lse = merge_partials(o_a, lse_a, o_b, lse_b)
   o_full, lse_full = masked_dense_attention(q, k, v, full)
   assert float(jnp.abs(o - o_full).max()) < TOL and float(jnp.abs(lse - lse_full).max()) < TOL
-  _, lse_bw = blockwise_attention_with_lse(q, k, v, causal=False, block_q=4, block_k=4)
+  _, lse_bw = tiled_attention_with_lse(q, k, v, causal=False, block_q=4, block_k=4)
   assert float(jnp.abs(lse_bw - lse_full).max()) < TOL
 
 
@@ -129,13 +130,14 @@ def test_bfloat16_error_at_most_twice_dense(rng):
   exact = dense_attention(q, k, v)
   qb, kb, vb = (x.astype(jnp.bfloat16) for x in (q, k, v))
   dense_bf16 = dense_attention(qb, kb, vb)
-  block_bf16 = blockwise_attention(qb, kb, vb, block_q=8, block_k=8)
+  block_bf16 = tiled_attention(qb, kb, vb, block_q=8, block_k=8)
   assert block_bf16.dtype == jnp.bfloat16
   err_dense = float(jnp.abs(dense_bf16.astype(jnp.float32) - exact).max())
   err_block = float(jnp.abs(block_bf16.astype(jnp.float32) - exact).max())
   assert err_block <= 2 * err_dense, (err_block, err_dense)
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("heads", [(4, 4), (4, 1)], ids=["mha", "mqa"])
 def test_backward_tiles_differ_from_forward(rng, heads):
   """Forward tiles 8 × 2, backward 4 × 16 (and the tuned defaults): still the dense values and
@@ -146,12 +148,13 @@ def test_backward_tiles_differ_from_forward(rng, heads):
   ct = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
   want = value_and_grads(lambda q, k, v: dense_attention(q, k, v, seg), q, k, v, ct)
   for blocks in (dict(block_q=8, block_k=2, block_q_bwd=4, block_k_bwd=16), {}):
-    got = value_and_grads(lambda q, k, v: blockwise_attention(q, k, v, seg, **blocks), q, k, v,
+    got = value_and_grads(lambda q, k, v: tiled_attention(q, k, v, seg, **blocks), q, k, v,
                           ct)
     for name, w, g in zip(["out", "dq", "dk", "dv"], want, got):
       assert float(jnp.abs(w - g).max()) < TOL, (name, blocks)
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("segments", [False, True], ids=["plain", "packed"])
 def test_awkward_length_is_padded(rng, segments):
   """A prime length (97) would be tiled by 1 token; it runs padded to 128 with segment-0 tokens
@@ -164,12 +167,12 @@ def test_awkward_length_is_padded(rng, segments):
   seg = packed_segments(2, l) if segments else None
   ct = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
   want = value_and_grads(lambda q, k, v: dense_attention(q, k, v, seg), q, k, v, ct)
-  fn = lambda q, k, v: blockwise_attention(q, k, v, seg, block_q=64, block_k=64)
+  fn = lambda q, k, v: tiled_attention(q, k, v, seg, block_q=64, block_k=64)
   got = value_and_grads(fn, q, k, v, ct)
   for name, w, g in zip(["out", "dq", "dk", "dv"], want, got):
     assert g.shape == w.shape and float(jnp.abs(w - g).max()) < TOL, name
-  _, lse = blockwise_attention_with_lse(q, k, v, seg, block_q=64, block_k=64)
-  _, lse_full = blockwise_attention_with_lse(q, k, v, seg, block_q=97, block_k=97)
+  _, lse = tiled_attention_with_lse(q, k, v, seg, block_q=64, block_k=64)
+  _, lse_full = tiled_attention_with_lse(q, k, v, seg, block_q=97, block_k=97)
   assert lse.shape == (2, l, 6)
   np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_full), atol=TOL)
 
@@ -201,7 +204,7 @@ def test_tile_config_defaults():
     tile_config(spec, 1.0, 64, 64, block_k_bwd=0)
 
 
-@pytest.mark.parametrize("fn", [dense_attention, blockwise_attention])
+@pytest.mark.parametrize("fn", [dense_attention, tiled_attention])
 def test_bad_inputs_raise(rng, fn):
   q, k, v = make_inputs(rng, h=4, kh=2)
   with pytest.raises(ValueError, match="multiple of kv heads"):
@@ -216,6 +219,7 @@ def test_bad_inputs_raise(rng, fn):
     fn(q, k, v[..., :4])
 
 
+@pytest.mark.slow
 def test_profile_script_runs():
   """bench/attention_profile.py traces one fwd+bwd and names the tile products."""
   out = run_bench("attention_profile.py", "--length", "512", "--heads", "2", "--block", "128",

@@ -1,4 +1,4 @@
-"""Blockwise (online-softmax) attention with a recomputing custom_vjp.
+"""Online-softmax attention over tiles with a recomputing custom_vjp.
 
 Legend: B batch, C query chunk, S key chunk, H query heads, K kv heads, G = H // K,
 D head dim, Q query tile, T key tile, N number of tiles; in tiles, M = B·K (the heads the
@@ -10,7 +10,7 @@ so causal attention does about half the tile work. Whether a pair is empty, full
 partial is decided from the tiles' index / segment ranges, so only partial tiles (the causal
 diagonal, document boundaries) build a mask; tiles.py holds the tile sizes, the token metadata
 and those range tests. The two functions are the pure-JAX inner kernel of the single-device
-`local.blockwise_attention`, the ring (ring.py) and the other strategies (kernels.KERNELS names
+`local.tiled_attention`, the ring (ring.py) and the other strategies (kernels.KERNELS names
 the others). Memory is O(C·T) per tile, never
 O(C·S) for scores; the backward recomputes scores from (q, k, v, lse) as in FlashAttention-2.
 K/V stay at K heads: a kv head's G query heads are rows of one matmul (R = G·Q) rather than
@@ -377,7 +377,7 @@ def output_delta(do_BCHD, o_BCHD):
   """delta = Σ_d do·o, float32, the softmax-gradient correction term.
 
   As a contraction, not `sum(do * o, -1)`: XLA:CPU runs that multiply-and-reduce over rows of
-  D = 64 at ~10 ns per element, ~5% of a blockwise fwd+bwd (bench/RESULTS.md)."""
+  D = 64 at ~10 ns per element, ~5% of a tiled fwd+bwd (bench/RESULTS.md)."""
   return jnp.einsum("bchd,bchd->bch", do_BCHD.astype(jnp.float32), o_BCHD.astype(jnp.float32),
                     precision=jax.lax.Precision.HIGHEST)
 
