@@ -1,8 +1,9 @@
 """Writes the top-level Bazel BUILD from the tree: `python tools/gen_build.py [--check]`.
 
-One py_library for the longctx package (every module listed), one py_library of test helpers and
-one py_test per tests/test_*.py, run through pytest. Dependencies come from requirements*.txt
-through rules_python's pip hub (see MODULE.bazel). tests/test_build.py fails when BUILD is stale.
+One py_library for the longctx package (every module listed), one py_library of test helpers
+(with the files under tests/fixtures/ as its data) and one py_test per tests/test_*.py, run
+through pytest. Dependencies come from requirements*.txt through rules_python's pip hub (see
+MODULE.bazel). tests/test_build.py fails when BUILD is stale.
 """
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ def render() -> str:
       "py_library(",
       '    name = "test_support",',
       f"    srcs = {_list(helpers)},",
+      '    data = glob(["tests/fixtures/**"]),',
       "    deps = [\n        \":longctx\",\n" + _deps(test_only) + "    ],",
       ")",
   ]
