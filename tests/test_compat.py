@@ -76,6 +76,11 @@ def test_saved_config_reads_as_the_recipe(tmp_path):
     assert (stage.attention.tiles.block_q, stage.attention.tiles.block_k) == (tile, tile)
     assert stage.model.rope.theta == theta and stage.model.hidden_size == 16
   checks.check_workdir(workdir, config)  # raises ConfigMismatchError on a key it reads otherwise
+  # the recipe respelled in today's names (docs/DESIGN.md, "Glossary") trains the same config
+  renamed = _recipe_config(fixture)
+  for section in (renamed.attention, renamed.stages.long.attention):
+    section.impl, section.kernel = "tiled", "xla"
+  checks.check_workdir(workdir, renamed)
   final = os.path.join(workdir, "short", "final")
   assert ckpt.is_complete(final) and not ckpt.is_complete(os.path.join(workdir, "long", "final"))
   assert ModelConfig.from_directory(final) == short.model
