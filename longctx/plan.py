@@ -30,7 +30,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from longctx.cli import absl_flags_parser, old_spellings
-from longctx.train.memory import ACCELERATORS, StagePlan, describe, gb, plan_stage
+from longctx.parallel.devices import ACCELERATORS
+from longctx.train.memory import StagePlan, describe, gb, plan_stage
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "devices to plan for (default: the "

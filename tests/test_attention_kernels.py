@@ -93,7 +93,7 @@ def test_pallas_chunk_pair_matches_xla_kernel(rng, kernel, spec, heads):
   spec = spec if spec.group_size is None else MaskSpec(True, 4 * block, 2 * block)
   cfg = tile_config(spec, 0.25, c, c, block, block)
   o_ref, lse_ref, _ = chunk_forward(cfg, q, k, v, mq, mk)
-  kw = dict(spec=spec, scale=0.25, block_q=block, block_k=block, interpret=True)
+  kw = dict(mask_spec=spec, scale=0.25, block_q=block, block_k=block, interpret=True)
   o, lse = module.chunk_forward(q, k, v, mq, mk, **kw)
   assert float(jnp.abs(o - o_ref).max()) < TOL
   finite = jnp.isfinite(lse_ref)
@@ -171,7 +171,7 @@ def test_pallas_bfloat16_error_at_most_twice_dense(rng, kernel):
 def _fwd_bwd_step(module, b, l, d, spec, block_q, block_k):
   def step(q, k, v, seg):
     meta = natural_meta(seg, b, l)
-    kw = dict(spec=spec, scale=d ** -0.5, block_q=block_q, block_k=block_k)
+    kw = dict(mask_spec=spec, scale=d ** -0.5, block_q=block_q, block_k=block_k)
     o, lse = module.chunk_forward(q, k, v, meta, meta, **kw)
     do = o.astype(q.dtype)
     return module.chunk_backward(q, k, v, do, lse, output_delta(do, o), meta, meta, **kw)

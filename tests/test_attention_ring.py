@@ -77,6 +77,7 @@ def test_ring_warns_when_chunk_has_no_tile_size(rng):
   assert float(jnp.abs(out - dense_attention(q, k, v)).max()) < TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("blocks", [dict(block_q=8, block_k=2, block_q_bwd=2, block_k_bwd=4), {}],
                          ids=["8x2-bwd-2x4", "defaults"])
 def test_ring_backward_tiles_differ_from_forward(rng, blocks):

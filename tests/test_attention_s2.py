@@ -94,7 +94,7 @@ def s2_per_head_oracle(q, k, v, seg, group_size):
     g = h // (hq // hk)
     is_shifted = h >= hq // 2 if hk == 1 else g >= hk - hk // 2
     outs.append(dense_attention(q[:, :, h:h + 1], k[:, :, g:g + 1], v[:, :, g:g + 1], seg,
-                                spec=shifted if is_shifted else plain))
+                                mask_spec=shifted if is_shifted else plain))
   return jnp.concatenate(outs, axis=2)
 
 

@@ -137,7 +137,7 @@ def test_bfloat16_error_at_most_twice_dense(rng):
   assert err_block <= 2 * err_dense, (err_block, err_dense)
 
 
-@pytest.mark.matrix
+@pytest.mark.slow
 @pytest.mark.parametrize("heads", [(4, 4), (4, 1)], ids=["mha", "mqa"])
 def test_backward_tiles_differ_from_forward(rng, heads):
   """Forward tiles 8 × 2, backward 4 × 16 (and the tuned defaults): still the dense values and
@@ -154,7 +154,7 @@ def test_backward_tiles_differ_from_forward(rng, heads):
       assert float(jnp.abs(w - g).max()) < TOL, (name, blocks)
 
 
-@pytest.mark.matrix
+@pytest.mark.slow
 @pytest.mark.parametrize("segments", [False, True], ids=["plain", "packed"])
 def test_awkward_length_is_padded(rng, segments):
   """A prime length (97) would be tiled by 1 token; it runs padded to 128 with segment-0 tokens

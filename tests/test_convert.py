@@ -91,6 +91,7 @@ def test_longctx_model_exports_to_transformers(tmp_path, rope):
   assert (generation.bos_token_id, generation.eos_token_id) == (cfg.bos_token_id, cfg.eos_token_id)
 
 
+@pytest.mark.slow
 def test_xverse_fixed_ntk_exports_as_hf_dynamic(tmp_path):
   """XVERSE's NTK at target length L equals HF dynamic (factor 2) evaluated at L (METHODS.md §3)."""
   rope = FixedNtkRope(500000.0, trained_length=32, target_length=64)

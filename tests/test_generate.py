@@ -108,6 +108,7 @@ def test_generation_with_ring_prefill_and_sharded_cache(tmp_path, layout):
           == model.generate(prompts, max_new_tokens=10))
 
 
+@pytest.mark.slow
 def test_generation_never_gathers_the_context(tmp_path):
   """No all-gather in the compiled generation (ring prefill + decoding) moves a sequence-long
   activation or a layer's cache onto one device: the prompt is permuted as token ids only, the

@@ -67,7 +67,7 @@ _all_gather.defvjp(_all_gather_fwd, _all_gather_bwd)
 
 def all_gather_attention(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC, index_BC, *, axis="seq",
                          causal=True, scale=None, block_q=None, block_k=None, block_q_bwd=None,
-                         block_k_bwd=None, spec: MaskSpec | None = None, kernel=None):
+                         block_k_bwd=None, mask_spec: MaskSpec | None = None, kernel=None):
   """All-gather K/V attention on already-permuted local chunks; call inside `jax.shard_map`
   over `axis`.
 
@@ -80,8 +80,8 @@ def all_gather_attention(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC, index_BC, *, ax
   check_inputs(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC)
   if index_BC.shape != q_BCHD.shape[:2]:
     raise ValueError(f"index must be [B, C] = {q_BCHD.shape[:2]}; got {index_BC.shape}")
-  spec = MaskSpec(causal=causal) if spec is None else spec
+  mask_spec = MaskSpec(causal=causal) if mask_spec is None else mask_spec
   blocks = (block_q, block_k, block_q_bwd, block_k_bwd)
-  cfg = chunk_config(q_BCHD, k_BCKD, spec, scale, blocks, kernel,
+  cfg = chunk_config(q_BCHD, k_BCKD, mask_spec, scale, blocks, kernel,
                      what="all-gather attention, the chunk on each device")
   return _all_gather(cfg, axis, q_BCHD, k_BCKD, v_BCKD, chunk_meta(segment_ids_BC, index_BC))

@@ -48,15 +48,15 @@ attend_tiles.defvjp(_tiled_attention_fwd, _tiled_attention_bwd)
 
 def tiled_attention_with_lse(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *, causal=True,
                                  scale=None, block_q=None, block_k=None, block_q_bwd=None,
-                                 block_k_bwd=None, spec=None, kernel=None):
+                                 block_k_bwd=None, mask_spec=None, kernel=None):
   """Like `tiled_attention` but returns (out_BLHD, lse_BLH); lse carries no gradient.
 
   A length without a good tile size (`tiled_length`) is padded with segment-0 tokens, which
   attend nothing and are attended by nothing, and the result cut back to L."""
   check_inputs(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
   b, l, _, d = q_BLHD.shape
-  spec = MaskSpec(causal=causal) if spec is None else spec
-  tiles = functools.partial(tile_config, spec, default_scale(d, scale), block_q=block_q,
+  mask_spec = MaskSpec(causal=causal) if mask_spec is None else mask_spec
+  tiles = functools.partial(tile_config, mask_spec, default_scale(d, scale), block_q=block_q,
                             block_k=block_k, block_q_bwd=block_q_bwd, block_k_bwd=block_k_bwd,
                             kernel=kernel, group=q_BLHD.shape[2] // k_BLKD.shape[2])
   lp = tiled_length(l, tiles)
@@ -72,7 +72,7 @@ def tiled_attention_with_lse(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *, cau
 
 def tiled_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *, causal=True, scale=None,
                         block_q=None, block_k=None, block_q_bwd=None, block_k_bwd=None,
-                        spec=None, kernel=None):
+                        mask_spec=None, kernel=None):
   """Memory-efficient attention on one device; same contract as `dense_attention`.
 
   block_q × block_k: the forward's tiles, block_q_bwd × block_k_bwd the backward's (each
@@ -83,4 +83,4 @@ def tiled_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *, causal=True,
   return tiled_attention_with_lse(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal=causal,
                                       scale=scale, block_q=block_q, block_k=block_k,
                                       block_q_bwd=block_q_bwd, block_k_bwd=block_k_bwd,
-                                      spec=spec, kernel=kernel)[0]
+                                      mask_spec=mask_spec, kernel=kernel)[0]

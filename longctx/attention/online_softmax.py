@@ -64,9 +64,9 @@ def _stats(meta: TokenMeta) -> TileStats:
                    meta.segment.max(-1))
 
 
-def _tile_kind(spec: MaskSpec, sq: TileStats, sk: TileStats):
+def _tile_kind(mask_spec: MaskSpec, sq: TileStats, sk: TileStats):
   """SKIP, FULL or MASKED from `tile_full_empty`."""
-  full, empty = tile_full_empty(spec, sq, sk)
+  full, empty = tile_full_empty(mask_spec, sq, sk)
   return jnp.where(full, FULL, jnp.where(empty, SKIP, MASKED))
 
 
@@ -123,10 +123,11 @@ def _scores(q_RD, kT_DT):
   return jnp.dot(q_RD, kT_DT, preferred_element_type=jnp.float32)
 
 
-def _mask(spec: MaskSpec, mq: TokenMeta, mk: TokenMeta, rows: int):
+def _mask(mask_spec: MaskSpec, mq: TokenMeta, mk: TokenMeta, rows: int):
   """The [R, T] mask of one tile pair: the [Q, T] mask of `reference.make_mask`, repeated for
   each of the R / Q query heads in the tile's rows."""
-  mask_QT = make_mask(mq.index[None], mq.segment[None], mk.index[None], mk.segment[None], spec)[0]
+  mask_QT = make_mask(mq.index[None], mq.segment[None], mk.index[None], mk.segment[None],
+                      mask_spec)[0]
   return jnp.tile(mask_QT, (rows // mask_QT.shape[0], 1))
 
 
@@ -164,10 +165,10 @@ def _fwd_q_tile(cfg: TileConfig, q_RD, mq: TokenMeta, sq: TileStats, init, kT_ND
     kT_DT, v_TD, mk, sk = xs
     s_fn = lambda: _scores(q_RD, kT_DT)
     carry, computed = _switch(
-        _tile_kind(cfg.spec, sq, sk), lambda _: carry,
+        _tile_kind(cfg.mask_spec, sq, sk), lambda _: carry,
         lambda: update(carry, s_fn(), v_TD, False),
         lambda mask_RT: update(carry, jnp.where(mask_RT, s_fn(), NEG_INF), v_TD, True),
-        lambda: _mask(cfg.spec, mq, mk, q_RD.shape[0]))
+        lambda: _mask(cfg.mask_spec, mq, mk, q_RD.shape[0]))
     return (carry, count + computed.astype(jnp.int32)), None
 
   count = varying_like(varying_like(jnp.zeros((), jnp.int32), q_RD), kT_NDT)
@@ -328,8 +329,8 @@ def tiled_backward(cfg: TileConfig, qt: QueryTiles, do_M, lse_M, delta_M, kt: Ke
                                   k_TD, kT_DT, vT_DT)
         skip = lambda _: (varying_like(jnp.zeros(q_RD.shape, jnp.float32), dq_NRD),
                           jnp.zeros_like(dkT_DT), jnp.zeros_like(dvT_DT))
-        (dq, dk, dv), _ = _switch(_tile_kind(cfg.spec, sq, sk), skip, grads, grads,
-                                  lambda: _mask(cfg.spec, mq, mk, q_RD.shape[0]))
+        (dq, dk, dv), _ = _switch(_tile_kind(cfg.mask_spec, sq, sk), skip, grads, grads,
+                                  lambda: _mask(cfg.mask_spec, mq, mk, q_RD.shape[0]))
         dq_NRD = dq_NRD.at[i].add(dq)
         return (dkT_DT + dk, dvT_DT + dv, dq_NRD), None
 

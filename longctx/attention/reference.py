@@ -45,14 +45,14 @@ class MaskSpec:
       raise ValueError(f"MaskSpec.group_shift must be ≥ 0; found {self.group_shift}")
 
 
-def make_mask(idx_q_BQ, seg_q_BQ, idx_s_BS, seg_s_BS, spec: MaskSpec):
+def make_mask(idx_q_BQ, seg_q_BQ, idx_s_BS, seg_s_BS, mask_spec: MaskSpec):
   """Boolean mask [B, Q, S] of allowed (query, key) pairs; see the module docstring."""
   mask_BQS = (seg_q_BQ[:, :, None] == seg_s_BS[:, None, :]) & (seg_q_BQ[:, :, None] != 0)
-  if spec.causal:
+  if mask_spec.causal:
     mask_BQS &= idx_s_BS[:, None, :] <= idx_q_BQ[:, :, None]
-  if spec.group_size is not None:
-    grp_q_BQ = (idx_q_BQ + spec.group_shift) // spec.group_size
-    grp_s_BS = (idx_s_BS + spec.group_shift) // spec.group_size
+  if mask_spec.group_size is not None:
+    grp_q_BQ = (idx_q_BQ + mask_spec.group_shift) // mask_spec.group_size
+    grp_s_BS = (idx_s_BS + mask_spec.group_shift) // mask_spec.group_size
     mask_BQS &= grp_q_BQ[:, :, None] == grp_s_BS[:, None, :]
   return mask_BQS
 
@@ -111,25 +111,25 @@ def masked_dense_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS, *, scale=None):
 
 
 def dense_attention_with_lse(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *, causal=True,
-                             scale=None, spec: Optional[MaskSpec] = None):
+                             scale=None, mask_spec: Optional[MaskSpec] = None):
   """Dense attention in natural order; returns (out_BLHD, lse_BLH). See `dense_attention`."""
   check_inputs(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
   b, l = q_BLHD.shape[:2]
-  spec = MaskSpec(causal=causal) if spec is None else spec
+  mask_spec = MaskSpec(causal=causal) if mask_spec is None else mask_spec
   seg_BL = jnp.ones((b, l), jnp.int32) if segment_ids_BL is None else segment_ids_BL
   idx_BL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32)[None, :], (b, l))
-  mask_BLS = make_mask(idx_BL, seg_BL, idx_BL, seg_BL, spec)
+  mask_BLS = make_mask(idx_BL, seg_BL, idx_BL, seg_BL, mask_spec)
   return masked_dense_attention(q_BLHD, k_BLKD, v_BLKD, mask_BLS, scale=scale)
 
 
 def dense_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *, causal=True, scale=None,
-                    spec: Optional[MaskSpec] = None):
+                    mask_spec: Optional[MaskSpec] = None):
   """The oracle: O(L²) attention, float32 math, output in q.dtype.
 
   q: [B, L, Hq, D]; k, v: [B, L, Hkv, D] with Hq % Hkv == 0 (GQA/MQA, K/V never repeated);
   segment_ids: [B, L] int (0 = padding; a padding query attends nothing and outputs 0);
-  scale: softmax scale, default 1/sqrt(D). `spec` overrides `causal` with a full MaskSpec.
+  scale: softmax scale, default 1/sqrt(D). `mask_spec` overrides `causal` with a full MaskSpec.
   Raises ValueError on mismatched shapes or dtypes.
   """
   return dense_attention_with_lse(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal=causal,
-                                  scale=scale, spec=spec)[0]
+                                  scale=scale, mask_spec=mask_spec)[0]

@@ -185,12 +185,12 @@ def _ring_bwd(cfg, axis, size, res, do_BCHD):
 _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
-def chunk_config(q_BCHD, k_BCKD, spec, scale, blocks, kernel=None,
+def chunk_config(q_BCHD, k_BCKD, mask_spec, scale, blocks, kernel=None,
                  what="ring attention, the chunk on each device") -> TileConfig:
   """The tiles of a C-token chunk (capped at C/2: zigzag half-chunks never share a tile);
   `what` names the caller in the warning of `tiles.fitted_tiles`."""
   c, d = q_BCHD.shape[1], q_BCHD.shape[3]
-  tiles = functools.partial(tile_config, spec, default_scale(d, scale), kernel=kernel,
+  tiles = functools.partial(tile_config, mask_spec, default_scale(d, scale), kernel=kernel,
                             group=q_BCHD.shape[2] // k_BCKD.shape[2], cap=c // 2,
                             **dict(zip(("block_q", "block_k", "block_q_bwd", "block_k_bwd"),
                                        blocks)))
@@ -208,7 +208,7 @@ def chunk_meta(segment_ids_BC, index_BC) -> TokenMeta:
 
 def ring_attention(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC, index_BC, *, axis="seq", causal=True,
                    scale=None, block_q=None, block_k=None, block_q_bwd=None, block_k_bwd=None,
-                   spec: MaskSpec | None = None, kernel=None):
+                   mask_spec: MaskSpec | None = None, kernel=None):
   """Ring attention on already-permuted local chunks; call inside `jax.shard_map` over `axis`.
 
   q: [B, C, Hq, D]; k, v: [B, C, Hkv, D]; segment_ids: [B, C] int (0 = padding) or None;
@@ -224,18 +224,18 @@ def ring_attention(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC, index_BC, *, axis="se
   check_inputs(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC)
   if index_BC.shape != q_BCHD.shape[:2]:
     raise ValueError(f"index must be [B, C] = {q_BCHD.shape[:2]}; got {index_BC.shape}")
-  spec = MaskSpec(causal=causal) if spec is None else spec
+  mask_spec = MaskSpec(causal=causal) if mask_spec is None else mask_spec
   size = jax.lax.axis_size(axis)
-  cfg = chunk_config(q_BCHD, k_BCKD, spec, scale, (block_q, block_k, block_q_bwd, block_k_bwd),
+  cfg = chunk_config(q_BCHD, k_BCKD, mask_spec, scale, (block_q, block_k, block_q_bwd, block_k_bwd),
                      kernel)
   return _ring(cfg, axis, size, q_BCHD, k_BCKD, v_BCKD, chunk_meta(segment_ids_BC, index_BC))
 
 
 def ring_tiles_computed(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC, index_BC, *, axis="seq",
-                        causal=True, block_q=None, block_k=None, spec: MaskSpec | None = None):
+                        causal=True, block_q=None, block_k=None, mask_spec: MaskSpec | None = None):
   """Number of (query tile, key tile) blocks this device computes in the forward ring, [1]."""
-  spec = MaskSpec(causal=causal) if spec is None else spec
+  mask_spec = MaskSpec(causal=causal) if mask_spec is None else mask_spec
   size = jax.lax.axis_size(axis)
-  cfg = chunk_config(q_BCHD, k_BCKD, spec, None, (block_q, block_k))
+  cfg = chunk_config(q_BCHD, k_BCKD, mask_spec, None, (block_q, block_k))
   meta = chunk_meta(segment_ids_BC, index_BC)
   return _ring_forward(cfg, axis, size, q_BCHD, k_BCKD, v_BCKD, meta)[2][None]

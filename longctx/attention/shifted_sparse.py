@@ -69,22 +69,23 @@ def _halves(q_BLHD, k_BLKD, v_BLKD):
 
 
 def apply_s2(attn_fn, q_BLHD, k_BLKD, v_BLKD, *, group_size, causal=True, length=None):
-  """Runs attn_fn(q, k, v, spec) on each head half with its S² spec; concatenates the heads.
+  """Runs attn_fn(q, k, v, mask_spec) on each head half with its S² mask; concatenates the heads.
 
   `length` is the full sequence length (defaults to q's axis 1; pass it inside shard_map).
   """
   length = q_BLHD.shape[1] if length is None else length
   check_s2(length, q_BLHD.shape[2], k_BLKD.shape[2], group_size)
-  outs = [attn_fn(q, k, v, spec)
-          for (q, k, v), spec in zip(_halves(q_BLHD, k_BLKD, v_BLKD), s2_specs(group_size, causal))]
+  outs = [attn_fn(q, k, v, mask_spec)
+          for (q, k, v), mask_spec in zip(_halves(q_BLHD, k_BLKD, v_BLKD),
+                                          s2_specs(group_size, causal))]
   return jnp.concatenate(outs, axis=2)
 
 
 def s2_dense_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *, group_size, causal=True,
                        scale=None):
   """The S² oracle: dense attention under the S² mask."""
-  return apply_s2(lambda q, k, v, spec: dense_attention(q, k, v, segment_ids_BL, scale=scale,
-                                                        spec=spec),
+  return apply_s2(lambda q, k, v, mask_spec: dense_attention(q, k, v, segment_ids_BL, scale=scale,
+                                                        mask_spec=mask_spec),
                   q_BLHD, k_BLKD, v_BLKD, group_size=group_size, causal=causal)
 
 
@@ -94,8 +95,8 @@ def shifted_sparse_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *, gro
   `dense_attention` plus group_size (even, divides L). Training only: inference uses full
   attention. blocks: the tile sizes and kernel of `tiled_attention` (block_q, block_k,
   block_q_bwd, block_k_bwd, kernel)."""
-  return apply_s2(lambda q, k, v, spec: tiled_attention(
-      q, k, v, segment_ids_BL, scale=scale, spec=spec, **blocks),
+  return apply_s2(lambda q, k, v, mask_spec: tiled_attention(
+      q, k, v, segment_ids_BL, scale=scale, mask_spec=mask_spec, **blocks),
                   q_BLHD, k_BLKD, v_BLKD, group_size=group_size, causal=causal)
 
 
@@ -105,8 +106,8 @@ def shifted_sparse_ring_attention(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC, index_
   taken on the original index, so they may straddle device chunks. `length` = global L;
   blocks: the tile sizes and kernel of `ring_attention`."""
   from longctx.attention.ring import ring_attention
-  return apply_s2(lambda q, k, v, spec: ring_attention(
-      q, k, v, segment_ids_BC, index_BC, axis=axis, scale=scale, spec=spec, **blocks),
+  return apply_s2(lambda q, k, v, mask_spec: ring_attention(
+      q, k, v, segment_ids_BC, index_BC, axis=axis, scale=scale, mask_spec=mask_spec, **blocks),
                   q_BCHD, k_BCKD, v_BCKD, group_size=group_size, causal=causal, length=length)
 
 

@@ -208,7 +208,7 @@ def _in_layout(spec: AttentionSpec, mesh, seq_axis, batch_axes, head_axis) -> At
 
   def local(q_BCHD, k_BCKD, v_BCKD, seg_BC, pos_BC, *, mesh, length):
     def attend(mask, q, k, v, seg, index):
-      return plan(spec.strategy, mesh, axis, q.shape[2], spec=mask,
+      return plan(spec.strategy, mesh, axis, q.shape[2], mask_spec=mask,
                   **spec.local_kwargs()).local(q, k, v, seg, index)
     if spec.s2_group:
       return s2_local(attend, q_BCHD, k_BCKD, v_BCKD, seg_BC, pos_BC, length=length,

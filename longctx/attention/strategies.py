@@ -109,7 +109,7 @@ def plan(strategy: StrategyLike, mesh, axis, num_heads: int, **local_kwargs) -> 
 def context_parallel_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *, mesh, axis="seq",
                                causal=True, layout: LayoutLike = "zigzag",
                                strategy: StrategyLike = "ring", scale=None, block_q=None,
-                               block_k=None, block_q_bwd=None, block_k_bwd=None, spec=None,
+                               block_k=None, block_q_bwd=None, block_k_bwd=None, mask_spec=None,
                                kernel=None):
   """Context-parallel attention over mesh axis `axis` on global arrays in natural order.
 
@@ -130,7 +130,7 @@ def context_parallel_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *, m
   check_inputs(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
   resolved = plan(strategy, mesh, axis, q_BLHD.shape[2], causal=causal, scale=scale,
                   block_q=block_q, block_k=block_k, block_q_bwd=block_q_bwd,
-                  block_k_bwd=block_k_bwd, spec=spec, kernel=kernel)
+                  block_k_bwd=block_k_bwd, mask_spec=mask_spec, kernel=kernel)
   return run_context_parallel(resolved.local, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, mesh=mesh,
                               axis=resolved.seq_axes, layout=layout,
                               check_vma=check_vma(kernel), layout_devices=resolved.layout_devices)

@@ -3,8 +3,8 @@ is empty, full or partial.
 
 `tile_config` turns the requested tile sizes (None = the tuned defaults of each kernel) into the
 `TileConfig` of one (query chunk, key chunk) pair: sizes fitted to the chunk lengths, the mask
-spec, the softmax scale and the kernel's name. `tiled_length` / `fitted_tiles` catch lengths with
-no tile size near the requested ones. Every kernel masks from `TokenMeta` (each token's original
+(`mask_spec`), the softmax scale and the kernel's name. `tiled_length` / `fitted_tiles` catch
+lengths with no tile size near the requested ones. Every kernel masks from `TokenMeta` (each token's original
 index and segment id) and decides from `TileStats` (a tile's ranges of both) by
 `tile_full_empty`, before any score is computed, whether a tile pair can be skipped or needs no
 mask. Legend: B batch, L sequence, C query chunk, S key chunk.
@@ -44,7 +44,7 @@ class TileConfig:
   """Static settings of the inner kernel: mask, softmax scale, tile sizes (block_q ×
   block_k in the forward; block_q_bwd × block_k_bwd in the backward, None = the forward's) and
   which kernel computes a chunk pair (`kernels.KERNELS`)."""
-  spec: MaskSpec
+  mask_spec: MaskSpec
   scale: float
   block_q: int
   block_k: int
@@ -59,7 +59,7 @@ class TileConfig:
                                block_k_bwd=None)
 
 
-def tile_config(spec: MaskSpec, scale: float, c: int, s: int, block_q=None, block_k=None,
+def tile_config(mask_spec: MaskSpec, scale: float, c: int, s: int, block_q=None, block_k=None,
                 block_q_bwd=None, block_k_bwd=None, kernel=None, group: int = 1,
                 cap: int | None = None) -> TileConfig:
   """The TileConfig of a C-query, S-key chunk pair, every block reduced to a divisor of its
@@ -94,7 +94,7 @@ def tile_config(spec: MaskSpec, scale: float, c: int, s: int, block_q=None, bloc
     if int(value) < 1:
       raise ValueError(f"{name} must be a positive tile size; got {value}")
   fit = functools.partial(fit_block, step=step, power_of_two=kernel == "pallas_gpu")
-  return TileConfig(spec, scale, fit(c, block_q), fit(s, block_k), fit(c, block_q_bwd),
+  return TileConfig(mask_spec, scale, fit(c, block_q), fit(s, block_k), fit(c, block_q_bwd),
                     fit(s, block_k_bwd), kernel)
 
 
@@ -124,7 +124,7 @@ class TileStats(NamedTuple):
   seg_hi: jax.Array
 
 
-def tile_full_empty(spec: MaskSpec, sq: TileStats, sk: TileStats):
+def tile_full_empty(mask_spec: MaskSpec, sq: TileStats, sk: TileStats):
   """(full, empty), booleans, of one tile pair of one head, from the tiles' index and segment
   ranges (scalars); the Pallas kernels use it too.
 
@@ -135,11 +135,11 @@ def tile_full_empty(spec: MaskSpec, sq: TileStats, sk: TileStats):
   full = ((sq.seg_lo == sq.seg_hi) & (sk.seg_lo == sk.seg_hi) & (sq.seg_lo == sk.seg_lo)
           & (sq.seg_lo != 0))
   empty = (sq.seg_hi < sk.seg_lo) | (sk.seg_hi < sq.seg_lo) | ((sq.seg_lo == 0) & (sq.seg_hi == 0))
-  if spec.causal:
+  if mask_spec.causal:
     full &= sk.hi <= sq.lo
     empty |= sk.lo > sq.hi
-  if spec.group_size is not None:
-    gq_lo, gq_hi, gk_lo, gk_hi = ((x + spec.group_shift) // spec.group_size
+  if mask_spec.group_size is not None:
+    gq_lo, gq_hi, gk_lo, gk_hi = ((x + mask_spec.group_shift) // mask_spec.group_size
                                   for x in (sq.lo, sq.hi, sk.lo, sk.hi))
     full &= (gq_lo == gq_hi) & (gk_lo == gk_hi) & (gq_lo == gk_lo)
     empty |= (gq_hi < gk_lo) | (gk_hi < gq_lo)

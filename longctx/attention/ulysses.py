@@ -84,7 +84,7 @@ def _check_local(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC, index_BC, axis):
 
 def ulysses_attention(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC, index_BC, *, axis="seq",
                       causal=True, scale=None, block_q=None, block_k=None, block_q_bwd=None,
-                      block_k_bwd=None, spec: MaskSpec | None = None, kernel=None):
+                      block_k_bwd=None, mask_spec: MaskSpec | None = None, kernel=None):
   """Ulysses attention on already-permuted local chunks; call inside `jax.shard_map` over
   `axis` (P devices).
 
@@ -96,12 +96,12 @@ def ulysses_attention(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC, index_BC, *, axis=
   transpose to all_to_alls, the kv-head replication to a sum over its copies.
   """
   size = _check_local(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC, index_BC, axis)
-  spec = MaskSpec(causal=causal) if spec is None else spec
+  mask_spec = MaskSpec(causal=causal) if mask_spec is None else mask_spec
   q_BLnD, k_BLmD, v_BLmD, meta_L = _to_heads(axis, size, q_BCHD, k_BCKD, v_BCKD,
                                              chunk_meta(segment_ids_BC, index_BC))
   b, c, _, d = q_BCHD.shape
   shape = lambda x: jax.ShapeDtypeStruct((b, c, x.shape[2], d), x.dtype)  # tiles fit C, not L
-  cfg = chunk_config(shape(q_BLnD), shape(k_BLmD), spec, scale,
+  cfg = chunk_config(shape(q_BLnD), shape(k_BLmD), mask_spec, scale,
                      (block_q, block_k, block_q_bwd, block_k_bwd), kernel,
                      what="Ulysses attention, the chunk on each device")
   o_BLnD = attend_tiles(cfg, q_BLnD, k_BLmD, v_BLmD, meta_L)[0]
@@ -109,7 +109,7 @@ def ulysses_attention(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC, index_BC, *, axis=
 
 
 def hybrid_attention(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC, index_BC, *, ulysses_axis,
-                     ring_axis, causal=True, scale=None, spec: MaskSpec | None = None,
+                     ring_axis, causal=True, scale=None, mask_spec: MaskSpec | None = None,
                      **blocks):
   """Ulysses over `ulysses_axis` (U devices) around the ring over `ring_axis`; call inside
   `jax.shard_map` over both.
@@ -123,5 +123,5 @@ def hybrid_attention(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC, index_BC, *, ulysse
   q_BSnD, k_BSmD, v_BSmD, meta_S = _to_heads(ulysses_axis, size, q_BCHD, k_BCKD, v_BCKD,
                                              chunk_meta(segment_ids_BC, index_BC))
   o_BSnD = ring_attention(q_BSnD, k_BSmD, v_BSmD, meta_S.segment, meta_S.index, axis=ring_axis,
-                          causal=causal, scale=scale, spec=spec, **blocks)
+                          causal=causal, scale=scale, mask_spec=mask_spec, **blocks)
   return _to_sequence(ulysses_axis, o_BSnD)

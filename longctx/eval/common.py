@@ -206,15 +206,10 @@ def check_vocab(model_config: ModelConfig, tokenizer: Tokenizer) -> None:
 
 # ---- the memory limit ---------------------------------------------------------------------------
 def _detect_memory_bytes() -> int:
-  import jax
-  stats = None
-  try:
-    stats = jax.local_devices()[0].memory_stats()
-  except Exception:  # CPU backends do not report memory statistics  # noqa: BLE001
-    stats = None
-  if stats and stats.get("bytes_limit"):
-    return int(stats["bytes_limit"])
-  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  """The first device's memory, or (CPU) the host's physical RAM."""
+  from longctx.parallel import devices
+  limit = devices.memory_stats().get("bytes_limit")
+  return int(limit) if limit else int(devices.host_ram(available=False))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,16 +26,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any, Callable
 
 import jax
 
+from longctx.parallel import devices
 from longctx.train.config import StageSpec
 from longctx.train.step import join_params
 
-ACCELERATORS = (("H100 80GB", 80e9), ("H200 141GB", 141e9), ("TPU v5p 95GB", 95e9),
-                ("TPU v5e 16GB", 16e9))
 
 
 @dataclasses.dataclass
@@ -73,7 +71,7 @@ class StagePlan:
            if f.name != "compiled"}
     out["batch_shape"] = list(self.batch_shape)
     out["host_bytes"] = self.host_bytes
-    out["fits"] = {name: self.fits(cap, headroom) for name, cap in ACCELERATORS}
+    out["fits"] = {name: self.fits(cap, headroom) for name, cap in devices.ACCELERATORS}
     return out
 
 
@@ -186,11 +184,11 @@ def device_capacity() -> tuple[float, str]:
   share their host's available RAM. With several processes, the smallest figure of any, so
   that every process takes the same decision."""
   device = jax.local_devices()[0]
-  stats = (device.memory_stats() or {}) if device.platform != "cpu" else {}
+  stats = devices.memory_stats(device)
   if "bytes_limit" in stats:
     capacity, where = float(stats["bytes_limit"]), f"{device.device_kind} memory"
   else:
-    available, n = _available_host_ram(), jax.local_device_count()
+    available, n = devices.host_ram(), jax.local_device_count()
     capacity = available / n
     where = f"{available / 2**30:.1f} GiB of available host RAM over {n} devices"
   if jax.process_count() > 1:
@@ -200,17 +198,6 @@ def device_capacity() -> tuple[float, str]:
     if smallest < capacity:
       capacity, where = smallest, "the smallest over the processes"
   return capacity, where
-
-
-def _available_host_ram() -> float:
-  try:
-    with open("/proc/meminfo") as f:
-      for line in f:
-        if line.startswith("MemAvailable:"):
-          return float(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
 def gb(n: float) -> str:

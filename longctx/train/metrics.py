@@ -20,13 +20,8 @@ import jax
 from etils import epath
 
 from longctx.model.config import ModelConfig
+from longctx.parallel import devices
 
-# Dense bf16 peak FLOP/s per device, by a substring of jax's device_kind.
-PEAK_FLOPS = (
-    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
-    ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v6", 918e12),
-    ("TPU v4", 275e12),
-)
 
 
 def flops_per_token(cfg: ModelConfig, length: int) -> float:
@@ -39,16 +34,12 @@ def flops_per_token(cfg: ModelConfig, length: int) -> float:
 def peak_flops_per_device(override_tflops: float = 0.0) -> float | None:
   if override_tflops > 0:
     return override_tflops * 1e12
-  kind = jax.devices()[0].device_kind
-  for name, flops in PEAK_FLOPS:
-    if name.lower() in kind.lower():
-      return flops
-  return None
+  return devices.peak_flops(jax.devices()[0].device_kind)
 
 
 def device_memory() -> dict[str, float]:
   """Peak and current bytes in use on this process's first device, in GiB (when reported)."""
-  stats = jax.local_devices()[0].memory_stats() or {}
+  stats = devices.memory_stats()
   out = {}
   if "peak_bytes_in_use" in stats:
     out["memory_peak_gib"] = stats["peak_bytes_in_use"] / 2**30

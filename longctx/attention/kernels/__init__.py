@@ -43,7 +43,8 @@ def _pallas(cfg, q_BCHD):
   else:
     from longctx.attention.kernels import pallas_tpu as module
     module.check_blocks(c, c, cfg.block_q, cfg.block_k)
-  return module, dict(spec=cfg.spec, scale=cfg.scale, block_q=cfg.block_q, block_k=cfg.block_k,
+  return module, dict(mask_spec=cfg.mask_spec, scale=cfg.scale, block_q=cfg.block_q,
+                      block_k=cfg.block_k,
                       interpret=interpret(cfg.kernel))
 
 

@@ -45,17 +45,17 @@ def check_kernel(name: Optional[Union[str, Kernel]]) -> Kernel:
   return Kernel.parse(name, "attention kernel")
 
 
-def block_mask(spec, iq_Q1, sq_Q1, ik_1T, sk_1T):
+def block_mask(mask_spec, iq_Q1, sq_Q1, ik_1T, sk_1T):
   """[Q, T] allowed pairs of a query block and a key block from their original indices and
   segment ids, given as a column [Q, 1] and a row [1, T] (`reference.make_mask` inside a
   Pallas kernel). Indices are ≥ 0, so truncating division is floor division."""
   from jax import lax
   mask = (sq_Q1 == sk_1T) & (sq_Q1 != 0)
-  if spec.causal:
+  if mask_spec.causal:
     mask &= ik_1T <= iq_Q1
-  if spec.group_size is not None:
-    gq = lax.div(iq_Q1 + spec.group_shift, spec.group_size)
-    gk = lax.div(ik_1T + spec.group_shift, spec.group_size)
+  if mask_spec.group_size is not None:
+    gq = lax.div(iq_Q1 + mask_spec.group_shift, mask_spec.group_size)
+    gk = lax.div(ik_1T + mask_spec.group_shift, mask_spec.group_size)
     mask &= gq == gk
   return mask
 

@@ -51,12 +51,12 @@ def _ranges(index, segment):
   return TileStats(jnp.min(index), jnp.max(index), jnp.min(segment), jnp.max(segment))
 
 
-def _run(spec, rq, rk):
+def _run(mask_spec, rq, rk):
   """False when the ranges prove a block pair empty (`tiles.tile_full_empty`)."""
-  return jnp.logical_not(tile_full_empty(spec, rq, rk)[1])
+  return jnp.logical_not(tile_full_empty(mask_spec, rq, rk)[1])
 
 
-def _over_key_blocks(spec, iq, sq, ik_ref, sk_ref, block_k, attend, init):
+def _over_key_blocks(mask_spec, iq, sq, ik_ref, sk_ref, block_k, attend, init):
   """Folds attend(carry, key block slice, [bq, bk] mask) over the key blocks of the refs,
   skipping (`lax.cond`, before the mask or any K/V load) the blocks the ranges prove empty."""
   rq = _ranges(iq, sq)
@@ -64,14 +64,14 @@ def _over_key_blocks(spec, iq, sq, ik_ref, sk_ref, block_k, attend, init):
   def body(j, carry):
     ks = pl.ds(j * block_k, block_k)
     ik, sk = ik_ref[ks], sk_ref[ks]
-    run = lambda c: attend(c, ks, block_mask(spec, iq[:, None], sq[:, None], ik[None, :],
+    run = lambda c: attend(c, ks, block_mask(mask_spec, iq[:, None], sq[:, None], ik[None, :],
                                              sk[None, :]))
-    return lax.cond(_run(spec, rq, _ranges(ik, sk)), run, lambda c: c, carry)
+    return lax.cond(_run(mask_spec, rq, _ranges(ik, sk)), run, lambda c: c, carry)
   return lax.fori_loop(0, ik_ref.shape[0] // block_k, body, init)
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, iq_ref, sq_ref, ik_ref, sk_ref, o_ref, lse_ref, *,
-                    spec, scale, block_k):
+                    mask_spec, scale, block_k):
   q = q_ref[...]
   bq, d = q.shape
 
@@ -87,7 +87,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, iq_ref, sq_ref, ik_ref, sk_ref, o_ref, 
 
   init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), _NEG, jnp.float32),
           jnp.zeros((bq,), jnp.float32))
-  acc, m, l = _over_key_blocks(spec, iq_ref[...], sq_ref[...], ik_ref, sk_ref, block_k, attend,
+  acc, m, l = _over_key_blocks(mask_spec, iq_ref[...], sq_ref[...], ik_ref, sk_ref, block_k, attend,
                                init)
   seen = l > 0
   o_ref[...] = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None], 0.0)
@@ -95,7 +95,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, iq_ref, sq_ref, ik_ref, sk_ref, o_ref, 
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, iq_ref, sq_ref, ik_ref, sk_ref,
-               dq_ref, *, spec, scale, block_k):
+               dq_ref, *, mask_spec, scale, block_k):
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
 
@@ -105,12 +105,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, iq_ref, sq_ref, 
     ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k) * scale
 
-  dq_ref[...] = _over_key_blocks(spec, iq_ref[...], sq_ref[...], ik_ref, sk_ref, block_k, grad,
+  dq_ref[...] = _over_key_blocks(mask_spec, iq_ref[...], sq_ref[...], ik_ref, sk_ref, block_k, grad,
                                  jnp.zeros(q.shape, jnp.float32))
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, iq_ref, sq_ref, ik_ref, sk_ref,
-                dk_ref, dv_ref, *, spec, scale, block_q, groups):
+                dk_ref, dv_ref, *, mask_spec, scale, block_q, groups):
   k, v = k_ref[...], v_ref[...]
   ik, sk = ik_ref[...], sk_ref[...]
   rk = _ranges(ik, sk)
@@ -120,7 +120,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, iq_ref, sq_ref,
     iq, sq = iq_ref[qs], sq_ref[qs]
 
     def grad(carry):
-      mask = block_mask(spec, iq[:, None], sq[:, None], ik[None, :], sk[None, :])
+      mask = block_mask(mask_spec, iq[:, None], sq[:, None], ik[None, :], sk[None, :])
       dk, dv = carry
       for g in range(groups):  # static: the kv head's G query heads share the mask
         q, do = q_ref[qs, g, :], do_ref[qs, g, :]
@@ -130,7 +130,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, iq_ref, sq_ref,
         ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
         dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True) * scale
       return dk, dv
-    return lax.cond(_run(spec, _ranges(iq, sq), rk), grad, lambda c: c, carry)
+    return lax.cond(_run(mask_spec, _ranges(iq, sq), rk), grad, lambda c: c, carry)
 
   carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
   dk_ref[...], dv_ref[...] = lax.fori_loop(0, q_ref.shape[0] // block_q, body, carry)
@@ -151,12 +151,12 @@ def check_blocks(c: int, s: int, d: int, block_q: int, block_k: int):
     raise ValueError(f"pallas_gpu kernel: head_dim={d} must be a power of two >= 16 (Triton)")
 
 
-def forward_for(q_BCHD, mq, *, spec: MaskSpec, scale: float, block_q: int, block_k: int,
+def forward_for(q_BCHD, mq, *, mask_spec: MaskSpec, scale: float, block_q: int, block_k: int,
                 interpret: bool = False):
   """attend(k_BSKD, v_BSKD, mk) -> (out_BCHD, lse_BCH), float32, of this query chunk (mq, mk:
   TokenMeta) against a key chunk."""
   b, c, h, d = q_BCHD.shape
-  kernel = functools.partial(_forward_kernel, spec=spec, scale=scale, block_k=block_k)
+  kernel = functools.partial(_forward_kernel, mask_spec=mask_spec, scale=scale, block_k=block_k)
   qspec = pl.BlockSpec((None, block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0))
   mqspec = pl.BlockSpec((None, block_q), lambda i, bi, hi: (bi, i))
 
@@ -176,7 +176,7 @@ def forward_for(q_BCHD, mq, *, spec: MaskSpec, scale: float, block_q: int, block
   return attend
 
 
-def backward_for(q_BCHD, do_BCHD, lse_BCH, delta_BCH, mq, *, spec: MaskSpec, scale: float,
+def backward_for(q_BCHD, do_BCHD, lse_BCH, delta_BCH, mq, *, mask_spec: MaskSpec, scale: float,
                  block_q: int, block_k: int, interpret: bool = False):
   """grads(k_BSKD, v_BSKD, mk) -> (dq_BCHD, dk_BSKD, dv_BSKD), float32, of this query chunk
   against a key chunk; lse_BCH is the final lse (−inf rows allowed). The query side (do in q's
@@ -197,7 +197,7 @@ def backward_for(q_BCHD, do_BCHD, lse_BCH, delta_BCH, mq, *, spec: MaskSpec, sca
     kvspec = pl.BlockSpec((None, s, None, d), lambda i, bi, hi: (bi, 0, hi // g, 0))
     mkspec = pl.BlockSpec((None, s), lambda i, bi, hi: (bi, 0))
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, spec=spec, scale=scale, block_k=block_k),
+        functools.partial(_dq_kernel, mask_spec=mask_spec, scale=scale, block_k=block_k),
         grid=(c // block_q, b, h),
         in_specs=[qspec, kvspec, kvspec, qspec, rowspec, rowspec, mqspec, mqspec, mkspec,
                   mkspec],
@@ -212,7 +212,7 @@ def backward_for(q_BCHD, do_BCHD, lse_BCH, delta_BCH, mq, *, spec: MaskSpec, sca
     kspec = pl.BlockSpec((None, block_k, None, d), lambda j, bi, ki: (bi, j, ki, 0))
     mkblk = pl.BlockSpec((None, block_k), lambda j, bi, ki: (bi, j))
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, spec=spec, scale=scale, block_q=block_q, groups=g),
+        functools.partial(_dkv_kernel, mask_spec=mask_spec, scale=scale, block_q=block_q, groups=g),
         grid=(s // block_k, b, kh),
         in_specs=[qgspec, kspec, kspec, qgspec, rowgspec, rowgspec, mqall, mqall, mkblk, mkblk],
         out_specs=[kspec, kspec],

@@ -47,22 +47,22 @@ def _dot(a, b, trans_a=False, trans_b=False):
   return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
 
 
-def _run(spec, sq_ref, sk_ref, b, i, j):
+def _run(mask_spec, sq_ref, sk_ref, b, i, j):
   """False when query block i and key block j of batch row b are certainly empty, from the
   prefetched per-block ranges [4, B, n] (index lo, hi, segment lo, hi) on the scalar core
   (`tiles.tile_full_empty`)."""
   sq = TileStats(*(sq_ref[r, b, i] for r in range(4)))
   sk = TileStats(*(sk_ref[r, b, j] for r in range(4)))
-  return jnp.logical_not(tile_full_empty(spec, sq, sk)[1])
+  return jnp.logical_not(tile_full_empty(mask_spec, sq, sk)[1])
 
 
-def _mask(spec, iq_ref, gq_ref, ik_ref, gk_ref):
+def _mask(mask_spec, iq_ref, gq_ref, ik_ref, gk_ref):
   """[bq, bk] mask from lane-replicated query and sublane-replicated key metadata."""
-  return block_mask(spec, iq_ref[:, 0:1], gq_ref[:, 0:1], ik_ref[0:1, :], gk_ref[0:1, :])
+  return block_mask(mask_spec, iq_ref[:, 0:1], gq_ref[:, 0:1], ik_ref[0:1, :], gk_ref[0:1, :])
 
 
 def _forward_kernel(sq_ref, sk_ref, q_ref, k_ref, v_ref, iq_ref, gq_ref, ik_ref, gk_ref,
-                    o_ref, lse_ref, m_scr, l_scr, acc_scr, *, spec, scale):
+                    o_ref, lse_ref, m_scr, l_scr, acc_scr, *, mask_spec, scale):
   b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
   @pl.when(j == 0)
@@ -71,9 +71,9 @@ def _forward_kernel(sq_ref, sk_ref, q_ref, k_ref, v_ref, iq_ref, gq_ref, ik_ref,
     l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
     acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 
-  @pl.when(_run(spec, sq_ref, sk_ref, b, i, j))
+  @pl.when(_run(mask_spec, sq_ref, sk_ref, b, i, j))
   def _():
-    mask = _mask(spec, iq_ref, gq_ref, ik_ref, gk_ref)
+    mask = _mask(mask_spec, iq_ref, gq_ref, ik_ref, gk_ref)
     s = jnp.where(mask, _dot(q_ref[...], k_ref[...], trans_b=True) * scale, _NEG)
     m_prev = m_scr[...]
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))  # [bq, 128]
@@ -94,16 +94,16 @@ def _forward_kernel(sq_ref, sk_ref, q_ref, k_ref, v_ref, iq_ref, gq_ref, ik_ref,
 
 
 def _dq_kernel(sq_ref, sk_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, iq_ref, gq_ref,
-               ik_ref, gk_ref, dq_ref, dq_scr, *, spec, scale):
+               ik_ref, gk_ref, dq_ref, dq_scr, *, mask_spec, scale):
   b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
   @pl.when(j == 0)
   def _():
     dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
 
-  @pl.when(_run(spec, sq_ref, sk_ref, b, i, j))
+  @pl.when(_run(mask_spec, sq_ref, sk_ref, b, i, j))
   def _():
-    mask = _mask(spec, iq_ref, gq_ref, ik_ref, gk_ref)
+    mask = _mask(mask_spec, iq_ref, gq_ref, ik_ref, gk_ref)
     k = k_ref[...]
     s = _dot(q_ref[...], k, trans_b=True) * scale
     p = jnp.where(mask, jnp.exp(s - lse_ref[...][:, 0:1]), 0.0)
@@ -116,7 +116,7 @@ def _dq_kernel(sq_ref, sk_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, 
 
 
 def _dkv_kernel(sq_ref, sk_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, iq_ref, gq_ref,
-                ik_ref, gk_ref, dk_ref, dv_ref, dk_scr, dv_scr, *, spec, scale, nq):
+                ik_ref, gk_ref, dk_ref, dv_ref, dk_scr, dv_scr, *, mask_spec, scale, nq):
   b, j, t = pl.program_id(0), pl.program_id(2), pl.program_id(3)  # t = head in group · nq + i
 
   @pl.when(t == 0)
@@ -124,9 +124,9 @@ def _dkv_kernel(sq_ref, sk_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
     dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
     dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
 
-  @pl.when(_run(spec, sq_ref, sk_ref, b, lax.rem(t, nq), j))
+  @pl.when(_run(mask_spec, sq_ref, sk_ref, b, lax.rem(t, nq), j))
   def _():
-    mask = _mask(spec, iq_ref, gq_ref, ik_ref, gk_ref)
+    mask = _mask(mask_spec, iq_ref, gq_ref, ik_ref, gk_ref)
     q, do = q_ref[...], do_ref[...]
     p = jnp.where(mask, jnp.exp(_dot(q, k_ref[...], trans_b=True) * scale
                                 - lse_ref[...][:, 0:1]), 0.0)
@@ -181,7 +181,7 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, interpret, name
       interpret=interpret, name=name)
 
 
-def forward_for(q_BCHD, mq, *, spec: MaskSpec, scale: float, block_q: int, block_k: int,
+def forward_for(q_BCHD, mq, *, mask_spec: MaskSpec, scale: float, block_q: int, block_k: int,
                 interpret: bool = False):
   """attend(k_BSKD, v_BSKD, mk) -> (out_BCHD, lse_BCH), float32, of this query chunk (mq, mk:
   TokenMeta) against a key chunk. The query side (head-major q, lane-replicated metadata,
@@ -200,7 +200,8 @@ def forward_for(q_BCHD, mq, *, spec: MaskSpec, scale: float, block_q: int, block
     g = h // kh
     kvspec = pl.BlockSpec((None, None, bk, d), lambda bi, hi, i, j, *_: (bi, hi // g, j, 0))
     o, lse = _call(
-        functools.partial(_forward_kernel, spec=spec, scale=scale), (b, h, c // bq, s // bk),
+        functools.partial(_forward_kernel, mask_spec=mask_spec, scale=scale),
+        (b, h, c // bq, s // bk),
         [qspec, kvspec, kvspec, mqspec, mqspec, mkspec, mkspec], [qspec, rowspec],
         [_out((b, h, c, d), q_BCHD), _out((b, h, c, LANES), q_BCHD)],
         [pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
@@ -211,7 +212,7 @@ def forward_for(q_BCHD, mq, *, spec: MaskSpec, scale: float, block_q: int, block
   return attend
 
 
-def backward_for(q_BCHD, do_BCHD, lse_BCH, delta_BCH, mq, *, spec: MaskSpec, scale: float,
+def backward_for(q_BCHD, do_BCHD, lse_BCH, delta_BCH, mq, *, mask_spec: MaskSpec, scale: float,
                  block_q: int, block_k: int, interpret: bool = False):
   """grads(k_BSKD, v_BSKD, mk) -> (dq_BCHD, dk_BSKD, dv_BSKD), float32, of this query chunk
   against a key chunk; lse_BCH is the final lse (−inf rows allowed). The query side (head-major
@@ -236,7 +237,7 @@ def backward_for(q_BCHD, do_BCHD, lse_BCH, delta_BCH, mq, *, spec: MaskSpec, sca
     mqspec = pl.BlockSpec((None, bq, LANES), lambda bi, hi, i, j, *_: (bi, i, 0))
     mkspec = pl.BlockSpec((None, SUBLANES, bk), lambda bi, hi, i, j, *_: (bi, 0, j))
     dq = _call(
-        functools.partial(_dq_kernel, spec=spec, scale=scale), (b, h, nq, nk),
+        functools.partial(_dq_kernel, mask_spec=mask_spec, scale=scale), (b, h, nq, nk),
         [qspec, kvspec, kvspec, qspec, rowspec, rowspec, mqspec, mqspec, mkspec, mkspec], qspec,
         _out((b, h, c, d), q_BCHD), [pltpu.VMEM((bq, d), jnp.float32)], interpret,
         "longctx_tpu_flash_dq",
@@ -252,7 +253,8 @@ def backward_for(q_BCHD, do_BCHD, lse_BCH, delta_BCH, mq, *, spec: MaskSpec, sca
     mqspec_t = pl.BlockSpec((None, bq, LANES), lambda bi, ki, j, t, *_: (bi, lax.rem(t, nq), 0))
     mkspec_t = pl.BlockSpec((None, SUBLANES, bk), lambda bi, ki, j, t, *_: (bi, 0, j))
     dk, dv = _call(
-        functools.partial(_dkv_kernel, spec=spec, scale=scale, nq=nq), (b, kh, nk, g * nq),
+        functools.partial(_dkv_kernel, mask_spec=mask_spec, scale=scale, nq=nq),
+        (b, kh, nk, g * nq),
         [qspec_t, kspec_t, kspec_t, qspec_t, rowspec_t, rowspec_t, mqspec_t, mqspec_t, mkspec_t,
          mkspec_t], [kspec_t, kspec_t], [_out((b, kh, s, d), q_BCHD)] * 2,
         [pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)], interpret,
