@@ -17,8 +17,8 @@ generations are written and nothing is scored (the report says so). `OUT/generat
 `OUT/judgments.jsonl` grow one line per question, so generations survive a judge failure and a
 rerun resumes.
 
-    python -m longctx.eval longbench-chat --checkpoint=DIR \
-        --questions=longbench_chat.jsonl --max_length=65536 --template=llama2 \
+    python -m longctx.eval longbench-chat --checkpoint=DIR \\
+        --questions=longbench_chat.jsonl --max_length=65536 --template=llama2 \\
         --judge_url=http://localhost:8000 --judge_model=gpt-4 --out=lbc_out
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ Every finished cell is appended to `OUT/cells.jsonl` at once, so an interrupted 
 with the same `--out` redoes only the missing cells. `OUT/needle.json` holds the grid and
 `OUT/heatmap.png` draws it.
 
-    python -m longctx.eval needle --checkpoint=DIR --lengths=1024,2048 \
+    python -m longctx.eval needle --checkpoint=DIR --lengths=1024,2048 \\
         --num_needles=4 --out=needle_out
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ filler, then "What is the pass key? The pass key is"; K uniform in 1..50000 (the
 `longctx.data.synthetic.passkey`). Greedy decoding; a trial is correct when the first integer in
 the generated text equals K exactly. Lengths are in tokens of the evaluated tokenizer.
 
-    python -m longctx.eval passkey --checkpoint=DIR --lengths=1024,2048 \
+    python -m longctx.eval passkey --checkpoint=DIR --lengths=1024,2048 \\
         --trials=10 --out=passkey.json
 
 With `--depths` (fractions of the filler before the passkey line, e.g. 0,0.25,0.5,0.75,1) every

@@ -6,7 +6,7 @@ scored. A window's loss is the mean negative log-likelihood of its L targets; th
 perplexity is exp(mean over windows of the window loss) (LongLoRA `eval.py`). The stream is a
 local text file (tokenized once, with a leading BOS) or a token file (.npy of integer ids).
 
-    python -m longctx.eval perplexity --checkpoint=DIR --data=book.txt \
+    python -m longctx.eval perplexity --checkpoint=DIR --data=book.txt \\
         --lengths=2048,4096 --stride=256 --out=ppl.json
 
 Legend: B windows in a batch, L evaluation length, V vocab.
