@@ -124,6 +124,20 @@ def parse_flags(argv: list[str]) -> list[str]:
   except flags.Error as e:
     print(f"longctx: {_bad_value(str(e))}", file=sys.stderr)
     sys.exit(2)
+  except OSError:  # an override made the config flag load a file that is not there
+    given = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+    _check_config_file(given[-1] if given else _DEFAULT_CONFIG)
+    raise
+
+
+def _check_config_file(path: str | None = None) -> None:
+  """One line and exit 2 when --config names no file."""
+  path = path or config_flags.get_config_filename(flags.FLAGS["config"])
+  path = path.split(":", 1)[0]  # FILE:ARG
+  if not os.path.isfile(path):
+    print(f"longctx: --config={path}: expected a config file (e.g. configs/tiny.py), found "
+          "nothing there", file=sys.stderr)
+    sys.exit(2)
 
 
 def _bad_value(message: str) -> str:
@@ -141,11 +155,7 @@ def _bad_value(message: str) -> str:
 
 
 def main(argv):
-  path = config_flags.get_config_filename(flags.FLAGS["config"]).split(":", 1)[0]  # FILE:ARG
-  if not os.path.isfile(path):
-    print(f"longctx: --config={path}: expected a config file (e.g. configs/tiny.py), found "
-          "nothing there", file=sys.stderr)
-    sys.exit(2)
+  _check_config_file()
   if argv[1:] == ["keys"]:
     print("\n".join(config_keys(_CONFIG.value)))
     return
@@ -168,8 +178,9 @@ def main(argv):
       say(f"  {s.name}: nothing to do")
     else:
       rate = s.tokens / s.seconds if s.seconds else float("nan")
-      say(f"  {s.name}: {s.steps} steps, loss {s.first_loss:.4f} -> {s.last_loss:.4f}, "
-          f"{s.tokens:,} tokens, {rate:,.0f} tokens/s" + (" (stopped early)" if s.preempted else ""))
+      steps = f"stopped at step {s.reached} of {s.steps}" if s.preempted else f"{s.steps} steps"
+      say(f"  {s.name}: {steps}, loss {s.first_loss:.4f} -> {s.last_loss:.4f}, "
+          f"{s.tokens:,} tokens, {rate:,.0f} tokens/s")
   from longctx.train.metrics import plot_losses
   plot = plot_losses(workdir, [s.name for s in summaries])
   say(f"metrics: {workdir}/<stage>/metrics.jsonl and tensorboard/; loss curve: {plot}; "

@@ -30,7 +30,9 @@ def launch(*args, cwd=ROOT):
     (["--config=configs/none.py"],
      "longctx: --config=configs/none.py: expected a config file (e.g. configs/tiny.py), found "
      "nothing there"),
-], ids=["typo", "unknown", "stage_typo", "bad_value", "missing_file"])
+    (["--config=configs/none.py", "--config.train.steps=3"],
+     "longctx: --config=configs/none.py: expected a config file"),
+], ids=["typo", "unknown", "stage_typo", "bad_value", "missing_file", "missing_file_override"])
 def test_a_bad_flag_is_one_line_and_exit_2(args, message):
   result = launch(*args)
   assert result.returncode == 2, result.stderr[-2000:]

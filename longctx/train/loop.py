@@ -58,6 +58,7 @@ class StageSummary:
   resumed_from: int | None = None
   skipped: bool = False
   preempted: bool = False
+  reached: int | None = None  # the step a stopped (preempted) stage saved, of `steps`
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -252,7 +253,7 @@ class _StageRun:
       self._save(step, state, self.loader.get_state(), wait=True)
       self.log(f"[{stage.name}] stopped at step {step}; checkpoint saved in "
                f"{self.manager.directory}")
-      self.summary.preempted = True
+      self.summary.preempted, self.summary.reached = True, step
       return self.summary
     return self._finish(state)
 
