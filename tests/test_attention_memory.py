@@ -62,6 +62,7 @@ def grad_temp_bytes(attn, l, h=2, kh=1, d=32):
   return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, attn, l", [("tiled", tiled(256), 2048),
                                             ("ring", ring(256), 512 * P)])
 def test_scanned_gradient_memory_is_linear_in_length(name, attn, l):
@@ -77,6 +78,7 @@ def packed_segments(b, l):
   return jnp.asarray([row0, row1][:b], jnp.int32)
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("name, attn, segments", [("tiled", tiled(8), True),
                                                    ("ring", ring(4), True),
                                                    ("ring", ring(4), False)])

@@ -111,6 +111,7 @@ def test_future_keys_have_zero_gradient(rng):
   assert np.all(np.asarray(grad)[:, 6:] == 0) and np.abs(np.asarray(grad)[:, :6]).max() > 0
 
 
+@pytest.mark.slow
 def test_lse_merges_partials(rng):
   """Two halves of the keys, merged through their lse, equal attention over all keys."""
   q, k, v = make_inputs(rng, b=1, l=8)
@@ -125,6 +126,7 @@ def test_lse_merges_partials(rng):
   assert float(jnp.abs(lse_bw - lse_full).max()) < TOL
 
 
+@pytest.mark.slow
 def test_bfloat16_error_at_most_twice_dense(rng):
   q, k, v = make_inputs(rng, b=1, l=32)
   exact = dense_attention(q, k, v)

@@ -94,6 +94,7 @@ def test_heatmap_data_equals_cells_and_resume(tmp_path):
     needle.run_needle(Oracle(), TOK, GRID, needles, out, seed=5, progress=False)
 
 
+@pytest.mark.slow
 def test_command_on_tiny_checkpoint(tiny_checkpoint, tmp_path):
   hay = tmp_path / "hay.txt"
   hay.write_text("Rivers run to the sea. Mountains stand still! Cities grow slowly. " * 3)

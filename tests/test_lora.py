@@ -219,6 +219,7 @@ def _assert_close(want, got):
     assert err < 2e-5, (name, err)
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("packed", [False, True], ids=["one_document", "packed"])
 def test_shifted_sparse_matches_dense_s2(packed):
   q, k, v, ct, seg, pos, want = _s2_case(packed)
@@ -252,6 +253,7 @@ def test_context_parallel_shifted_sparse_matches_dense_s2(split, strategy):
   _assert_close(want, got)
 
 
+@pytest.mark.slow
 def test_s2_in_the_model_ring_equals_one_device(base):
   """The trainer's path: a LoRA model on a permuted packed batch with the S² ring gives the
   logits of the single-device S² model."""

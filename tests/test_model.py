@@ -59,7 +59,7 @@ def test_bfloat16_compute_keeps_float32_params(params):
   assert 0 < err < 0.05
 
 
-@pytest.mark.matrix
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", [p for p in RematPolicy if p is not RematPolicy.NONE])
 def test_remat_policies_give_identical_gradients(params, policy):
   tokens = np.random.default_rng(3).integers(0, 61, (2, 12)).astype(np.int32)
