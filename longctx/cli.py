@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -39,20 +39,21 @@ def respell(argv: Sequence[str], renamed: dict[str, str]) -> list[str]:
 HELP_FLAGS = ("-h", "--help", "--helpshort", "-?")
 
 
-def absl_flags_parser(doc: str, old: dict[str, str] | None = None):
-  """A `flags_parser` for absl's `app.run`: old spellings respelled, `--help` printing `doc` and
-  the command's flags with their defaults and exiting 0 (absl's own exits 1), and a bad flag one
-  line with exit 2."""
+def absl_flags_parser(doc: str, old: dict[str, str] | None = None, after_flags: str = "",
+                      explain: Callable[[str], str] = str):
+  """A `flags_parser` for absl's `app.run`: old spellings respelled, `--help` printing `doc`,
+  the command's flags with their defaults and `after_flags`, and exiting 0 (absl's own exits 1),
+  and a bad flag one line (`explain` of absl's message) with exit 2."""
   from absl import flags
 
   def parse(argv: list[str]) -> list[str]:
     argv = respell(argv, old or {})
     if any(a in HELP_FLAGS for a in argv[1:]):
-      print(f"{doc}\nflags:\n{flags.FLAGS.main_module_help()}")
+      print(f"{doc}\nflags:\n{flags.FLAGS.main_module_help()}{after_flags}")
       sys.exit(0)
     try:
       return flags.FLAGS(argv)
     except flags.Error as e:
-      print(f"longctx: {e}", file=sys.stderr)
+      print(f"longctx: {explain(str(e))}", file=sys.stderr)
       sys.exit(2)
   return parse

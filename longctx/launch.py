@@ -28,7 +28,7 @@ if "jax" not in sys.modules and os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
-from longctx.cli import HELP_FLAGS  # noqa: E402
+from longctx.cli import absl_flags_parser  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "tiny.py")
@@ -109,21 +109,14 @@ def config_keys(config, prefix: str = "") -> list[str]:
   return lines
 
 
-def _help() -> str:
-  return (f"{__doc__}\nflags:\n{flags.FLAGS.main_module_help()}\n\n  --config.KEY=VALUE: "
-          f"override one config key; list them with: {_KEYS_COMMAND}\n")
-
-
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with `--help` exiting 0 and a bad flag value one line with exit 2."""
-  if any(a in HELP_FLAGS for a in argv[1:]):
-    print(_help())
-    sys.exit(0)
+  """absl's parsing (`cli.absl_flags_parser`: `--help` exits 0, a bad flag value is one line
+  with exit 2), and a missing config file one line too."""
+  parse = absl_flags_parser(
+      __doc__, after_flags=f"\n\n  --config.KEY=VALUE: override one config key; list them "
+      f"with: {_KEYS_COMMAND}\n", explain=_bad_value)
   try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"longctx: {_bad_value(str(e))}", file=sys.stderr)
-    sys.exit(2)
+    return parse(argv)
   except OSError:  # an override made the config flag load a file that is not there
     given = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
     _check_config_file(given[-1] if given else _DEFAULT_CONFIG)
