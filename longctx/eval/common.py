@@ -319,8 +319,8 @@ def check_run_file(path: str, run: dict) -> None:
   if os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)
-    if "attention" in previous:  # written before the renamings (docs/DESIGN.md, "Glossary")
-      previous["attention"] = EvalAttention(previous["attention"]).name
+    if previous.get("attention") == "blockwise":  # before the renamings (DESIGN.md, "Glossary")
+      previous["attention"] = AttentionImpl.TILED.value
     run = json.loads(json.dumps(run))
     changed = sorted(k for k in set(run) | set(previous)
                      if k in previous and previous.get(k) != run.get(k))
