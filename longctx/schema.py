@@ -3,8 +3,8 @@
 cannot drift apart. Every section (init, mesh, attention, lora, train, checkpoint, eval, data
 with its source) is read here; `model` is the one exception in form, not in principle: its
 dataclass (`model.config.ModelConfig`) is also the schema of checkpoints' model_config.json,
-so `train.config.model_section` derives the section from it and `ModelConfig.from_dict` reads
-it, with the same enum and tuple forms (`config_value`, `read_value`).
+so `train.config.model_section` derives the section from its fields and `ModelConfig.from_dict`
+reads it (its enum through `Name.parse`, its tuples from comma-separated strings).
 
 Field types and their ConfigDict form:
   int, float, bool, str       as is
@@ -106,7 +106,7 @@ def same_value(cls, path: str, a, b) -> bool:
 def to_config_value(tp, value):
   """A field value in its ConfigDict form."""
   if dataclasses.is_dataclass(tp):
-    return defaults(tp) if value is None else _section(value)
+    return _section(value)
   if isinstance(value, enum.Enum):
     return value.value
   if typing.get_origin(tp) is tuple:
@@ -122,9 +122,7 @@ def _default(f: dataclasses.Field):
 
 def defaults(cls) -> ml_collections.ConfigDict:
   """The ConfigDict section of dataclass `cls`: every field at its default."""
-  hints = _types(cls)
-  return ml_collections.ConfigDict({f.name: to_config_value(hints[f.name], _default(f))
-                                    for f in dataclasses.fields(cls)})
+  return _section(cls())
 
 
 def _section(obj) -> ml_collections.ConfigDict:
@@ -138,8 +136,6 @@ def read_value(tp, raw, where: str):
   """A ConfigDict value (or a JSON one) of field type `tp`, typed; ConfigError names `where`."""
   if dataclasses.is_dataclass(tp):
     return read(tp, raw, where)
-  if isinstance(raw, tp if isinstance(tp, type) and not issubclass(tp, enum.Enum) else ()):
-    return raw
   if isinstance(tp, type) and issubclass(tp, enum.Enum):
     return parse_enum(tp, raw, where)
   if typing.get_origin(tp) is tuple:

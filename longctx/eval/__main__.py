@@ -14,9 +14,9 @@ import importlib
 import sys
 
 from longctx.attention.layouts import Layout
-from longctx.cli import HelpFormatter
 from longctx.attention.spec import AttentionImpl
 from longctx.attention.strategies import ONE_AXIS, Strategy
+from longctx.cli import HelpFormatter
 from longctx.eval import common
 
 

@@ -66,7 +66,7 @@ def _same(key: str, a, b) -> bool:
   if parts[0] == "stages" and len(parts) > 2:
     parts = parts[2:]
   cls = {**SECTIONS, "data": DataConfig}.get(parts[0])
-  return a == b or (cls is not None and schema.same_value(cls, ".".join(parts[1:]), a, b))
+  return a == b if cls is None else schema.same_value(cls, ".".join(parts[1:]), a, b)
 
 
 def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
