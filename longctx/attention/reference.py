@@ -9,8 +9,11 @@ segment id, so that every layout and every implementation masks the same pairs:
     allowed(q, s) = seg[q] == seg[s]  and  seg[q] != 0
                     and (not causal or idx[s] <= idx[q])
                     and (no group or group(idx[q]) == group(idx[s]))
+                    and (no window or idx[s] > idx[q] - window)
 
-with group(i) = (i + shift) // group_size (S²-Attn, METHODS.md §2, without wrap-around).
+with group(i) = (i + shift) // group_size (S²-Attn, METHODS.md §2, without wrap-around), and
+a sliding window of W keys: the query itself and the W − 1 before it (transformers'
+`kv_idx > q_idx - sliding_window`; Mistral, Gemma 3's local layers).
 A query row that allows nothing (padding) has output 0 and log-sum-exp −inf.
 """
 from __future__ import annotations
@@ -33,16 +36,21 @@ class MaskSpec:
   group_size: if set, queries attend only keys in the same group (idx + group_shift) // group_size.
   group_shift: offset of the group boundaries (S²-Attn's shifted half uses group_size // 2),
   ≥ 0: with indices ≥ 0 too, the Pallas kernels' truncating division equals floor division.
+  window: if set (≥ 1), a query at index i attends only keys at index > i − window (a sliding
+  window; with causal, the W keys i − W + 1 … i).
   """
   causal: bool = True
   group_size: Optional[int] = None
   group_shift: int = 0
+  window: Optional[int] = None
 
   def __post_init__(self):
     if self.group_size is not None and self.group_size < 1:
       raise ValueError(f"MaskSpec.group_size must be ≥ 1; found {self.group_size}")
     if self.group_shift < 0:
       raise ValueError(f"MaskSpec.group_shift must be ≥ 0; found {self.group_shift}")
+    if self.window is not None and self.window < 1:
+      raise ValueError(f"MaskSpec.window must be ≥ 1 (or None: no window); found {self.window}")
 
 
 def make_mask(idx_q_BQ, seg_q_BQ, idx_s_BS, seg_s_BS, mask_spec: MaskSpec):
@@ -54,6 +62,8 @@ def make_mask(idx_q_BQ, seg_q_BQ, idx_s_BS, seg_s_BS, mask_spec: MaskSpec):
     grp_q_BQ = (idx_q_BQ + mask_spec.group_shift) // mask_spec.group_size
     grp_s_BS = (idx_s_BS + mask_spec.group_shift) // mask_spec.group_size
     mask_BQS &= grp_q_BQ[:, :, None] == grp_s_BS[:, None, :]
+  if mask_spec.window is not None:
+    mask_BQS &= idx_s_BS[:, None, :] > idx_q_BQ[:, :, None] - mask_spec.window
   return mask_BQS
 
 

@@ -120,39 +120,57 @@ class AttentionSpec:
     return dict(self.tiles.kwargs(), kernel=self.kernel.value)
 
   def function(self, mesh: Optional[jax.sharding.Mesh] = None, *, seq_axis="seq",
-               permuted: bool = False, batch_axes=None, head_axis=None) -> AttentionFn:
+               permuted: bool = False, batch_axes=None, head_axis=None,
+               window: Optional[int] = None) -> AttentionFn:
     """The model's attention function fn(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, positions_BL).
 
     mesh / seq_axis: where a context-parallel spec splits the row (seq_axis: a mesh axis, or
     (ulysses_axis, ring_axis) for the hybrid strategy, natural order only). permuted: see the
     module docstring. batch_axes / head_axis (permuted only): the mesh axes that split the rows
     and the heads (data and tensor parallelism), so attention runs where the activations
-    already are instead of gathering them. Raises ValueError for a combination that cannot
-    exist, naming it.
+    already are instead of gathering them. window: the layer's sliding window W (each query
+    attends the W keys up to itself; None = global), the model's property rather than the
+    algorithm's, so one spec gives each kind of layer its function. Raises ValueError for a
+    combination that cannot exist, naming it.
     """
+    mask = self.mask(window)
     if not self.context_parallel:
       from longctx.attention.shifted_sparse import at_positions
-      return at_positions(self) if self.s2_group else _one_device(self)
+      return at_positions(self) if self.s2_group else _one_device(self, mask)
     if mesh is None:
       raise ValueError(f"attention impl 'context_parallel' (strategy "
                        f"{self.strategy.value!r}) needs a mesh")
     if permuted:
-      return _in_layout(self, mesh, seq_axis, batch_axes, head_axis)
+      return _in_layout(self, mesh, seq_axis, batch_axes, head_axis, mask)
     if batch_axes is not None or head_axis is not None:
       raise ValueError("batch_axes / head_axis need permuted=True")
-    return _natural(self, mesh, seq_axis)
+    return _natural(self, mesh, seq_axis, mask)
+
+  def mask(self, window: Optional[int] = None):
+    """The `MaskSpec` of a layer with this spec and `window` (None: global attention).
+    ValueError on a window < 1, or a window with S²-Attn (whose groups already bound the keys
+    a query sees: the two together are not defined)."""
+    from longctx.attention.reference import MaskSpec
+    if window is not None and self.s2_group:
+      raise ValueError(f"a sliding window ({window}) with S²-Attn (s2_group={self.s2_group}): "
+                       "the combination is not defined; train a windowed model with full "
+                       "attention (attention.s2_group=0)")
+    if window is not None and (isinstance(window, bool) or int(window) != window or window < 1):
+      raise ValueError(f"sliding window: expected a positive number of tokens or None, found "
+                       f"{window!r}")
+    return MaskSpec(causal=self.causal, window=None if window is None else int(window))
 
 
 _RING, _ULYSSES = "seq_ring", "seq_ulysses"  # the hybrid's split of the sequence axis
 
 
-def _one_device(spec: AttentionSpec) -> AttentionFn:
+def _one_device(spec: AttentionSpec, mask) -> AttentionFn:
   from longctx.attention.local import tiled_attention
   from longctx.attention.reference import dense_attention
   if spec.impl is AttentionImpl.DENSE:
-    run = functools.partial(dense_attention, causal=spec.causal)
+    run = functools.partial(dense_attention, mask_spec=mask)
   else:
-    run = functools.partial(tiled_attention, causal=spec.causal, **spec.local_kwargs())
+    run = functools.partial(tiled_attention, mask_spec=mask, **spec.local_kwargs())
 
   def fn(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, positions_BL):
     del positions_BL
@@ -160,13 +178,13 @@ def _one_device(spec: AttentionSpec) -> AttentionFn:
   return fn
 
 
-def _natural(spec: AttentionSpec, mesh, seq_axis) -> AttentionFn:
+def _natural(spec: AttentionSpec, mesh, seq_axis, mask) -> AttentionFn:
   from longctx.attention.strategies import context_parallel_attention
   if spec.s2_group:
     from longctx.attention.layouts import permute, unpermute
     if not isinstance(seq_axis, str):
       raise ValueError(f"S²-Attn runs over one sequence axis; got seq_axis={seq_axis!r}")
-    in_layout = _in_layout(spec, mesh, seq_axis, None, None)
+    in_layout = _in_layout(spec, mesh, seq_axis, None, None, mask)
     size = mesh.shape[seq_axis]
 
     def s2(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, positions_BL):
@@ -178,13 +196,14 @@ def _natural(spec: AttentionSpec, mesh, seq_axis) -> AttentionFn:
   def fn(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, positions_BL):
     del positions_BL
     return context_parallel_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, mesh=mesh,
-                                      axis=seq_axis, causal=spec.causal, layout=spec.layout,
+                                      axis=seq_axis, mask_spec=mask, layout=spec.layout,
                                       strategy=spec.strategy, **spec.local_kwargs())
   return fn
 
 
-def _in_layout(spec: AttentionSpec, mesh, seq_axis, batch_axes, head_axis) -> AttentionFn:
-  """Attention on rows already in the layout, positions as the mask index (causal only)."""
+def _in_layout(spec: AttentionSpec, mesh, seq_axis, batch_axes, head_axis, mask) -> AttentionFn:
+  """Attention on rows already in the layout, positions as the mask index (causal only; a
+  window on positions is exact too: within a document they differ as the original indices)."""
   from jax.sharding import PartitionSpec as P
 
   from longctx.attention.meshes import run_on_auto_mesh
@@ -213,8 +232,7 @@ def _in_layout(spec: AttentionSpec, mesh, seq_axis, batch_axes, head_axis) -> At
     if spec.s2_group:
       return s2_local(attend, q_BCHD, k_BCKD, v_BCKD, seg_BC, pos_BC, length=length,
                       group_size=spec.s2_group, head_axis=head_axis, heads=heads)
-    from longctx.attention.reference import MaskSpec
-    return attend(MaskSpec(causal=True), q_BCHD, k_BCKD, v_BCKD, seg_BC, pos_BC)
+    return attend(mask, q_BCHD, k_BCKD, v_BCKD, seg_BC, pos_BC)
 
   def body(auto_mesh, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, positions_BL):
     _check_split(spec, mesh, seq_axis, head_axis, q_BLHD, k_BLKD)

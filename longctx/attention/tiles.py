@@ -130,7 +130,8 @@ def tile_full_empty(mask_spec: MaskSpec, sq: TileStats, sk: TileStats):
 
   Both tests are sufficient conditions, so a tile called empty is empty and one called full is
   full (see `reference.make_mask`); anything else is MASKED and builds its mask. In causal
-  attention only tiles on the diagonal are MASKED: the others skip the mask and its `where`.
+  attention only tiles on the diagonal are MASKED: the others skip the mask and its `where`;
+  with a window of W, tiles wholly before i − W are skipped too, so the work grows with L·W.
   """
   full = ((sq.seg_lo == sq.seg_hi) & (sk.seg_lo == sk.seg_hi) & (sq.seg_lo == sk.seg_lo)
           & (sq.seg_lo != 0))
@@ -143,6 +144,9 @@ def tile_full_empty(mask_spec: MaskSpec, sq: TileStats, sk: TileStats):
                                   for x in (sq.lo, sq.hi, sk.lo, sk.hi))
     full &= (gq_lo == gq_hi) & (gk_lo == gk_hi) & (gq_lo == gk_lo)
     empty |= (gq_hi < gk_lo) | (gk_hi < gq_lo)
+  if mask_spec.window is not None:  # every key > every query − W; no key > any query − W
+    full &= sk.lo > sq.hi - mask_spec.window
+    empty |= sk.hi <= sq.lo - mask_spec.window
   return full, empty
 
 

@@ -57,6 +57,8 @@ def block_mask(mask_spec, iq_Q1, sq_Q1, ik_1T, sk_1T):
     gq = lax.div(iq_Q1 + mask_spec.group_shift, mask_spec.group_size)
     gk = lax.div(ik_1T + mask_spec.group_shift, mask_spec.group_size)
     mask &= gq == gk
+  if mask_spec.window is not None:
+    mask &= ik_1T > iq_Q1 - mask_spec.window
   return mask
 
 
