@@ -76,6 +76,23 @@ def test_tiled_window_matches_dense(rng, w):
   _assert_close(want, got, w)
 
 
+def test_ring_hops_stop_once_no_device_needs_the_chunk():
+  """Contiguous: a window within one chunk needs one hop, W ≤ k·C needs k; zigzag puts the
+  second half-chunk's predecessor P − 1 hops away; striped needs W − 1 hops (token t − k is k
+  devices back); no window: P − 1, and non-causal (the window bounds keys from below only)."""
+  from longctx.attention.ring import ring_hops
+  hops = lambda layout, w, causal=True: ring_hops(layout, 8, 32768, 8,
+                                                  MaskSpec(causal=causal, window=w))
+  assert [hops("contiguous", w) for w in (1, 2, 4096, 4097, 8193, 32768)] == [0, 1, 1, 1, 2, 7]
+  assert hops("zigzag", 2) == hops("striped", 4096) == hops("contiguous", None) == 7
+  assert [hops("striped", w) for w in (2, 5, 8, 9)] == [1, 4, 7, 7]
+  assert hops("striped", 1) == hops("zigzag", 1) == 0
+  assert hops("contiguous", 4096, causal=False) == 7  # one-sided: every later key is visible
+  # the hybrid's ring of 4 over a layout of 8 devices: ring chunk r = layout chunks 2r, 2r + 1
+  assert ring_hops("contiguous", 8, 32768, 4, MaskSpec(window=8192)) == 1
+  assert ring_hops("zigzag", 8, 32768, 4, MaskSpec(window=2048)) == 3
+
+
 def test_tiles_outside_the_window_are_skipped():
   """The tiles computed grow with L·W: at L = 64, 4-token tiles and W = 4 a causal ring on one
   device computes the 16 diagonal tiles and the 15 just below them, against 136 causal."""
@@ -96,16 +113,17 @@ def test_tiles_outside_the_window_are_skipped():
 
 
 @functools.lru_cache(maxsize=None)
-def local_program(strategy, p, h, kh, window, causal):
+def local_program(strategy, p, h, kh, window, causal, layout=None):
   """Jitted per-device (out, dq, dk, dv) of `strategy` on rows in layout order, the original
-  indices passed as data (as the trainer calls it), and the devices the layout balances."""
+  indices passed as data (as the trainer calls it), and the devices the layout balances. With
+  `layout` a ring knows the rows' layout and stops after `ring_hops`."""
   if strategy == "hybrid":
     mesh = Mesh(np.array(jax.devices()[:p]).reshape(2, p // 2), ("u", "r"))
     axis, seq = ("u", "r"), ("r", "u")
   else:
     mesh, axis, seq = Mesh(np.array(jax.devices()[:p]), ("seq",)), "seq", "seq"
   resolved = plan(strategy, mesh, axis, h, mask_spec=MaskSpec(causal=causal, window=window),
-                  block_q=4, block_k=4)
+                  block_q=4, block_k=4, layout=layout)
   act, tok = PS(None, seq, None, None), PS(None, seq)
 
   def run(q, k, v, seg, idx, ct):
@@ -127,8 +145,10 @@ def check_strategy(rng, strategy, p, heads, window, causal=True):
   seg = random_segments(rng, 2, L)
   ct = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
   want = dense_program(window, causal)(q, k, v, seg, ct)
-  program, parts = local_program(strategy, p, h, kh, window, causal)
   for layout in Layout:
+    # the ring and the hybrid are told the layout, so they stop after the hops needed
+    told = layout if strategy in ("ring", "hybrid") else None
+    program, parts = local_program(strategy, p, h, kh, window, causal, told)
     perm = layout.permutation(L, parts)
     idx = jnp.asarray(np.broadcast_to(perm, (2, L)))
     got = program(*(x[:, perm] for x in (q, k, v, seg)), idx, ct[:, perm])
@@ -221,7 +241,7 @@ def test_pallas_window_matches_dense(rng, kernel, block):
   """Both Pallas kernels, interpreted, on a 2-device ring (zigzag) with a window inside a
   chunk and one spanning several tiles."""
   l = 4 * block
-  q, k, v = make_inputs(rng, l=l, h=4, kh=2)
+  q, k, v = make_inputs(rng, l=l, h=4, kh=2, d=16)  # Triton: head_dim ≥ 16
   seg = random_segments(rng, 2, l)
   ct = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
   mesh = Mesh(np.array(jax.devices()[:2]), ("seq",))
@@ -232,3 +252,29 @@ def test_pallas_window_matches_dense(rng, kernel, block):
         *a, seg, mesh=mesh, layout="zigzag", mask_spec=mask, kernel=kernel, block_q=block,
         block_k=block), q, k, v, ct)
     _assert_close(want, got, (kernel, w))
+
+
+@pytest.mark.parametrize("strategy,p,layout,window", [
+    ("ring", 4, "contiguous", 5), ("ring", 8, "contiguous", 9), ("ring", 4, "striped", 3),
+    ("ring", 4, "zigzag", 5), ("hybrid", 8, "contiguous", 5)])
+def test_windowed_ring_hlo_bytes_match_formula(strategy, p, layout, window):
+  """The compiled fwd+bwd program of a ring told its layout moves the bytes of `ring_hops`
+  hops, as `costs.strategy_bytes` counts them (contiguous, W ≤ C: one hop of K/V each pass,
+  dK/dV two); zigzag keeps all P − 1."""
+  from longctx.attention.costs import collective_bytes, strategy_bytes
+  from longctx.attention.ring import ring_hops
+  program, _ = local_program(strategy, p, 4, 2, window, True, Layout(layout))
+  q = jax.ShapeDtypeStruct((2, L, 4, 8), jnp.float32)
+  kv = jax.ShapeDtypeStruct((2, L, 2, 8), jnp.float32)
+  tok = jax.ShapeDtypeStruct((2, L), jnp.int32)
+  got = collective_bytes(program.lower(q, kv, kv, tok, tok, q).compile().as_text())
+  size = (2, p // 2) if strategy == "hybrid" else p
+  mask = MaskSpec(window=window)
+  want = strategy_bytes(strategy, 2, L, 4, 2, 8, 4, size, grad=True, mask_spec=mask,
+                        layout=layout)
+  full = strategy_bytes(strategy, 2, L, 4, 2, 8, 4, size, grad=True)
+  for kind in want:
+    assert abs(got[kind] - want[kind]) <= 0.02 * want[kind], (kind, got, want)
+  ring = p // 2 if strategy == "hybrid" else p
+  if ring_hops(layout, ring, L, ring, mask) < ring - 1:
+    assert want["collective-permute"] < full["collective-permute"]

@@ -89,13 +89,15 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
   return dict(zip(KINDS, total(entry)))
 
 
-def _ring_bytes(b, s, kh, d, nbytes, r, grad):
-  """Ring over r devices of chunks of s tokens: K, V and their segment ids and indices hop r − 1
-  times each pass; in the backward the float32 dK, dV accumulators hop r times."""
-  if r == 1:
+def _ring_bytes(b, s, kh, d, nbytes, r, grad, hops=None):
+  """Ring over r devices of chunks of s tokens: K, V and their segment ids and indices hop
+  `hops` times each pass (r − 1 unless a window stops the ring early, `ring.ring_hops`); in the
+  backward the float32 dK, dV accumulators hop with them and once more, home."""
+  hops = r - 1 if hops is None else hops
+  if hops == 0:
     return 0
   hop = 2 * b * s * kh * d * nbytes + 2 * b * s * 4
-  return (r - 1) * hop * (2 if grad else 1) + (r * 2 * b * s * kh * d * 4 if grad else 0)
+  return hops * hop * (2 if grad else 1) + ((hops + 1) * 2 * b * s * kh * d * 4 if grad else 0)
 
 
 def _ulysses_bytes(b, c, h, kv_sent, d, nbytes, u, grad):
@@ -107,24 +109,29 @@ def _ulysses_bytes(b, c, h, kv_sent, d, nbytes, u, grad):
 
 def strategy_bytes(strategy, batch: int, length: int, num_heads: int, kv_heads: int,
                    head_dim: int, dtype_bytes: int, size, *, grad: bool = False,
-                   regather: bool = True) -> dict[str, int]:
+                   regather: bool = True, mask_spec=None, layout=None) -> dict[str, int]:
   """{kind: bytes} per device of one attention call (forward, or forward + backward with
   grad=True), as `collective_bytes` counts them in its compiled shard_map program.
 
   size: P, or (U, R) for "hybrid". For all-gather, regather=True counts the backward's second
   gather of K/V (its custom_vjp does not keep the gathered K/V); in one program holding both
   passes of a single call XLA may merge the two identical gathers (CSE), so pass False to match
-  such a program. dK/dV are reduce-scattered in float32.
+  such a program. dK/dV are reduce-scattered in float32. mask_spec and layout (both given): a
+  windowed ring stops after the hops some device needs (`ring.ring_hops`), as the ring does when
+  it is told its layout; the other strategies move the same bytes with or without a window.
   Raises ValueError on an unknown strategy (see `strategies.Strategy`).
   """
+  from longctx.attention.ring import ring_hops
   from longctx.attention.strategies import Strategy
   from longctx.attention.ulysses import kv_head_plan
 
   strategy = Strategy.parse(strategy)
   b, l, h, kh, d, nb = batch, length, num_heads, kv_heads, head_dim, dtype_bytes
   out = dict.fromkeys(KINDS, 0)
+  hops = lambda r: (None if mask_spec is None or layout is None
+                    else ring_hops(layout, r, l, r, mask_spec))
   if strategy is Strategy.RING:
-    out["collective-permute"] = _ring_bytes(b, l // size, kh, d, nb, size, grad)
+    out["collective-permute"] = _ring_bytes(b, l // size, kh, d, nb, size, grad, hops(size))
   elif strategy is Strategy.ALL_GATHER:
     gather = 2 * b * l * kh * d * nb + 2 * b * l * 4
     out["all-gather"] = gather * (2 if grad and regather else 1)
@@ -137,7 +144,7 @@ def strategy_bytes(strategy, batch: int, length: int, num_heads: int, kv_heads: 
     heads = kv_head_plan(h, kh, u)  # [U, m]: what each device receives
     sent, m = heads.size, heads.shape[1]
     out.update(_ulysses_bytes(b, l // (u * r), h, sent, d, nb, u, grad))
-    out["collective-permute"] = _ring_bytes(b, l // r, m, d, nb, r, grad)
+    out["collective-permute"] = _ring_bytes(b, l // r, m, d, nb, r, grad, hops(r))
   return out
 
 

@@ -39,10 +39,44 @@ from longctx.attention.reference import MaskSpec, check_inputs, default_scale
 from longctx.attention.tiles import TileConfig, TokenMeta, fitted_tiles, tile_config
 
 
-def _shift(tree, axis, size):
-  """Sends every array of `tree` to the next device on the ring."""
-  perm = [(i, (i + 1) % size) for i in range(size)]
+def _shift(tree, axis, size, by: int = 1):
+  """Sends every array of `tree` `by` devices on along the ring (the next one by default)."""
+  perm = [(i, (i + by) % size) for i in range(size)]
   return jax.tree.map(lambda x: jax.lax.ppermute(x, axis, perm), tree)
+
+
+@functools.lru_cache(maxsize=256)
+def ring_hops(layout, layout_devices: int, length: int, ring_size: int, mask_spec: MaskSpec) -> int:
+  """How many hops the ring's K/V chunks must make: the last hop t (≤ P − 1) at which some
+  device's queries may attend some key of the chunk it then holds (ring device r holds chunk
+  r − t at hop t; chunk r is slots [r·L/P, (r+1)·L/P) of `layout`'s permutation over
+  `layout_devices`, ring-major as the hybrid shards it).
+
+  Without a window every hop may be needed (P − 1). With one, a chunk whose keys all lie W or
+  more before every query of a device is masked there whatever the documents (positions differ
+  within a document as the original indices do), so once no device needs the chunks any more
+  the ring stops: a window of W ≤ C tokens on the contiguous layout needs one hop.
+  """
+  import numpy as np
+  from longctx.attention.layouts import Layout
+  if mask_spec.window is None or ring_size == 1:
+    return ring_size - 1
+  chunks = Layout.parse(layout).permutation(length, layout_devices).reshape(ring_size, -1)
+  chunks = np.sort(chunks, axis=1)
+  w = mask_spec.window
+
+  def needs(queries, keys):  # some key s with s ≤ q < s + W (causal), or s > q − W
+    if not mask_spec.causal:
+      return keys[-1] > queries[0] - w
+    at = np.searchsorted(queries, keys)  # the first query ≥ each key
+    ok = at < len(queries)
+    return bool(np.any(queries[np.minimum(at, len(queries) - 1)][ok] - keys[ok] < w))
+
+  hops = 0
+  for t in range(1, ring_size):
+    if any(needs(chunks[r], chunks[(r - t) % ring_size]) for r in range(ring_size)):
+      hops = t
+  return hops
 
 
 def _loop(body, carry, trips: int):
@@ -58,40 +92,43 @@ def _loop(body, carry, trips: int):
   return jax.lax.fori_loop(0, one, lambda _, c: body(c), carry)
 
 
-def _forward_ring(attend, init, kt, axis, size):
-  """P − 1 steps each attend the chunk held and send it on, then one last step without a send:
-  every chunk makes P − 1 hops. `attend(state, kt) -> state`."""
+def _forward_ring(attend, init, kt, axis, size, hops):
+  """`hops` steps (P − 1 without a window, `ring_hops`) each attend the chunk held and send it
+  on, then one last step without a send. `attend(state, kt) -> state`."""
   def step(carry):
     state, kt = carry
     nxt = _shift(kt, axis, size)  # issued before the compute that it can overlap
     return attend(state, kt), nxt
 
-  state, kt = _loop(step, (init, kt), size - 1)
-  return attend(state, kt)
+  if hops:
+    init, kt = _loop(step, (init, kt), hops)
+  return attend(init, kt)
 
 
-def _backward_ring(attend, dq, kt, dkv, axis, size):
-  """dq stays; each chunk `kt` hops P − 1 times, as in the forward, and its (dk, dv)
-  accumulators P times, back to their owner. `attend(dq, kt, dkv) -> (dq, dkv)`."""
+def _backward_ring(attend, dq, kt, dkv, axis, size, hops):
+  """dq stays; each chunk `kt` hops `hops` times, as in the forward, with its (dk, dv)
+  accumulators, which then go home in one more permute (by P − hops: the next device when
+  hops = P − 1). `attend(dq, kt, dkv) -> (dq, dkv)`."""
   def step(carry):
     dq, kt, dkv = carry
     kt_next = _shift(kt, axis, size)
     dq, dkv = attend(dq, kt, dkv)
     return dq, kt_next, _shift(dkv, axis, size)
 
-  dq, kt, dkv = _loop(step, (dq, kt, dkv), size - 1)
+  if hops:
+    dq, kt, dkv = _loop(step, (dq, kt, dkv), hops)
   dq, dkv = attend(dq, kt, dkv)  # the last visit: the chunk's (dk, dv) go home
-  return dq, (_shift(dkv, axis, size) if size > 1 else dkv)
+  return dq, (_shift(dkv, axis, size, size - hops) if hops else dkv)
 
 
-def _ring_forward(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, meta: TokenMeta):
+def _ring_forward(cfg: TileConfig, axis, ring, q_BCHD, k_BCKD, v_BCKD, meta: TokenMeta):
   """Forward ring: returns (out_BCHD float32, lse_BCH, tiles computed on this device).
 
   Q and K/V are laid out in tiles once, outside the loop, and the online softmax runs on
   across ring steps unnormalised (no per-step normalise-and-merge).
   """
   if Kernel(cfg.kernel).pallas:
-    return _ring_forward_pairs(cfg, axis, size, q_BCHD, k_BCKD, v_BCKD, meta)
+    return _ring_forward_pairs(cfg, axis, ring, q_BCHD, k_BCKD, v_BCKD, meta)
   qt = query_tiles(cfg, q_BCHD, k_BCKD.shape[2], meta)
 
   def attend(carry, kt):
@@ -100,17 +137,17 @@ def _ring_forward(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, meta: Tok
     return state, count + n
 
   init = (softmax_init(qt), varying_like(jnp.zeros((), jnp.int32), q_BCHD))
-  state, count = _forward_ring(attend, init, key_tiles(cfg, k_BCKD, v_BCKD, meta), axis, size)
+  state, count = _forward_ring(attend, init, key_tiles(cfg, k_BCKD, v_BCKD, meta), axis, *ring)
   o, lse = softmax_finish(cfg, state)
   b, _, h, _ = q_BCHD.shape
   return untile_heads(o, b, h), untile_rows(lse, b, h), count
 
 
-def _ring_backward(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, meta: TokenMeta,
+def _ring_backward(cfg: TileConfig, axis, ring, q_BCHD, k_BCKD, v_BCKD, meta: TokenMeta,
                    do_BCHD, lse_BCH, delta_BCH):
   """Backward ring: (dq, dk, dv) float32 of this device's chunk."""
   if Kernel(cfg.kernel).pallas:
-    return _ring_backward_pairs(cfg, axis, size, q_BCHD, k_BCKD, v_BCKD, meta, do_BCHD,
+    return _ring_backward_pairs(cfg, axis, ring, q_BCHD, k_BCKD, v_BCKD, meta, do_BCHD,
                                 lse_BCH, delta_BCH)
   kh = k_BCKD.shape[2]
   qt = query_tiles(cfg, q_BCHD, kh, meta)
@@ -124,12 +161,12 @@ def _ring_backward(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, meta: To
   kt = key_tiles(cfg, k_BCKD, v_BCKD, meta)
   zeros = varying_like(jnp.zeros(jnp.swapaxes(kt.k, -1, -2).shape, jnp.float32), q_BCHD)
   dq0 = varying_like(jnp.zeros(qt.q.shape, jnp.float32), q_BCHD)
-  dq, (dkT, dvT) = _backward_ring(attend, dq0, kt, (zeros, zeros), axis, size)
+  dq, (dkT, dvT) = _backward_ring(attend, dq0, kt, (zeros, zeros), axis, *ring)
   b, _, h, _ = q_BCHD.shape
   return untile_heads(dq, b, h), untile_kv_t(dkT, b), untile_kv_t(dvT, b)
 
 
-def _ring_forward_pairs(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, meta: TokenMeta):
+def _ring_forward_pairs(cfg: TileConfig, axis, ring, q_BCHD, k_BCKD, v_BCKD, meta: TokenMeta):
   """The forward ring for a kernel that attends whole chunk pairs (`kernels.query_forward`:
   the Pallas kernels): each step's normalised output merges through the lse. The third result,
   tiles computed, is −1: these kernels do not count them (`ring_tiles_computed` uses the
@@ -142,11 +179,11 @@ def _ring_forward_pairs(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, met
   b, c, h, _ = q_BCHD.shape
   init = (varying_like(jnp.zeros(q_BCHD.shape, jnp.float32), q_BCHD),
           varying_like(jnp.full((b, c, h), -jnp.inf, jnp.float32), q_BCHD))
-  o, lse = _forward_ring(attend, init, (k_BCKD, v_BCKD, meta), axis, size)
+  o, lse = _forward_ring(attend, init, (k_BCKD, v_BCKD, meta), axis, *ring)
   return o, lse, jnp.int32(-1)
 
 
-def _ring_backward_pairs(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, meta: TokenMeta,
+def _ring_backward_pairs(cfg: TileConfig, axis, ring, q_BCHD, k_BCKD, v_BCKD, meta: TokenMeta,
                          do_BCHD, lse_BCH, delta_BCH):
   """The backward ring for a chunk-pair kernel (`kernels.query_backward`)."""
   grads_kv = query_backward(cfg, q_BCHD, do_BCHD, lse_BCH, delta_BCH, meta)  # laid out once
@@ -157,27 +194,28 @@ def _ring_backward_pairs(cfg: TileConfig, axis, size, q_BCHD, k_BCKD, v_BCKD, me
 
   zeros = varying_like(jnp.zeros(k_BCKD.shape, jnp.float32), q_BCHD)
   dq0 = varying_like(jnp.zeros(q_BCHD.shape, jnp.float32), q_BCHD)
-  dq, (dk, dv) = _backward_ring(attend, dq0, (k_BCKD, v_BCKD, meta), (zeros, zeros), axis, size)
+  dq, (dk, dv) = _backward_ring(attend, dq0, (k_BCKD, v_BCKD, meta), (zeros, zeros), axis, *ring)
   return dq, dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _ring(cfg, axis, size, q_BCHD, k_BCKD, v_BCKD, meta):
-  return _ring_fwd(cfg, axis, size, q_BCHD, k_BCKD, v_BCKD, meta)[0]
+def _ring(cfg, axis, ring, q_BCHD, k_BCKD, v_BCKD, meta):
+  """ring: (P, hops), `ring_hops`."""
+  return _ring_fwd(cfg, axis, ring, q_BCHD, k_BCKD, v_BCKD, meta)[0]
 
 
-def _ring_fwd(cfg, axis, size, q_BCHD, k_BCKD, v_BCKD, meta):
+def _ring_fwd(cfg, axis, ring, q_BCHD, k_BCKD, v_BCKD, meta):
   # tied: not loop-invariant in a scan over layers (see `online_softmax.tie_inputs`); the residuals
   # are the untied inputs, which a scan forwards instead of stacking
-  o_BCHD, lse_BCH, _ = _ring_forward(cfg, axis, size, *tie_inputs((q_BCHD, k_BCKD, v_BCKD, meta)))
+  o_BCHD, lse_BCH, _ = _ring_forward(cfg, axis, ring, *tie_inputs((q_BCHD, k_BCKD, v_BCKD, meta)))
   o_BCHD = o_BCHD.astype(q_BCHD.dtype)
   return o_BCHD, (q_BCHD, k_BCKD, v_BCKD, meta, o_BCHD, lse_BCH)
 
 
-def _ring_bwd(cfg, axis, size, res, do_BCHD):
+def _ring_bwd(cfg, axis, ring, res, do_BCHD):
   q_BCHD, k_BCKD, v_BCKD, meta, o_BCHD, lse_BCH = res
   delta_BCH = output_delta(do_BCHD, o_BCHD)
-  dq, dk, dv = _ring_backward(cfg.backward(), axis, size, q_BCHD, k_BCKD, v_BCKD, meta,
+  dq, dk, dv = _ring_backward(cfg.backward(), axis, ring, q_BCHD, k_BCKD, v_BCKD, meta,
                               do_BCHD, lse_BCH, delta_BCH)
   return dq.astype(q_BCHD.dtype), dk.astype(k_BCKD.dtype), dv.astype(v_BCKD.dtype), None
 
@@ -208,7 +246,8 @@ def chunk_meta(segment_ids_BC, index_BC) -> TokenMeta:
 
 def ring_attention(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC, index_BC, *, axis="seq", causal=True,
                    scale=None, block_q=None, block_k=None, block_q_bwd=None, block_k_bwd=None,
-                   mask_spec: MaskSpec | None = None, kernel=None):
+                   mask_spec: MaskSpec | None = None, kernel=None, layout=None,
+                   layout_devices: int | None = None):
   """Ring attention on already-permuted local chunks; call inside `jax.shard_map` over `axis`.
 
   q: [B, C, Hq, D]; k, v: [B, C, Hkv, D]; segment_ids: [B, C] int (0 = padding) or None;
@@ -218,24 +257,35 @@ def ring_attention(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC, index_BC, *, axis="se
   Tiles are block_q × block_k in the forward, block_q_bwd × block_k_bwd in the backward
   (reduced to divisors of C; None = defaults, see `tiles.tile_config`); with zigzag, a
   block dividing C/2 lets the empty half-chunk tiles be skipped. kernel: the inner kernel of
-  each ring step (`kernels.KERNELS`; None = "xla", pure JAX).
+  each ring step (`kernels.KERNELS`; None = "xla", pure JAX). layout / layout_devices: the
+  layout the rows are in, over that many devices (None: the ring's); given with a windowed
+  `mask_spec`, the ring stops after the hops some device still needs (`ring_hops`).
   Raises ValueError on bad shapes or dtypes.
   """
   check_inputs(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC)
   if index_BC.shape != q_BCHD.shape[:2]:
     raise ValueError(f"index must be [B, C] = {q_BCHD.shape[:2]}; got {index_BC.shape}")
   mask_spec = MaskSpec(causal=causal) if mask_spec is None else mask_spec
-  size = jax.lax.axis_size(axis)
   cfg = chunk_config(q_BCHD, k_BCKD, mask_spec, scale, (block_q, block_k, block_q_bwd, block_k_bwd),
                      kernel)
-  return _ring(cfg, axis, size, q_BCHD, k_BCKD, v_BCKD, chunk_meta(segment_ids_BC, index_BC))
+  ring = _ring_of(axis, q_BCHD.shape[1], mask_spec, layout, layout_devices)
+  return _ring(cfg, axis, ring, q_BCHD, k_BCKD, v_BCKD, chunk_meta(segment_ids_BC, index_BC))
+
+
+def _ring_of(axis, chunk: int, mask_spec: MaskSpec, layout, layout_devices) -> tuple[int, int]:
+  """(P, hops) of the ring over `axis` (see `ring_hops`; P − 1 hops without a layout)."""
+  size = jax.lax.axis_size(axis)
+  if layout is None:
+    return size, size - 1
+  return size, ring_hops(layout, layout_devices or size, chunk * size, size, mask_spec)
 
 
 def ring_tiles_computed(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC, index_BC, *, axis="seq",
-                        causal=True, block_q=None, block_k=None, mask_spec: MaskSpec | None = None):
+                        causal=True, block_q=None, block_k=None, mask_spec: MaskSpec | None = None,
+                        layout=None):
   """Number of (query tile, key tile) blocks this device computes in the forward ring, [1]."""
   mask_spec = MaskSpec(causal=causal) if mask_spec is None else mask_spec
-  size = jax.lax.axis_size(axis)
   cfg = chunk_config(q_BCHD, k_BCKD, mask_spec, None, (block_q, block_k))
   meta = chunk_meta(segment_ids_BC, index_BC)
-  return _ring_forward(cfg, axis, size, q_BCHD, k_BCKD, v_BCKD, meta)[2][None]
+  ring = _ring_of(axis, q_BCHD.shape[1], mask_spec, layout, None)
+  return _ring_forward(cfg, axis, ring, q_BCHD, k_BCKD, v_BCKD, meta)[2][None]

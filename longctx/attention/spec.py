@@ -219,6 +219,7 @@ def _in_layout(spec: AttentionSpec, mesh, seq_axis, batch_axes, head_axis, mask)
                      "rows: the trainer's batches are laid out over one sequence axis (for the "
                      "hybrid, set ulysses_devices: it splits that axis into ring × Ulysses)")
   heads = 1 if head_axis is None else mesh.shape[head_axis]
+  parts = mesh.shape[seq_axis]  # the devices the batch's layout is over
   # the hybrid: seq split ring-major (same placement); the layout stays over all S devices,
   # which balances any grouping of them into ring devices (masks use the index)
   seq = (_RING, _ULYSSES) if hybrid else seq_axis
@@ -227,7 +228,8 @@ def _in_layout(spec: AttentionSpec, mesh, seq_axis, batch_axes, head_axis, mask)
 
   def local(q_BCHD, k_BCKD, v_BCKD, seg_BC, pos_BC, *, mesh, length):
     def attend(mask, q, k, v, seg, index):
-      return plan(spec.strategy, mesh, axis, q.shape[2], mask_spec=mask,
+      return plan(spec.strategy, mesh, axis, q.shape[2], mask_spec=mask, layout=spec.layout,
+                  layout_devices=parts,
                   **spec.local_kwargs()).local(q, k, v, seg, index)
     if spec.s2_group:
       return s2_local(attend, q_BCHD, k_BCKD, v_BCKD, seg_BC, pos_BC, length=length,

@@ -69,18 +69,24 @@ def _plan_ring(mesh, axis, num_heads, kw) -> Plan:
   return Plan((axis,), mesh.shape[axis], functools.partial(ring_attention, axis=axis, **kw))
 
 
+def _without_layout(kw) -> dict:
+  """The keyword arguments without the layout, which only the ring uses (to stop early)."""
+  return {k: v for k, v in kw.items() if k not in ("layout", "layout_devices")}
+
+
 def _plan_all_gather(mesh, axis, num_heads, kw) -> Plan:
   from longctx.attention.all_gather import all_gather_attention
   axis = _one_axis(Strategy.ALL_GATHER, mesh, axis)
   return Plan((axis,), mesh.shape[axis],
-              functools.partial(all_gather_attention, axis=axis, **kw))
+              functools.partial(all_gather_attention, axis=axis, **_without_layout(kw)))
 
 
 def _plan_ulysses(mesh, axis, num_heads, kw) -> Plan:
   from longctx.attention.ulysses import check_heads, ulysses_attention
   axis = _one_axis(Strategy.ULYSSES, mesh, axis)
   check_heads(num_heads, mesh.shape[axis], axis)
-  return Plan((axis,), mesh.shape[axis], functools.partial(ulysses_attention, axis=axis, **kw))
+  return Plan((axis,), mesh.shape[axis],
+              functools.partial(ulysses_attention, axis=axis, **_without_layout(kw)))
 
 
 def _plan_hybrid(mesh, axis, num_heads, kw) -> Plan:
@@ -101,9 +107,17 @@ _PLANNERS = {Strategy.RING: _plan_ring, Strategy.ALL_GATHER: _plan_all_gather,
 
 def plan(strategy: StrategyLike, mesh, axis, num_heads: int, **local_kwargs) -> Plan:
   """The `Plan` of `strategy` on `mesh`; local_kwargs go to the per-device function.
-  Raises ValueError on an unknown strategy, axes not in the mesh, or head counts Ulysses
-  cannot split."""
-  return _PLANNERS[Strategy.parse(strategy)](mesh, axis, num_heads, local_kwargs)
+  `layout` (and `layout_devices`, default the plan's) among them: the layout of the rows, which
+  lets a ring with a windowed mask stop early (`ring.ring_hops`); the other strategies take
+  no layout. Raises ValueError on an unknown strategy, axes not in the mesh, or head counts
+  Ulysses cannot split."""
+  strategy = Strategy.parse(strategy)
+  resolved = _PLANNERS[strategy](mesh, axis, num_heads, local_kwargs)
+  if local_kwargs.get("layout") is not None and local_kwargs.get("layout_devices") is None \
+      and strategy in (Strategy.RING, Strategy.HYBRID):
+    local = functools.partial(resolved.local, layout_devices=resolved.layout_devices)
+    resolved = dataclasses.replace(resolved, local=local)
+  return resolved
 
 
 def context_parallel_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *, mesh, axis="seq",
@@ -130,7 +144,7 @@ def context_parallel_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *, m
   check_inputs(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
   resolved = plan(strategy, mesh, axis, q_BLHD.shape[2], causal=causal, scale=scale,
                   block_q=block_q, block_k=block_k, block_q_bwd=block_q_bwd,
-                  block_k_bwd=block_k_bwd, mask_spec=mask_spec, kernel=kernel)
+                  block_k_bwd=block_k_bwd, mask_spec=mask_spec, kernel=kernel, layout=layout)
   return run_context_parallel(resolved.local, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, mesh=mesh,
                               axis=resolved.seq_axes, layout=layout,
                               check_vma=check_vma(kernel), layout_devices=resolved.layout_devices)
