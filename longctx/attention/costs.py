@@ -89,15 +89,18 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
   return dict(zip(KINDS, total(entry)))
 
 
-def _ring_bytes(b, s, kh, d, nbytes, r, grad, hops=None):
-  """Ring over r devices of chunks of s tokens: K, V and their segment ids and indices hop
-  `hops` times each pass (r − 1 unless a window stops the ring early, `ring.ring_hops`); in the
-  backward the float32 dK, dV accumulators hop with them and once more, home."""
-  hops = r - 1 if hops is None else hops
-  if hops == 0:
-    return 0
+def _ring_bytes(b, s, kh, d, nbytes, r, grad, hops=None, regather=True):
+  """Ring over r devices of chunks of s tokens: K, V and their segment ids and indices make
+  `hops` = (forward, backward) hops each pass ((r − 1, 0) unless a window lets the ring stop
+  early, `ring.ring_hops`); in the backward the float32 dK, dV accumulators travel with them
+  and go home in one more permute each way. regather=False: the backward's first backward send
+  (outside any loop, the forward's own) is merged with the forward's (see `strategy_bytes`)."""
+  fwd, bwd = (r - 1, 0) if hops is None else hops
   hop = 2 * b * s * kh * d * nbytes + 2 * b * s * 4
-  return hops * hop * (2 if grad else 1) + ((hops + 1) * 2 * b * s * kh * d * 4 if grad else 0)
+  acc = 2 * b * s * kh * d * 4
+  moves = (fwd + 1 if fwd else 0) + bwd
+  sends = (fwd + bwd) * (2 if grad else 1) - (1 if grad and bwd and not regather else 0)
+  return sends * hop + (moves * acc if grad else 0)
 
 
 def _ulysses_bytes(b, c, h, kv_sent, d, nbytes, u, grad):
@@ -113,10 +116,10 @@ def strategy_bytes(strategy, batch: int, length: int, num_heads: int, kv_heads: 
   """{kind: bytes} per device of one attention call (forward, or forward + backward with
   grad=True), as `collective_bytes` counts them in its compiled shard_map program.
 
-  size: P, or (U, R) for "hybrid". For all-gather, regather=True counts the backward's second
-  gather of K/V (its custom_vjp does not keep the gathered K/V); in one program holding both
-  passes of a single call XLA may merge the two identical gathers (CSE), so pass False to match
-  such a program. dK/dV are reduce-scattered in float32. mask_spec and layout (both given): a
+  size: P, or (U, R) for "hybrid". regather=True counts what the backward sends again outside
+  a loop: all-gather's second gather of K/V (its custom_vjp does not keep the gathered K/V), a
+  two-way ring's first backward send; in one program holding both passes of a single call XLA
+  may merge such identical collectives (CSE), so pass False to match such a program. dK/dV are reduce-scattered in float32. mask_spec and layout (both given): a
   windowed ring stops after the hops some device needs (`ring.ring_hops`), as the ring does when
   it is told its layout; the other strategies move the same bytes with or without a window.
   Raises ValueError on an unknown strategy (see `strategies.Strategy`).
@@ -131,7 +134,7 @@ def strategy_bytes(strategy, batch: int, length: int, num_heads: int, kv_heads: 
   hops = lambda r: (None if mask_spec is None or layout is None
                     else ring_hops(layout, r, l, r, mask_spec))
   if strategy is Strategy.RING:
-    out["collective-permute"] = _ring_bytes(b, l // size, kh, d, nb, size, grad, hops(size))
+    out["collective-permute"] = _ring_bytes(b, l // size, kh, d, nb, size, grad, hops(size), regather)
   elif strategy is Strategy.ALL_GATHER:
     gather = 2 * b * l * kh * d * nb + 2 * b * l * 4
     out["all-gather"] = gather * (2 if grad and regather else 1)
@@ -144,7 +147,7 @@ def strategy_bytes(strategy, batch: int, length: int, num_heads: int, kv_heads: 
     heads = kv_head_plan(h, kh, u)  # [U, m]: what each device receives
     sent, m = heads.size, heads.shape[1]
     out.update(_ulysses_bytes(b, l // (u * r), h, sent, d, nb, u, grad))
-    out["collective-permute"] = _ring_bytes(b, l // r, m, d, nb, r, grad, hops(r))
+    out["collective-permute"] = _ring_bytes(b, l // r, m, d, nb, r, grad, hops(r), regather)
   return out
 
 

@@ -46,24 +46,37 @@ def _shift(tree, axis, size, by: int = 1):
 
 
 @functools.lru_cache(maxsize=256)
-def ring_hops(layout, layout_devices: int, length: int, ring_size: int, mask_spec: MaskSpec) -> int:
-  """How many hops the ring's K/V chunks must make: the last hop t (≤ P − 1) at which some
-  device's queries may attend some key of the chunk it then holds (ring device r holds chunk
-  r − t at hop t; chunk r is slots [r·L/P, (r+1)·L/P) of `layout`'s permutation over
-  `layout_devices`, ring-major as the hybrid shards it).
+def ring_hops(layout, layout_devices: int, length: int, ring_size: int,
+              mask_spec: MaskSpec) -> tuple[int, int]:
+  """(forward, backward): how many hops the ring's K/V chunks make each way.
 
-  Without a window every hop may be needed (P − 1). With one, a chunk whose keys all lie W or
-  more before every query of a device is masked there whatever the documents (positions differ
-  within a document as the original indices do), so once no device needs the chunks any more
-  the ring stops: a window of W ≤ C tokens on the contiguous layout needs one hop.
+  Ring device r holds, at forward hop t, chunk r − t, and at backward hop t chunk r + t; chunk r
+  is slots [r·L/P, (r+1)·L/P) of `layout`'s permutation over `layout_devices` (ring-major, as
+  the hybrid shards it). Without a window every offset may be needed: (P − 1, 0), the plain
+  ring. With one, a chunk whose keys all lie W or more before every query of a device is masked
+  there whatever the documents (positions differ within a document as the original indices
+  do), so only the offsets some device needs are covered, by the fewest hops over both ways:
+  contiguous with W ≤ C needs (1, 0); zigzag, whose late half-chunks find their predecessors
+  on the next device, (1, 1); striped min(W − 1, P − 1) forward.
   """
+  if mask_spec.window is None or ring_size == 1:
+    return ring_size - 1, 0
+  needed = _needed_offsets(layout, layout_devices, length, ring_size, mask_spec)
+  best = (max(needed, default=0), 0)
+  for fwd in range(ring_size):
+    later = [t for t in needed if t > fwd]
+    bwd = ring_size - min(later) if later else 0
+    if fwd + bwd < sum(best):
+      best = (fwd, bwd)
+  return best
+
+
+def _needed_offsets(layout, layout_devices, length, ring_size, mask_spec) -> list[int]:
+  """The offsets t in 1..P−1 at which some ring device's queries may attend chunk r − t."""
   import numpy as np
   from longctx.attention.layouts import Layout
-  if mask_spec.window is None or ring_size == 1:
-    return ring_size - 1
   chunks = Layout.parse(layout).permutation(length, layout_devices).reshape(ring_size, -1)
-  chunks = np.sort(chunks, axis=1)
-  w = mask_spec.window
+  chunks, w = np.sort(chunks, axis=1), mask_spec.window
 
   def needs(queries, keys):  # some key s with s ≤ q < s + W (causal), or s > q − W
     if not mask_spec.causal:
@@ -72,11 +85,8 @@ def ring_hops(layout, layout_devices: int, length: int, ring_size: int, mask_spe
     ok = at < len(queries)
     return bool(np.any(queries[np.minimum(at, len(queries) - 1)][ok] - keys[ok] < w))
 
-  hops = 0
-  for t in range(1, ring_size):
-    if any(needs(chunks[r], chunks[(r - t) % ring_size]) for r in range(ring_size)):
-      hops = t
-  return hops
+  return [t for t in range(1, ring_size)
+          if any(needs(chunks[r], chunks[(r - t) % ring_size]) for r in range(ring_size))]
 
 
 def _loop(body, carry, trips: int):
@@ -93,32 +103,51 @@ def _loop(body, carry, trips: int):
 
 
 def _forward_ring(attend, init, kt, axis, size, hops):
-  """`hops` steps (P − 1 without a window, `ring_hops`) each attend the chunk held and send it
-  on, then one last step without a send. `attend(state, kt) -> state`."""
-  def step(carry):
-    state, kt = carry
-    nxt = _shift(kt, axis, size)  # issued before the compute that it can overlap
-    return attend(state, kt), nxt
+  """Attends the chunk held, and the chunks met on `hops` = (forward, backward) hops
+  (`ring_hops`; (P − 1, 0) without a window): each step sends the chunk on, then attends it.
+  The first backward send is issued before the forward steps, which it can overlap.
+  `attend(state, kt) -> state`."""
+  fwd, bwd = hops
 
-  if hops:
-    init, kt = _loop(step, (init, kt), hops)
-  return attend(init, kt)
+  def step(by):
+    def body(carry):
+      state, kt = carry
+      nxt = _shift(kt, axis, size, by)  # issued before the compute that it can overlap
+      return attend(state, kt), nxt
+    return body
+
+  back = _shift(kt, axis, size, -1) if bwd else None
+  state, kt = _loop(step(1), (init, kt), fwd) if fwd else (init, kt)
+  state = attend(state, kt)
+  if bwd:
+    state, back = _loop(step(-1), (state, back), bwd - 1) if bwd > 1 else (state, back)
+    state = attend(state, back)
+  return state
 
 
 def _backward_ring(attend, dq, kt, dkv, axis, size, hops):
-  """dq stays; each chunk `kt` hops `hops` times, as in the forward, with its (dk, dv)
-  accumulators, which then go home in one more permute (by P − hops: the next device when
-  hops = P − 1). `attend(dq, kt, dkv) -> (dq, dkv)`."""
-  def step(carry):
-    dq, kt, dkv = carry
-    kt_next = _shift(kt, axis, size)
-    dq, dkv = attend(dq, kt, dkv)
-    return dq, kt_next, _shift(dkv, axis, size)
+  """dq stays; each chunk `kt` makes the forward's hops with its (dk, dv) accumulators, which
+  then go home in one more permute each way (by P − forward: the next device on the plain
+  ring). `dkv`: zero accumulators. `attend(dq, kt, dkv) -> (dq, dkv)`."""
+  fwd, bwd = hops
 
-  if hops:
-    dq, kt, dkv = _loop(step, (dq, kt, dkv), hops)
-  dq, dkv = attend(dq, kt, dkv)  # the last visit: the chunk's (dk, dv) go home
-  return dq, (_shift(dkv, axis, size, size - hops) if hops else dkv)
+  def step(by):
+    def body(carry):
+      dq, kt, acc = carry
+      kt_next = _shift(kt, axis, size, by)
+      dq, acc = attend(dq, kt, acc)
+      return dq, kt_next, _shift(acc, axis, size, by)
+    return body
+
+  back = _shift(kt, axis, size, -1) if bwd else None
+  dq, kt, acc = _loop(step(1), (dq, kt, dkv), fwd) if fwd else (dq, kt, dkv)
+  dq, acc = attend(dq, kt, acc)  # the last visit: the chunk's (dk, dv) go home
+  home = _shift(acc, axis, size, -fwd) if fwd else acc
+  if bwd:
+    dq, back, acc = (_loop(step(-1), (dq, back, dkv), bwd - 1) if bwd > 1 else (dq, back, dkv))
+    dq, acc = attend(dq, back, acc)
+    home = jax.tree.map(jnp.add, home, _shift(acc, axis, size, bwd))
+  return dq, home
 
 
 def _ring_forward(cfg: TileConfig, axis, ring, q_BCHD, k_BCKD, v_BCKD, meta: TokenMeta):
@@ -200,7 +229,7 @@ def _ring_backward_pairs(cfg: TileConfig, axis, ring, q_BCHD, k_BCKD, v_BCKD, me
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _ring(cfg, axis, ring, q_BCHD, k_BCKD, v_BCKD, meta):
-  """ring: (P, hops), `ring_hops`."""
+  """ring: (P, (forward, backward) hops), `_ring_of`."""
   return _ring_fwd(cfg, axis, ring, q_BCHD, k_BCKD, v_BCKD, meta)[0]
 
 
@@ -272,11 +301,12 @@ def ring_attention(q_BCHD, k_BCKD, v_BCKD, segment_ids_BC, index_BC, *, axis="se
   return _ring(cfg, axis, ring, q_BCHD, k_BCKD, v_BCKD, chunk_meta(segment_ids_BC, index_BC))
 
 
-def _ring_of(axis, chunk: int, mask_spec: MaskSpec, layout, layout_devices) -> tuple[int, int]:
-  """(P, hops) of the ring over `axis` (see `ring_hops`; P − 1 hops without a layout)."""
+def _ring_of(axis, chunk: int, mask_spec: MaskSpec, layout, layout_devices):
+  """(P, (forward, backward) hops) of the ring over `axis` (`ring_hops`; (P − 1, 0) without a
+  layout)."""
   size = jax.lax.axis_size(axis)
   if layout is None:
-    return size, size - 1
+    return size, (size - 1, 0)
   return size, ring_hops(layout, layout_devices or size, chunk * size, size, mask_spec)
 
 
