@@ -122,12 +122,16 @@ def check_stage(stage: StageSpec, mesh: Mesh, first: bool, init_kind: InitKind,
     raise ConfigError(f"config stages.{stage.name}.attention.impl={stage.attention.impl!r} "
                       f"with mesh seq={seq}: only 'context_parallel' splits a row across devices")
   check_length(stage.data.max_len, seq, layout, f"stages.{stage.name}.data.max_len")
-  stage.model.check_window(stage.data.max_len, f"config stages.{stage.name}.data.max_len="
-                           f"{stage.data.max_len}")
   check_memory_options(stage, seq, layout)
   check_ulysses_heads(stage, mesh)
   if stage.attention.s2_group:
     from longctx.attention.shifted_sparse import check_s2
+    if any(stage.model.layer_windows):  # the one combination windows do not implement
+      raise ConfigError(f"config stages.{stage.name}.lora.s2_group_fraction="
+                        f"{stage.lora.s2_group_fraction}: S²-Attn on a model with sliding-window "
+                        f"layers (model.sliding_window={stage.model.sliding_window}) is not "
+                        "defined; lora.s2_group_fraction=0 trains LoRA with the model's own "
+                        "attention")
     try:
       check_s2(stage.data.max_len, stage.model.num_heads, stage.model.num_kv_heads,
                stage.attention.s2_group)
