@@ -19,7 +19,7 @@ from longctx.checkpoint import manager as ckpt
 from longctx.data.config import DataConfig
 from longctx.errors import ConfigError, user_error
 from longctx.train.architecture import read_architecture
-from longctx.train.config import SECTIONS, InitKind, StageSpec
+from longctx.train.config import SECTIONS, InitKind, StageSpec, model_section
 from longctx.train.data import GlobalBatches, check_length
 from longctx.train.runner import HOST_MEMORY, check_same_architecture, head_axis
 
@@ -69,6 +69,17 @@ def _same(key: str, a, b) -> bool:
   return a == b if cls is None else schema.same_value(cls, ".".join(parts[1:]), a, b)
 
 
+def _new_model_key_at_default(key: str, saved: dict, current: dict) -> bool:
+  """A model key that a config saved before the key existed lacks, now at its default (e.g.
+  `model.layer_types` empty, or unset to come from the checkpoint): the same model."""
+  parts = key.split(".")
+  if parts[0] == "stages" and len(parts) > 2:
+    parts = parts[2:]
+  if key in saved or len(parts) != 2 or parts[0] != "model":
+    return False
+  return current.get(key) in (None, model_section().get(parts[1]))
+
+
 def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Write <workdir>/config.json, or refuse a workdir that trains another config."""
   path = epath.Path(workdir) / "config.json"
@@ -76,7 +87,8 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   if path.exists():
     saved = _flat(json.loads(path.read_text()))
     diff = sorted(k for k in set(saved) | set(current)
-                  if not _same(k, saved.get(k), current.get(k)) and not resumable(k))
+                  if not _same(k, saved.get(k), current.get(k)) and not resumable(k)
+                  and not _new_model_key_at_default(k, saved, current))
     if diff:
       raise ConfigMismatchError(
           f"workdir {workdir} holds checkpoints of another config: keys {diff} differ from "
