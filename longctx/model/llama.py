@@ -288,6 +288,22 @@ def _single_document(tokens_BL, positions_BL, segment_ids_BL):
   return positions_BL, segment_ids_BL
 
 
+def _layer_inputs(cfg: ModelConfig, kv_cache: KVCache | None, positions_BL):
+  """(the cache with the new tokens' positions written, the per-layer inputs scanned over the
+  layers ("kv" when decoding, "kind" with several kinds of layers), the cache's broadcast
+  extras (segment ids, positions, length))."""
+  layer_inputs, extra = {}, ()
+  if kv_cache is not None:
+    kv_cache = kv_cache._replace(positions_BS=jax.lax.dynamic_update_slice(
+        kv_cache.positions_BS, positions_BL.astype(jnp.int32), (0, kv_cache.length)))
+    extra = (kv_cache.segment_ids_BS, kv_cache.positions_BS, kv_cache.length)
+    layer_inputs["kv"] = (kv_cache.k_NBSKD, kv_cache.v_NBSKD)
+  kind_N = layer_kinds(cfg)
+  if kind_N is not None:
+    layer_inputs["kind"] = kind_N
+  return kv_cache, layer_inputs, extra
+
+
 class Llama(nn.Module):
   """The decoder: tokens [B, L] int32 -> logits [B, L, V] float32.
 
@@ -333,15 +349,7 @@ class Llama(nn.Module):
     if cfg.remat is not RematPolicy.NONE:
       layer = nn.remat(DecoderLayer, policy=cfg.jax_remat_policy(), prevent_cse=False)
     decoding = kv_cache is not None
-    layer_inputs, extra = {}, ()
-    if decoding:
-      kv_cache = kv_cache._replace(positions_BS=jax.lax.dynamic_update_slice(
-          kv_cache.positions_BS, positions_BL.astype(jnp.int32), (0, kv_cache.length)))
-      extra = (kv_cache.segment_ids_BS, kv_cache.positions_BS, kv_cache.length)
-      layer_inputs["kv"] = (kv_cache.k_NBSKD, kv_cache.v_NBSKD)
-    kind_N = layer_kinds(cfg)
-    if kind_N is not None:
-      layer_inputs["kind"] = kind_N
+    kv_cache, layer_inputs, extra = _layer_inputs(cfg, kv_cache, positions_BL)
     scan_args = (layer_inputs,) if layer_inputs else ()  # a uniform model scans nothing more
     x_BLE, kv = nn.scan(
         layer, variable_axes={"params": 0}, split_rngs={"params": True},
