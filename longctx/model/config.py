@@ -73,8 +73,8 @@ class ModelConfig:
   What the model families differ by (longctx.model.families maps each HF `model_type` to these):
   `attention_bias` puts a bias on q/k/v/o (Llama's key), `qkv_bias` on q/k/v only (Qwen2);
   `qk_norm` RMS-normalises each head of q and k before RoPE (Qwen3); `partial_rotary_factor`
-  rotates only the first int(head_dim · factor) features (Phi-4-mini's 0.75). `family` names the HF family (its config keys and weight names on export)
-  and changes no value.
+  rotates only the first int(head_dim · factor) features (Phi-4-mini's 0.75). `family` names
+  the HF family (its config keys and weight names on export) and changes no value.
 
   Local / global attention: `layer_types` gives each layer's kind (LayerType); a sliding layer
   lets a query at index i see the keys at indices > i − `sliding_window` (transformers'

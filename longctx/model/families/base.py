@@ -250,5 +250,5 @@ def write_hf(cfg: Any, torch_dtype: str = "float32") -> dict[str, Any]:
   }
 
 
-__all__ = ["BOOKKEEPING", "Family", "HfKeys", "HfReading", "check_uniform_window", "families", "get",
-           "read_hf", "read_rope", "register", "rope_params", "write_hf"]
+__all__ = ["BOOKKEEPING", "Family", "HfKeys", "HfReading", "check_uniform_window", "families",
+           "get", "read_hf", "read_rope", "register", "rope_params", "write_hf"]

@@ -3,8 +3,8 @@ and gate and up in one `gate_up_proj` (split into longctx's projections on impor
 on export); no biases; partial rotary embeddings (`partial_rotary_factor`, Phi-4-mini's 0.75);
 LongRoPE (`rope_scaling.type` "longrope", or its old names "su" and "yarn", which transformers
 maps to it) with the trained length in the top-level `original_max_position_embeddings`
-(default 4096), which transformers prefers to the one in rope_scaling. Its `sliding_window` (Phi-3-mini-4k:
-2047; the 128k models: 262144) slides every layer, as in transformers.
+(default 4096), which transformers prefers to the one in rope_scaling. Its `sliding_window`
+(Phi-3-mini-4k: 2047; the 128k models: 262144) slides every layer, as in transformers.
 
 transformers' Phi3Config accepts only the default and LongRoPE scalings, so a Phi-3 model
 extended with another length-independent scaling (linear, YaRN, llama3, a new theta) is written
