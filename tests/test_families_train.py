@@ -177,16 +177,3 @@ def test_the_architecture_comes_from_the_directory_lists_included(family_dirs):
   (abf,) = read_stages(finetune_config(family_dirs["phi3"], {"model.rope.theta": 1e5}))
   assert abf.model.rope == dataclasses.replace(want.rope, theta=1e5)
   assert abf.model.rope.long_factor == (2.5, 7.0, 19.0)
-
-
-def test_the_trainer_and_eval_commands_refuse_rows_past_a_sliding_window(tmp_path, capsys):
-  save_family_dir("mistral", tmp_path / "hf", sliding_window=64)
-  with pytest.warns(UserWarning, match="sliding_window=64"), pytest.raises(
-      ValueError, match=r"data.max_len=128: 128 tokens exceed the model's sliding_window=64"):
-    loop.run(finetune_config(tmp_path / "hf"), str(tmp_path / "run"), log=lambda *_: None)
-  (tmp_path / "doc.txt").write_text(FAMILY_TEXT)
-  assert eval_main.main(["perplexity", "--checkpoint", str(tmp_path / "hf"), "--tokenizer",
-                         str(tmp_path / "hf" / "tokenizer.json"), "--data",
-                         str(tmp_path / "doc.txt"), "--lengths", "96", "--max_windows", "1",
-                         "--out", str(tmp_path / "ppl.json")]) == 2
-  assert "96 tokens exceed the model's sliding_window=64" in capsys.readouterr().err

@@ -121,7 +121,7 @@ class AttentionSpec:
 
   def function(self, mesh: Optional[jax.sharding.Mesh] = None, *, seq_axis="seq",
                permuted: bool = False, batch_axes=None, head_axis=None,
-               window: Optional[int] = None) -> AttentionFn:
+               window: Optional[int] = None) -> "LayerAttention":
     """The model's attention function fn(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, positions_BL).
 
     mesh / seq_axis: where a context-parallel spec splits the row (seq_axis: a mesh axis, or
@@ -130,9 +130,15 @@ class AttentionSpec:
     and the heads (data and tensor parallelism), so attention runs where the activations
     already are instead of gathering them. window: the layer's sliding window W (each query
     attends the W keys up to itself; None = global), the model's property rather than the
-    algorithm's, so one spec gives each kind of layer its function. Raises ValueError for a
-    combination that cannot exist, naming it.
+    algorithm's: the answer's `with_window(W)` is the same function for a layer of window W,
+    which is how a model with local and global layers gets one function per kind from one
+    spec (`LayerAttention`). Raises ValueError for a combination that cannot exist, naming it.
     """
+    make = functools.partial(self._function, mesh, seq_axis=seq_axis, permuted=permuted,
+                             batch_axes=batch_axes, head_axis=head_axis)
+    return LayerAttention(make, window)
+
+  def _function(self, mesh, window, *, seq_axis, permuted, batch_axes, head_axis) -> AttentionFn:
     mask = self.mask(window)
     if not self.context_parallel:
       from longctx.attention.shifted_sparse import at_positions
@@ -159,6 +165,34 @@ class AttentionSpec:
       raise ValueError(f"sliding window: expected a positive number of tokens or None, found "
                        f"{window!r}")
     return MaskSpec(causal=self.causal, window=None if window is None else int(window))
+
+
+class LayerAttention:
+  """`AttentionSpec.function`'s answer: the attention function of a layer with `window` (None:
+  global), called as contract 3's fn(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, positions_BL).
+
+  `with_window(W)` is the same spec's function (same mesh and axes) for a layer of window W,
+  made once per window and shared by all of them: the model (model.llama) asks it for each
+  kind of layer it has. Any object with `__call__` and `with_window` can stand in its place.
+  """
+
+  def __init__(self, make: Callable[[Optional[int]], AttentionFn], window: Optional[int]):
+    self.window = window
+    self._make, self._fn = make, make(window)  # a bad window raises here, by name
+    self._by_window = {window: self}
+
+  def __call__(self, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, positions_BL):
+    return self._fn(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, positions_BL)
+
+  def with_window(self, window: Optional[int]) -> "LayerAttention":
+    if window not in self._by_window:
+      other = LayerAttention(self._make, window)
+      other._by_window = self._by_window
+      self._by_window[window] = other
+    return self._by_window[window]
+
+  def __repr__(self) -> str:
+    return f"LayerAttention(window={self.window})"
 
 
 _RING, _ULYSSES = "seq_ring", "seq_ulysses"  # the hybrid's split of the sequence axis

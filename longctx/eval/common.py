@@ -262,9 +262,7 @@ def longest_fitting(cfg: ModelConfig, batch: int, new_tokens: int, budget: Memor
 
 def check_fits(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int,
                budget: MemoryBudget, where: str, attention: EvalAttention | None = None) -> None:
-  """Raises ContextTooLongError, naming the parts and the longest length that fits; ValueError
-  for a length past the model's sliding window (`ModelConfig.check_window`)."""
-  cfg.check_window(prompt_len + new_tokens, where)
+  """Raises ContextTooLongError, naming the parts and the longest length that fits."""
   parts = estimate_bytes(cfg, batch, prompt_len, new_tokens, attention)
   total = sum(parts.values())
   if total <= budget.bytes:

@@ -93,8 +93,8 @@ class ContextParallel:
   def cache_sharding(self) -> KVCache:
     from jax.sharding import NamedSharding, PartitionSpec as P
     slots = NamedSharding(self.mesh, P(None, None, self.axis, None, None))
-    return KVCache(slots, slots, NamedSharding(self.mesh, P(None, self.axis)),
-                   NamedSharding(self.mesh, P()))
+    tokens = NamedSharding(self.mesh, P(None, self.axis))
+    return KVCache(slots, slots, tokens, tokens, NamedSharding(self.mesh, P()))
 
 
 @functools.lru_cache(maxsize=16)
@@ -132,6 +132,7 @@ def prefill(module: Llama, params, tokens_BP, positions_BP, segments_BP, new_slo
   b = tokens_BP.shape[0]
   cache = KVCache(jnp.pad(k_NBPKD, pad), jnp.pad(v_NBPKD, pad),
                   jnp.concatenate([segments_BP, jnp.ones((b, new_slots), jnp.int32)], axis=1),
+                  jnp.pad(positions_BP.astype(jnp.int32), ((0, 0), (0, new_slots))),
                   jnp.int32(tokens_BP.shape[1]))
   if cp is not None:
     cache = jax.lax.with_sharding_constraint(cache, cp.cache_sharding())
@@ -176,8 +177,6 @@ def generate(module: Llama, params, prompts: Sequence[Sequence[int]],
   vocab = module.config.vocab_size
   if any(t < 0 or t >= vocab for p in prompts for t in p):
     raise ValueError(f"prompt token ids must lie in [0, {vocab})")
-  longest = max((len(p) for p in prompts), default=0)
-  module.config.check_window(longest + sampling.max_new_tokens, "generate: prompt + new tokens")
   out_BT = _new_tokens(module, params, [list(p) for p in prompts], sampling, cp)
   results = []
   for row in out_BT.tolist():

@@ -37,7 +37,6 @@ class PretrainedModel:
     if tokens.ndim == 1:
       raise ValueError(f"tokens must be [batch, seq_len]; found shape {tokens.shape} "
                        "(add a batch axis: tokens[None])")
-    self.config.check_window(tokens.shape[1], "model(tokens)")
     if np.any(np.asarray(tokens) >= self.config.vocab_size) or np.any(np.asarray(tokens) < 0):
       raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); found "
                        f"min {int(tokens.min())}, max {int(tokens.max())}")

@@ -12,6 +12,12 @@ from longctx.model.rope import DefaultRope, RopeScaling
 from longctx.names import Name
 
 
+class LayerType(Name):
+  """The attention of one decoder layer; the values are transformers' `layer_types` names."""
+  FULL = "full_attention"        # every earlier key of the document
+  SLIDING = "sliding_attention"  # the `sliding_window` keys up to the query (itself included)
+
+
 class RematPolicy(Name):
   """What each decoder layer keeps for the backward pass; the rest is recomputed."""
   NONE = "none"                      # keep everything (no remat)
@@ -67,10 +73,15 @@ class ModelConfig:
   What the model families differ by (longctx.model.families maps each HF `model_type` to these):
   `attention_bias` puts a bias on q/k/v/o (Llama's key), `qkv_bias` on q/k/v only (Qwen2);
   `qk_norm` RMS-normalises each head of q and k before RoPE (Qwen3); `partial_rotary_factor`
-  rotates only the first int(head_dim · factor) features (Phi-4-mini's 0.75); `sliding_window`
-  is the checkpoint's window, carried but not implemented: a length above it is refused
-  (`check_window`). `family` names the HF family (its config keys and weight names on export)
-  and changes no value.
+  rotates only the first int(head_dim · factor) features (Phi-4-mini's 0.75). `family` names
+  the HF family (its config keys and weight names on export) and changes no value.
+
+  Local / global attention: `layer_types` gives each layer's kind (LayerType); a sliding layer
+  lets a query at index i see the keys at indices > i − `sliding_window` (transformers'
+  `kv_idx > q_idx - sliding_window`), a full layer every earlier key. The empty tuple means
+  every layer is sliding when `sliding_window` is set (Mistral, Phi-3) and full otherwise;
+  an explicit tuple has one kind per layer (Qwen2's `max_window_layers` split). `layer_windows`
+  is the resulting window of each layer (None: full).
 
   LoRA (longctx.model.lora): `lora_rank` > 0 adds adapters of that rank to the projections named
   in `lora_targets` (a subset of LORA_TARGETS), scaled by `lora_alpha / lora_rank`. The HF
@@ -99,6 +110,7 @@ class ModelConfig:
   qk_norm: bool = False
   partial_rotary_factor: float = 1.0
   sliding_window: int | None = None
+  layer_types: tuple[LayerType, ...] = ()
   family: str = "llama"
   bos_token_id: int | None = 1
   eos_token_id: int | None = 2
@@ -125,9 +137,7 @@ class ModelConfig:
                        f"dimension, found {self.rotary_dim}")
     from longctx.model import families
     families.get(self.family)  # ValueError listing the registered families
-    if self.sliding_window is not None and self.sliding_window < 1:
-      raise ValueError(f"sliding_window: expected a positive window or None, found "
-                       f"{self.sliding_window}")
+    self._check_layer_types()
     if self.dtype not in _DTYPES:
       raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, found {self.dtype!r}")
     if isinstance(self.lora_targets, str):
@@ -144,6 +154,24 @@ class ModelConfig:
     if self.lora_rank and (not self.lora_targets or self.lora_alpha <= 0):
       raise ValueError(f"LoRA (lora_rank={self.lora_rank}) needs lora_targets and lora_alpha > 0; "
                        f"found targets {self.lora_targets}, alpha {self.lora_alpha}")
+
+  def _check_layer_types(self) -> None:
+    window = self.sliding_window
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                               or window < 1):
+      raise ValueError(f"sliding_window: expected a positive number of tokens or None, found "
+                       f"{window!r}")
+    given = self.layer_types or ()  # a config section: a comma-separated string; JSON: a list
+    names = [t.strip() for t in given.split(",") if t.strip()] if isinstance(given, str) else given
+    kinds = tuple(LayerType.parse(t, "layer_types entry") for t in names)
+    object.__setattr__(self, "layer_types", kinds)
+    if kinds and len(kinds) != self.num_layers:
+      raise ValueError(f"layer_types has {len(kinds)} entries but num_layers is "
+                       f"{self.num_layers}: expected one kind per layer (or none: every layer "
+                       "sliding when sliding_window is set, else full)")
+    if LayerType.SLIDING in kinds and window is None:
+      raise ValueError(f"layer_types[{kinds.index(LayerType.SLIDING)}]="
+                       f"{LayerType.SLIDING.value!r} needs sliding_window >= 1, found None")
 
   def _check_memory_fields(self) -> None:
     for field in ("remat_save", "remat_offload"):
@@ -181,17 +209,20 @@ class ModelConfig:
     """The features of each head that RoPE rotates (transformers: int(head_dim · factor))."""
     return int(self.head_dim * self.partial_rotary_factor)
 
-  def check_window(self, length: int, where: str) -> None:
-    """ValueError, naming `where`, the length and the window, when rows of `length` tokens
-    would reach past the checkpoint's sliding window: longctx attends globally, which equals
-    the window only up to its size."""
-    if self.sliding_window is not None and length > self.sliding_window:
-      raise ValueError(
-          f"{where}: {length} tokens exceed the model's sliding_window={self.sliding_window} "
-          f"({self.family} config.json key sliding_window). longctx attends globally, which "
-          f"equals sliding-window attention only up to {self.sliding_window} tokens; use rows "
-          f"of at most {self.sliding_window} tokens (sliding-window attention is not "
-          "implemented yet)")
+  @property
+  def layer_windows(self) -> tuple[int | None, ...]:
+    """Each layer's sliding window (None: full attention), from `layer_types`."""
+    if not self.layer_types:
+      return (self.sliding_window,) * self.num_layers
+    return tuple(self.sliding_window if t is LayerType.SLIDING else None
+                 for t in self.layer_types)
+
+  @property
+  def windows(self) -> tuple[int | None, ...]:
+    """The distinct windows of the layers (None, full attention, first): one attention
+    function per entry, and `layer_windows[i]` is `windows[kind_N[i]]` (model.llama)."""
+    present = set(self.layer_windows)
+    return ((None,) if None in present else ()) + tuple(sorted(present - {None}))
 
   @property
   def has_lora(self) -> bool:
@@ -225,6 +256,7 @@ class ModelConfig:
     d = dataclasses.asdict(self)
     d["rope"] = self.rope.to_dict()
     d["remat"] = self.remat.value
+    d["layer_types"] = [t.value for t in self.layer_types]
     return d
 
   @classmethod
@@ -244,7 +276,7 @@ class ModelConfig:
   def from_hf(cls, hf: Mapping[str, Any], **overrides) -> "ModelConfig":
     """From an HF config.json dict (transformers 4.x or 5.x) of any registered family
     (longctx.model.families); keys that change the computation and are not implemented are
-    refused by name. Notes on what was carried or not read go to `warnings`."""
+    refused by name. Notes on keys not read go to `warnings`."""
     from longctx.model import families
     reading = families.read_hf(hf)
     for note in reading.notes:

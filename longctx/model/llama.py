@@ -10,6 +10,14 @@ the positions, which a ring over a pre-permuted batch uses as its mask index), s
 reference, tiled attention or a context-parallel strategy (`longctx.attention.AttentionSpec`)
 plug in unchanged.
 
+Local and global layers (`config.layer_windows`): the model needs one attention function per
+window among its layers (`config.windows`); it asks `attention_fn.with_window(W)` for each
+(`AttentionSpec.function` gives such an object, `LayerAttention`). One `nn.scan` runs all N
+layers with their parameters stacked [N, ...] as for a uniform model; a scanned int32 [N] kind
+index picks each layer's function with `lax.switch`. A model whose layers all have one window
+calls its one function directly. A plain function cannot be told a window: it is refused for a
+model with windowed layers rather than attend globally there.
+
 Legend: B batch, L sequence, E hidden (embed), H query heads, K kv heads, D head dim,
 M mlp hidden, V vocab.
 """
@@ -39,6 +47,50 @@ def default_attention_fn() -> AttentionFn:
   """The dense reference attention (causal), the oracle of contract 3."""
   from longctx.attention.spec import AttentionSpec
   return AttentionSpec(impl="dense").function()
+
+
+def layer_attention_fns(attention_fn, config: ModelConfig) -> tuple[AttentionFn, ...]:
+  """One attention function per entry of `config.windows` (the distinct windows of the layers,
+  None = full): `attention_fn.with_window(W)`. A plain function serves a model of full layers
+  only; for windowed layers it raises ValueError naming the windows and what to pass."""
+  windows = config.windows
+  with_window = getattr(attention_fn, "with_window", None)
+  if with_window is not None:
+    return tuple(with_window(w) for w in windows)
+  if windows != (None,):
+    name = getattr(attention_fn, "__name__", type(attention_fn).__name__)
+    raise ValueError(
+        f"attention_fn {name!r} is a plain function, but the model has sliding-window layers "
+        f"(sliding_window={config.sliding_window}, layer windows {list(config.layer_windows)}): "
+        "a plain function cannot be told a layer's window and would attend globally there; "
+        "pass AttentionSpec(...).function(...), or an object whose with_window(window) gives "
+        "the function of a layer with that window (None: full)")
+  return (attention_fn,)
+
+
+def layer_kinds(config: ModelConfig) -> jax.Array | None:
+  """Each layer's index into `config.windows`, int32 [N] (None when there is one kind)."""
+  windows = config.windows
+  if len(windows) == 1:
+    return None
+  return jnp.asarray([windows.index(w) for w in config.layer_windows], jnp.int32)
+
+
+def _attend(fns, kind, *args):
+  """The layer's attention: its kind's function (`lax.switch` on the traced kind index)."""
+  if kind is None:
+    (fn,) = fns
+    return fn(*args)
+  return jax.lax.switch(kind, fns, *args)
+
+
+def _window_of(windows, kind):
+  """The layer's window for decoding: static when one kind (None: full), else the traced
+  windows[kind] with 0 for full."""
+  if kind is None:
+    (window,) = windows
+    return window
+  return jnp.asarray([w or 0 for w in windows], jnp.int32)[kind]
 
 
 def _init(config: ModelConfig, *names):
@@ -98,22 +150,29 @@ class KVCache(NamedTuple):
   """Keys and values of every layer for decoding; slots [0, length) are filled.
 
   k, v: [N layers, B, S, K, D] (post-RoPE keys); segment_ids: [B, S] (0 = empty or padding);
+  positions: [B, S], each slot's token position (a sliding window is taken on positions, so
+  the prompt's slots may be in any order, as a context-parallel prefill leaves them);
   length: int32 scalar, the number of filled slots (the same for every row).
+
+  Every slot of every layer is kept, windowed layers too (no ring buffer of W slots).
   """
   k_NBSKD: jax.Array
   v_NBSKD: jax.Array
   segment_ids_BS: jax.Array
+  positions_BS: jax.Array
   length: jax.Array
 
 
-def _cached_attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, layer_cache):
+def _cached_attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, positions_BT, layer_cache,
+                      window):
   """Writes the new keys/values at [length, length+T) and attends over the cache.
 
-  A query at slot length+t sees filled slots up to its own in its own segment.
+  A query at slot length+t sees filled slots up to its own in its own segment, and with a
+  `window` W (an int, or a traced one where 0 = full) only those at positions > its own − W.
   Returns (out_BTHD, (k_BSKD, v_BSKD)) with the updated cache of this layer.
   """
   from longctx.attention.reference import masked_dense_attention
-  k_BSKD, v_BSKD, seg_BS, length = layer_cache
+  k_BSKD, v_BSKD, seg_BS, pos_BS, length = layer_cache
   t = q_BTHD.shape[1]
   k_BSKD = jax.lax.dynamic_update_slice(k_BSKD, k_BTKD.astype(k_BSKD.dtype), (0, length, 0, 0))
   v_BSKD = jax.lax.dynamic_update_slice(v_BSKD, v_BTKD.astype(v_BSKD.dtype), (0, length, 0, 0))
@@ -122,17 +181,23 @@ def _cached_attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, layer_cache):
   mask_BTS = ((segment_ids_BT[:, :, None] == seg_BS[:, None, :])
               & (segment_ids_BT[:, :, None] != 0)
               & (slot_S[None, None, :] <= slot_q_T[None, :, None]))
+  if window is not None:
+    near_BTS = pos_BS[:, None, :] > positions_BT[:, :, None] - window
+    mask_BTS &= near_BTS if isinstance(window, int) else near_BTS | (window == 0)
   out_BTHD, _ = masked_dense_attention(q_BTHD, k_BSKD, v_BSKD, mask_BTS)
   return out_BTHD, (k_BSKD, v_BSKD)
 
 
 class Attention(nn.Module):
+  """attention_fns: one function per entry of `config.windows`; `kind` (None or a traced
+  int32) the layer's index into them."""
   config: ModelConfig
-  attention_fn: AttentionFn
+  attention_fns: tuple[AttentionFn, ...]
 
   @nn.compact
-  def __call__(self, x_BLE, positions_BL, segment_ids_BL, layer_cache=None):
-    """Self-attention; with `layer_cache` (k, v, segment ids, length) it decodes against it.
+  def __call__(self, x_BLE, positions_BL, segment_ids_BL, kind=None, layer_cache=None):
+    """Self-attention; with `layer_cache` (k, v, segment ids, positions, length) it decodes
+    against it.
 
     Returns (out_BLE, (k, v)): this call's keys/values (post-RoPE), or the updated cache.
     """
@@ -154,11 +219,13 @@ class Attention(nn.Module):
                                         rotary_dim=cfg.rotary_dim), "qkv")
     v_BLKD = checkpoint_name(v_BLKD, "qkv")
     if layer_cache is None:
-      out_BLHD = self.attention_fn(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, positions_BL)
+      out_BLHD = _attend(self.attention_fns, kind, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL,
+                         positions_BL)
       out_BLHD = checkpoint_name(out_BLHD, "attention")
       kv = (k_BLKD, v_BLKD)
     else:
-      out_BLHD, kv = _cached_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, layer_cache)
+      out_BLHD, kv = _cached_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, positions_BL,
+                                       layer_cache, _window_of(cfg.windows, kind))
     out_BLE = Projection(cfg, (cfg.hidden_size,), (-2, -1), ("heads", "head_dim", "embed"), bias,
                          name="o_proj")(out_BLHD.astype(cfg.compute_dtype))
     return out_BLE, kv
@@ -184,20 +251,24 @@ class DecoderLayer(nn.Module):
 
   token_shards: devices splitting each row's tokens (see Llama); the MLP runs over chunks of
   `config.mlp_chunk` tokens per device (model.chunking) when that tiles the length.
+  layer_inputs (scanned over the layers): "kind", the layer's index into attention_fns (only
+  with several kinds), and "kv", its cache's keys and values (only when decoding).
   """
   config: ModelConfig
-  attention_fn: AttentionFn
+  attention_fns: tuple[AttentionFn, ...]
   emit_kv: bool = False
   token_shards: int = 1
 
   @nn.compact
-  def __call__(self, x_BLE, batch_inputs, layer_kv=None):
+  def __call__(self, x_BLE, batch_inputs, layer_inputs=None):
     positions_BL, segment_ids_BL, cache_extra = batch_inputs
+    layer_inputs = layer_inputs or {}
+    layer_kv, kind = layer_inputs.get("kv"), layer_inputs.get("kind")
     layer_cache = None if layer_kv is None else (*layer_kv, *cache_extra)
     x_BLE = checkpoint_name(constrain(x_BLE, RESIDUAL_AXES), "layer_input")
     h_BLE = RMSNorm(self.config, name="input_layernorm")(x_BLE)
-    attn_BLE, kv = Attention(self.config, self.attention_fn, name="self_attn")(
-        h_BLE, positions_BL, segment_ids_BL, layer_cache)
+    attn_BLE, kv = Attention(self.config, self.attention_fns, name="self_attn")(
+        h_BLE, positions_BL, segment_ids_BL, kind, layer_cache)
     x_BLE = constrain(x_BLE + attn_BLE, RESIDUAL_AXES)
     h_BLE = checkpoint_name(RMSNorm(self.config, name="post_attention_layernorm")(x_BLE),
                             "mlp_input")
@@ -217,6 +288,22 @@ def _single_document(tokens_BL, positions_BL, segment_ids_BL):
   return positions_BL, segment_ids_BL
 
 
+def _layer_inputs(cfg: ModelConfig, kv_cache: KVCache | None, positions_BL):
+  """(the cache with the new tokens' positions written, the per-layer inputs scanned over the
+  layers ("kv" when decoding, "kind" with several kinds of layers), the cache's broadcast
+  extras (segment ids, positions, length))."""
+  layer_inputs, extra = {}, ()
+  if kv_cache is not None:
+    kv_cache = kv_cache._replace(positions_BS=jax.lax.dynamic_update_slice(
+        kv_cache.positions_BS, positions_BL.astype(jnp.int32), (0, kv_cache.length)))
+    extra = (kv_cache.segment_ids_BS, kv_cache.positions_BS, kv_cache.length)
+    layer_inputs["kv"] = (kv_cache.k_NBSKD, kv_cache.v_NBSKD)
+  kind_N = layer_kinds(cfg)
+  if kind_N is not None:
+    layer_inputs["kind"] = kind_N
+  return kv_cache, layer_inputs, extra
+
+
 class Llama(nn.Module):
   """The decoder: tokens [B, L] int32 -> logits [B, L, V] float32.
 
@@ -226,6 +313,10 @@ class Llama(nn.Module):
   token_shards: how many devices split each row's tokens (a trainer passes its mesh's `seq`
   size). It changes no value: token chunks (config.mlp_chunk) are taken so that each device
   works on its own tokens (model.chunking).
+
+  attention_fn: contract 3's function, or for a model with sliding-window layers an object
+  that also has `with_window` (`AttentionSpec.function`'s `LayerAttention`; see the module
+  docstring). None: the dense reference.
   """
   config: ModelConfig
   attention_fn: AttentionFn | None = None
@@ -243,11 +334,12 @@ class Llama(nn.Module):
       the logits, for a loss that applies the head itself (`head_weight`, train.loss).
     return_kv: also return every layer's keys/values, ([N, B, L, K, D], same) — a prefill.
     kv_cache: decode the tokens against the cache (their segment ids must already be written
-      into `kv_cache.segment_ids_BS`); returns (logits, cache with the new keys/values).
+      into `kv_cache.segment_ids_BS`; their positions are written here); returns (logits,
+      cache with the new keys/values and positions).
     """
     cfg = self.config
     positions_BL, segment_ids_BL = _single_document(tokens_BL, positions_BL, segment_ids_BL)
-    attention_fn = self.attention_fn or default_attention_fn()
+    attention_fns = layer_attention_fns(self.attention_fn or default_attention_fn(), cfg)
 
     embedding_VE = self.param("embed_tokens", _init(cfg, "vocab", "embed"),
                               (cfg.vocab_size, cfg.hidden_size), jnp.float32)
@@ -257,13 +349,13 @@ class Llama(nn.Module):
     if cfg.remat is not RematPolicy.NONE:
       layer = nn.remat(DecoderLayer, policy=cfg.jax_remat_policy(), prevent_cse=False)
     decoding = kv_cache is not None
-    extra = (kv_cache.segment_ids_BS, kv_cache.length) if decoding else ()
-    scan_args = ((kv_cache.k_NBSKD, kv_cache.v_NBSKD),) if decoding else ()
+    kv_cache, layer_inputs, extra = _layer_inputs(cfg, kv_cache, positions_BL)
+    scan_args = (layer_inputs,) if layer_inputs else ()  # a uniform model scans nothing more
     x_BLE, kv = nn.scan(
         layer, variable_axes={"params": 0}, split_rngs={"params": True},
-        in_axes=(nn.broadcast, 0) if decoding else nn.broadcast, length=cfg.num_layers,
+        in_axes=(nn.broadcast, 0) if scan_args else nn.broadcast, length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
-    )(cfg, attention_fn, emit_kv=decoding or return_kv, token_shards=self.token_shards,
+    )(cfg, attention_fns, emit_kv=decoding or return_kv, token_shards=self.token_shards,
       name="layers")(x_BLE, (positions_BL, segment_ids_BL, extra), *scan_args)
 
     x_BLE = RMSNorm(cfg, name="norm")(x_BLE)

@@ -31,7 +31,7 @@ ARCHITECTURE_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
     "head_dim", "rms_norm_eps", "max_position_embeddings", "rope", "tie_word_embeddings",
     "attention_bias", "mlp_bias", "qkv_bias", "qk_norm", "partial_rotary_factor",
-    "sliding_window", "family", "bos_token_id", "eos_token_id", "pad_token_id")
+    "sliding_window", "layer_types", "family", "bos_token_id", "eos_token_id", "pad_token_id")
 def _rope_fields() -> dict[str, type]:
   """The keys of every RoPE scaling and their placeholder types (lists, e.g. LongRoPE's
   factors, are tuples there)."""
@@ -90,8 +90,9 @@ def resolve(section: Mapping[str, Any], base: ModelConfig | None) -> dict[str, A
   return fields
 
 
-# Architecture fields whose ModelConfig default is None: unset without a checkpoint, they are None.
-_NULLABLE = {f.name: f.default is None for f in dataclasses.fields(ModelConfig)}
+# Architecture fields whose ModelConfig default is None (or empty: every layer of the window's
+# kind): unset without a checkpoint, they take it.
+_NULLABLE = {f.name: f.default is None or f.default == () for f in dataclasses.fields(ModelConfig)}
 
 
 def _partial_rope(section: Mapping[str, Any]) -> bool:

@@ -19,7 +19,7 @@ from longctx.checkpoint import manager as ckpt
 from longctx.data.config import DataConfig
 from longctx.errors import ConfigError, user_error
 from longctx.train.architecture import read_architecture
-from longctx.train.config import SECTIONS, InitKind, StageSpec
+from longctx.train.config import SECTIONS, InitKind, StageSpec, model_section
 from longctx.train.data import GlobalBatches, check_length
 from longctx.train.runner import HOST_MEMORY, check_same_architecture, head_axis
 
@@ -69,6 +69,17 @@ def _same(key: str, a, b) -> bool:
   return a == b if cls is None else schema.same_value(cls, ".".join(parts[1:]), a, b)
 
 
+def _new_model_key_at_default(key: str, saved: dict, current: dict) -> bool:
+  """A model key that a config saved before the key existed lacks, now at its default (e.g.
+  `model.layer_types` empty, or unset to come from the checkpoint): the same model."""
+  parts = key.split(".")
+  if parts[0] == "stages" and len(parts) > 2:
+    parts = parts[2:]
+  if key in saved or len(parts) != 2 or parts[0] != "model":
+    return False
+  return current.get(key) in (None, model_section().get(parts[1]))
+
+
 def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Write <workdir>/config.json, or refuse a workdir that trains another config."""
   path = epath.Path(workdir) / "config.json"
@@ -76,7 +87,8 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   if path.exists():
     saved = _flat(json.loads(path.read_text()))
     diff = sorted(k for k in set(saved) | set(current)
-                  if not _same(k, saved.get(k), current.get(k)) and not resumable(k))
+                  if not _same(k, saved.get(k), current.get(k)) and not resumable(k)
+                  and not _new_model_key_at_default(k, saved, current))
     if diff:
       raise ConfigMismatchError(
           f"workdir {workdir} holds checkpoints of another config: keys {diff} differ from "
@@ -122,12 +134,16 @@ def check_stage(stage: StageSpec, mesh: Mesh, first: bool, init_kind: InitKind,
     raise ConfigError(f"config stages.{stage.name}.attention.impl={stage.attention.impl!r} "
                       f"with mesh seq={seq}: only 'context_parallel' splits a row across devices")
   check_length(stage.data.max_len, seq, layout, f"stages.{stage.name}.data.max_len")
-  stage.model.check_window(stage.data.max_len, f"config stages.{stage.name}.data.max_len="
-                           f"{stage.data.max_len}")
   check_memory_options(stage, seq, layout)
   check_ulysses_heads(stage, mesh)
   if stage.attention.s2_group:
     from longctx.attention.shifted_sparse import check_s2
+    if any(stage.model.layer_windows):  # the one combination windows do not implement
+      raise ConfigError(f"config stages.{stage.name}.lora.s2_group_fraction="
+                        f"{stage.lora.s2_group_fraction}: S²-Attn on a model with sliding-window "
+                        f"layers (model.sliding_window={stage.model.sliding_window}) is not "
+                        "defined; lora.s2_group_fraction=0 trains LoRA with the model's own "
+                        "attention")
     try:
       check_s2(stage.data.max_len, stage.model.num_heads, stage.model.num_kv_heads,
                stage.attention.s2_group)

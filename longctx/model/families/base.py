@@ -126,8 +126,8 @@ def get(model_type: str) -> Family:
 
 @dataclasses.dataclass(frozen=True)
 class HfReading:
-  """ModelConfig fields read from a config.json, and notes for the user (what is carried but
-  not implemented, which keys were not read)."""
+  """ModelConfig fields read from a config.json, and notes for the user (which keys were not
+  read)."""
   fields: dict
   notes: tuple[str, ...]
 
@@ -146,16 +146,32 @@ def read_hf(hf: Mapping[str, Any]) -> HfReading:
     if fields.setdefault(name, value) != value:
       keys.refuse(_HF_KEY.get(name, name), f"transformers' {family.architecture} has "
                   f"{name}={value!r}", fields[name])
+  _canonical_layer_types(fields)
   notes = []
-  if fields.get("sliding_window") is not None:
-    notes.append(f"HF config ({family.model_type}) sliding_window={fields['sliding_window']}: "
-                 "carried as model.sliding_window; longctx attends globally, so the model, the "
-                 "trainer and the eval commands refuse rows longer than the window")
   if keys.unread():
     notes.append(f"HF config ({family.model_type}): keys not read by longctx (nor, for "
                  f"{family.architecture}, by transformers as far as longctx knows): "
                  f"{keys.unread()}")
   return HfReading(fields, tuple(notes))
+
+
+def _canonical_layer_types(fields: dict) -> None:
+  """A family's per-layer kinds (`layer_types`, transformers' names) as ModelConfig holds them:
+  () when every layer has the default kind (sliding when there is a window, else full)."""
+  kinds = tuple(fields.get("layer_types") or ())
+  default = "full_attention" if fields.get("sliding_window") is None else "sliding_attention"
+  fields["layer_types"] = () if all(k == default for k in kinds) else kinds
+
+
+def check_uniform_window(cfg: Any) -> None:
+  """ValueError unless every layer of `cfg` slides by `sliding_window` (or none does): what an
+  HF class with one window for all layers (Mistral, Phi-3) can hold."""
+  if set(cfg.layer_windows) != {cfg.sliding_window}:
+    family = get(cfg.family)
+    raise ValueError(f"model.layer_types={[str(t) for t in cfg.layer_types]} with "
+                     f"sliding_window={cfg.sliding_window}: the {family.model_type} family's HF "
+                     f"class ({family.architecture}) gives every layer the same window and "
+                     "cannot hold layers of different kinds")
 
 
 # ModelConfig field -> the config.json key a refusal names
@@ -234,5 +250,5 @@ def write_hf(cfg: Any, torch_dtype: str = "float32") -> dict[str, Any]:
   }
 
 
-__all__ = ["BOOKKEEPING", "Family", "HfKeys", "HfReading", "families", "get",
-           "read_hf", "read_rope", "register", "rope_params", "write_hf"]
+__all__ = ["BOOKKEEPING", "Family", "HfKeys", "HfReading", "check_uniform_window", "families",
+           "get", "read_hf", "read_rope", "register", "rope_params", "write_hf"]

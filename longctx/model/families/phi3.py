@@ -3,15 +3,16 @@ and gate and up in one `gate_up_proj` (split into longctx's projections on impor
 on export); no biases; partial rotary embeddings (`partial_rotary_factor`, Phi-4-mini's 0.75);
 LongRoPE (`rope_scaling.type` "longrope", or its old names "su" and "yarn", which transformers
 maps to it) with the trained length in the top-level `original_max_position_embeddings`
-(default 4096), which transformers prefers to the one in rope_scaling. Its `sliding_window` is
-carried (Phi-3-mini-4k: 2047; the 128k models: 262144).
+(default 4096), which transformers prefers to the one in rope_scaling. Its `sliding_window`
+(Phi-3-mini-4k: 2047; the 128k models: 262144) slides every layer, as in transformers.
 
 transformers' Phi3Config accepts only the default and LongRoPE scalings, so a Phi-3 model
 extended with another length-independent scaling (linear, YaRN, llama3, a new theta) is written
 as LongRoPE with equal short and long factors (`LongRope.from_static`); dynamic NTK has no such
 form and is refused on export.
 """
-from longctx.model.families.base import Family, HfKeys, read_rope, register, rope_params
+from longctx.model.families.base import (Family, HfKeys, check_uniform_window, read_rope,
+                                         register, rope_params)
 from longctx.model.rope import DefaultRope, LongRope
 
 _LONGROPE_NAMES = ("longrope", "su", "yarn")
@@ -32,6 +33,7 @@ def read(keys: HfKeys, fields: dict) -> dict:
 
 
 def write(cfg) -> dict:
+  check_uniform_window(cfg)
   rope = cfg.rope
   if not isinstance(rope, (DefaultRope, LongRope)):
     rope = LongRope.from_static(rope, cfg.rotary_dim, cfg.max_position_embeddings)
