@@ -160,8 +160,11 @@ def strategy_traffic(stage, mesh, batch_shape) -> dict[str, int | str]:
     if name in ("ulysses", "hybrid") and h % (u if name == "hybrid" else seq):
       out[name] = f"cannot: {h} query heads per device over {u if name == 'hybrid' else seq}"
       continue
-    call = strategy_bytes(name, rows, length, h, kh, m.head_dim, nbytes, size, grad=True)
-    out[name] = sum(call.values()) * m.num_layers * micro
+    out[name] = micro * sum(
+        sum(strategy_bytes(name, rows, length, h, kh, m.head_dim, nbytes, size, grad=True,
+                           mask_spec=spec.mask(w), layout=spec.layout,
+                           layout_devices=seq).values())
+        for w in m.layer_windows)  # a windowed ring stops early (`ring.ring_hops`)
   return out
 
 

@@ -93,6 +93,31 @@ def test_strategy_traffic_is_the_formulas_over_layers_and_micro_batches(sizes, h
   assert plan_lib.strategy_traffic(stage, make_mesh({"data": 8}), shape) == {}
 
 
+def test_windowed_layers_count_the_hops_they_run_and_the_keys_they_see():
+  """A model with sliding layers: the ring's per-step bytes are each layer's own formula (a
+  windowed ring on the contiguous layout stops after one hop), fewer than the same model with
+  full layers; the FLOPs per token count W·(1 − (W − 1)/2L) keys per query on those layers."""
+  from longctx.attention import MaskSpec
+  from longctx.attention.costs import strategy_bytes
+  from longctx.train.metrics import flops_per_token, keys_per_query
+  stage = read_stages(tiny_config({"attention.layout": "contiguous"}))[1]
+  length = stage.data.max_len
+  windowed = dataclasses.replace(stage, model=stage.model.replace(
+      sliding_window=length // 8, layer_types=("sliding_attention", "full_attention")))
+  mesh, shape = make_mesh({"seq": 8}), (1, 8, length)
+  m = windowed.model
+  want = sum(sum(strategy_bytes("ring", 8, length, m.num_heads, m.num_kv_heads, m.head_dim, 4,
+                                8, grad=True, mask_spec=MaskSpec(window=w),
+                                layout="contiguous").values()) for w in (length // 8, None))
+  full = plan_lib.strategy_traffic(stage, mesh, shape)["ring"]
+  assert plan_lib.strategy_traffic(windowed, mesh, shape)["ring"] == want < full
+  w = length // 8
+  assert keys_per_query(length, w) == sum(min(i + 1, w) for i in range(length)) / length
+  attention = 12 * m.num_heads * m.head_dim * (keys_per_query(length, w) - length / 2)
+  assert flops_per_token(m, length) - flops_per_token(stage.model, length) == pytest.approx(
+      attention)
+
+
 @pytest.mark.slow
 def test_offloaded_activations_leave_the_device_total():
   config = tiny_config({"model.remat": "full"})

@@ -112,7 +112,8 @@ def _ulysses_bytes(b, c, h, kv_sent, d, nbytes, u, grad):
 
 def strategy_bytes(strategy, batch: int, length: int, num_heads: int, kv_heads: int,
                    head_dim: int, dtype_bytes: int, size, *, grad: bool = False,
-                   regather: bool = True, mask_spec=None, layout=None) -> dict[str, int]:
+                   regather: bool = True, mask_spec=None, layout=None,
+                   layout_devices: int | None = None) -> dict[str, int]:
   """{kind: bytes} per device of one attention call (forward, or forward + backward with
   grad=True), as `collective_bytes` counts them in its compiled shard_map program.
 
@@ -121,7 +122,9 @@ def strategy_bytes(strategy, batch: int, length: int, num_heads: int, kv_heads: 
   two-way ring's first backward send; in one program holding both passes of a single call XLA
   may merge such identical collectives (CSE), so pass False to match such a program. dK/dV are reduce-scattered in float32. mask_spec and layout (both given): a
   windowed ring stops after the hops some device needs (`ring.ring_hops`), as the ring does when
-  it is told its layout; the other strategies move the same bytes with or without a window.
+  it is told its layout (over `layout_devices`: default the ring's devices, as on natural-order
+  rows; the trainer's permuted rows are laid out over all S sequence devices, hybrid too); the
+  other strategies move the same bytes with or without a window.
   Raises ValueError on an unknown strategy (see `strategies.Strategy`).
   """
   from longctx.attention.ring import ring_hops
@@ -132,7 +135,7 @@ def strategy_bytes(strategy, batch: int, length: int, num_heads: int, kv_heads: 
   b, l, h, kh, d, nb = batch, length, num_heads, kv_heads, head_dim, dtype_bytes
   out = dict.fromkeys(KINDS, 0)
   hops = lambda r: (None if mask_spec is None or layout is None
-                    else ring_hops(layout, r, l, r, mask_spec))
+                    else ring_hops(layout, layout_devices or r, l, r, mask_spec))
   if strategy is Strategy.RING:
     out["collective-permute"] = _ring_bytes(b, l // size, kh, d, nb, size, grad, hops(size), regather)
   elif strategy is Strategy.ALL_GATHER:

@@ -2,8 +2,9 @@
 
 FLOPs per token of one training step (forward + backward = 3 × forward):
   6·N                     matmul weights, N = parameters except the embedding lookup
-  + 6·L·H·D·layers        attention scores and values: 2 matmuls × 2 FLOPs × L·H·D per token
-                          forward, × 3 for training, × 1/2 for the causal mask
+  + 12·k·H·D per layer    attention scores and values: 2 matmuls × 2 FLOPs × k·H·D per token
+                          forward, × 3 for training, with k the keys a query sees on average:
+                          L/2 under the causal mask, W·(1 − W/2L) with a sliding window W < L
 with L the row length (an upper bound for packed rows: documents attend only within themselves).
 tokens/s counts every slot of the step's rows, padding included (packing fills ~98% of them).
 MFU = achieved FLOP/s / peak FLOP/s of the devices. Only process 0 writes anything.
@@ -24,10 +25,19 @@ from longctx.parallel import devices
 
 
 
+def keys_per_query(length: int, window: int | None) -> float:
+  """The keys a query attends on average in a causal row of `length` tokens: (L + 1)/2 ≈ L/2,
+  or with a sliding window W < L, (1/L)·Σ min(i + 1, W) = W − W(W − 1)/2L."""
+  if window is None or window >= length:
+    return length / 2  # the usual L/2 (MFU conventions); exactly (L + 1)/2
+  return window - window * (window - 1) / (2 * length)
+
+
 def flops_per_token(cfg: ModelConfig, length: int) -> float:
   matmul_params = cfg.num_params() - cfg.vocab_size * cfg.hidden_size * (
       0 if cfg.tie_word_embeddings else 1)
-  attention = 6 * length * cfg.num_heads * cfg.head_dim * cfg.num_layers
+  attention = sum(12 * keys_per_query(length, w) * cfg.num_heads * cfg.head_dim
+                  for w in cfg.layer_windows)
   return 6.0 * matmul_params + attention
 
 
