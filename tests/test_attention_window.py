@@ -186,7 +186,8 @@ def test_non_causal_window_on_the_ring(rng):
 
 @pytest.mark.parametrize("impl,strategy,permuted", [
     ("dense", "ring", False), ("tiled", "ring", False), ("context_parallel", "ring", False),
-    ("context_parallel", "ulysses", True), ("context_parallel", "all_gather", True)])
+    ("context_parallel", "ring", True), ("context_parallel", "ulysses", True),
+    ("context_parallel", "all_gather", True)])
 def test_spec_function_takes_the_layers_window(rng, impl, strategy, permuted):
   """`AttentionSpec.function(window=W)` on natural and on permuted rows (positions as index,
   packed documents: the window is taken within each document)."""
