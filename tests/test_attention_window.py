@@ -115,7 +115,7 @@ def test_tiles_outside_the_window_are_skipped():
   assert count(MaskSpec(window=6)) == 16 + 15 + 14  # query 4t sees 4t − 5, two tiles back
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=4)  # reused across one test's layouts; bounded: ~80 programs
 def local_program(strategy, p, h, kh, window, causal, layout=None):
   """Jitted per-device (out, dq, dk, dv) of `strategy` on rows in layout order, the original
   indices passed as data (as the trainer calls it), and the devices the layout balances. With
@@ -135,7 +135,7 @@ def local_program(strategy, p, h, kh, window, causal, layout=None):
                                 out_specs=(act,) * 4)), resolved.layout_devices)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=8)
 def dense_program(window, causal):
   mask = MaskSpec(causal=causal, window=window)
   return jax.jit(lambda q, k, v, seg, ct: _grads(
