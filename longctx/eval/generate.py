@@ -3,14 +3,18 @@
 Prompts of different lengths are left-padded into one [B, P] batch: padding has segment id 0
 (attended by nothing) and real tokens have positions 0..n−1, so every row sees exactly what it
 would see alone. The prompt is prefilled in one forward pass through the model's attention
-function (dense, tiled or context parallel), which also returns every layer's keys and values;
-decoding
-then runs one token per step against that cache inside a single jitted `lax.scan`.
+function (dense, tiled or context parallel), which also returns the KV cache
+(`model.kv_cache.KVCache`): every slot of the full layers, and for a sliding-window layer
+(window W) a ring of min(W, S) slots holding each row's latest W tokens, so a windowed layer's
+cache does not grow with the prompt. Decoding then runs one token per step against that cache
+inside a single jitted `lax.scan`.
 
 With a mesh, the prefill runs ring attention over its `seq` axis (the training attention path,
-so 100k+-token prompts spread across devices) and the cache stays sharded along its slots on
-that axis: each device holds S/n slots, and a decode step reduces partial attention results
-across devices instead of gathering the context on one.
+so 100k+-token prompts spread across devices) and the full layers' cache stays sharded along
+its slots on that axis: each device holds S/n slots, and a decode step reduces partial
+attention results across devices instead of gathering the context on one. The windowed
+layers' rings (W slots) are whole on every device: each device scatters its chunk's latest
+tokens into them and one all-reduce of W slots per layer completes them.
 
 Legend: B batch, P prompt length, S cache slots (P + new tokens), T new tokens, V vocab.
 """
@@ -24,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longctx.model.llama import KVCache, Llama
+from longctx.model.kv_cache import KVCache, RingCache
+from longctx.model.llama import Llama
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,11 +95,18 @@ class ContextParallel:
   def size(self) -> int:
     return self.mesh.shape[self.axis]
 
-  def cache_sharding(self) -> KVCache:
+  def cache_sharding(self, cache: KVCache) -> KVCache:
+    """The full layers' slots split along the axis; the windowed layers' rings (W slots each)
+    whole on every device."""
     from jax.sharding import NamedSharding, PartitionSpec as P
     slots = NamedSharding(self.mesh, P(None, None, self.axis, None, None))
     tokens = NamedSharding(self.mesh, P(None, self.axis))
-    return KVCache(slots, slots, tokens, tokens, NamedSharding(self.mesh, P()))
+    whole = NamedSharding(self.mesh, P())
+    return KVCache(slots, slots, tokens, tokens, whole,
+                   tuple(RingCache(whole, whole, whole, whole) for _ in cache.rings))
+
+  def constrain(self, cache: KVCache) -> KVCache:
+    return jax.lax.with_sharding_constraint(cache, self.cache_sharding(cache))
 
 
 @functools.lru_cache(maxsize=16)
@@ -110,10 +122,13 @@ def prefill(module: Llama, params, tokens_BP, positions_BP, segments_BP, new_slo
             cp: ContextParallel | None = None):
   """Runs the prompt once; returns (last logits [B, V], a cache with P + new_slots slots).
 
+  The full layers keep all P + new_slots slots; a windowed layer keeps a ring of
+  min(W, P + new_slots) slots filled with each row's latest W prompt tokens (model.kv_cache).
   With `cp`, the prompt's token ids are put in `cp.layout` once (a cheap gather of int32 ids,
   never of activations), every layer runs the ring on device-local chunks, and the cache holds
-  the prompt's slots in layout order, sharded along the slots. Decoding does not care about the
-  order of the prompt's slots: every one of them precedes the new tokens.
+  the prompt's slots in layout order, sharded along the slots (the rings whole on every
+  device). Decoding does not care about the order of the prompt's slots: every one of them
+  precedes the new tokens, and a ring is indexed by position.
   """
   last = tokens_BP.shape[1] - 1
   if cp is not None:
@@ -126,16 +141,12 @@ def prefill(module: Llama, params, tokens_BP, positions_BP, segments_BP, new_slo
                                          NamedSharding(cp.mesh, P(None, cp.axis)))
         for x in (tokens_BP, positions_BP, segments_BP))
     last = int(layouts.Layout.parse(cp.layout).inverse(tokens_BP.shape[1], cp.size)[last])
-  logits_B1V, (k_NBPKD, v_NBPKD) = module.apply(
-      {"params": params}, tokens_BP, positions_BP, segments_BP, return_kv=True, logits_at=last)
-  pad = ((0, 0), (0, 0), (0, new_slots), (0, 0), (0, 0))
-  b = tokens_BP.shape[0]
-  cache = KVCache(jnp.pad(k_NBPKD, pad), jnp.pad(v_NBPKD, pad),
-                  jnp.concatenate([segments_BP, jnp.ones((b, new_slots), jnp.int32)], axis=1),
-                  jnp.pad(positions_BP.astype(jnp.int32), ((0, 0), (0, new_slots))),
-                  jnp.int32(tokens_BP.shape[1]))
+  logits_B1V, cache = module.apply(
+      {"params": params}, tokens_BP, positions_BP, segments_BP, return_kv=True,
+      cache_slots=tokens_BP.shape[1] + new_slots, logits_at=last)
+  cache = cache.with_new_slots(new_slots)  # decoding's tokens are segment 1 (see _generate)
   if cp is not None:
-    cache = jax.lax.with_sharding_constraint(cache, cp.cache_sharding())
+    cache = cp.constrain(cache)
   return logits_B1V[:, 0], cache
 
 
@@ -157,7 +168,7 @@ def _generate(module: Llama, params, tokens_BP, positions_BP, segments_BP, lengt
     logits_B1V, cache = module.apply({"params": params}, token_B[:, None], positions_B1,
                                      jnp.ones_like(positions_B1), kv_cache=cache)
     if cp is not None:
-      cache = jax.lax.with_sharding_constraint(cache, cp.cache_sharding())
+      cache = cp.constrain(cache)
     nxt_B = sample_token(logits_B1V[:, 0], jax.random.fold_in(key, first_index + i + 1),
                          sampling.temperature, sampling.top_p)
     return (nxt_B, cache), token_B

@@ -18,12 +18,16 @@ index picks each layer's function with `lax.switch`. A model whose layers all ha
 calls its one function directly. A plain function cannot be told a window: it is refused for a
 model with windowed layers rather than attend globally there.
 
+Decoding (model.kv_cache): the cache has one part per kind, the full layers' slots
+[N_full, B, S, K, D] and per window W a ring of R = min(W, S) slots [N_kind, B, R, K, D]. A
+prefill carries the parts through the scan over layers and each layer fills its row; decoding
+reads them (each layer its row, in its kind's `lax.switch` branch), the scan stacks the new
+tokens' keys/values, and they are written after it.
+
 Legend: B batch, L sequence, E hidden (embed), H query heads, K kv heads, D head dim,
 M mlp hidden, V vocab.
 """
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -31,10 +35,12 @@ import jax.numpy as jnp
 
 from jax.ad_checkpoint import checkpoint_name
 
+from longctx.model import kv_cache as kv_lib
 from longctx.model import lora
 from longctx.attention.spec import AttentionFn
 from longctx.model.chunking import apply_chunked
 from longctx.model.config import ModelConfig, RematPolicy
+from longctx.model.kv_cache import KVCache, LayerCache, RingCache  # noqa: F401 (re-exported)
 from longctx.model.rope import apply_rope
 from longctx.parallel.mesh import constrain
 
@@ -82,15 +88,6 @@ def _attend(fns, kind, *args):
     (fn,) = fns
     return fn(*args)
   return jax.lax.switch(kind, fns, *args)
-
-
-def _window_of(windows, kind):
-  """The layer's window for decoding: static when one kind (None: full), else the traced
-  windows[kind] with 0 for full."""
-  if kind is None:
-    (window,) = windows
-    return window
-  return jnp.asarray([w or 0 for w in windows], jnp.int32)[kind]
 
 
 def _init(config: ModelConfig, *names):
@@ -146,48 +143,6 @@ class Projection(nn.Module):
     return y
 
 
-class KVCache(NamedTuple):
-  """Keys and values of every layer for decoding; slots [0, length) are filled.
-
-  k, v: [N layers, B, S, K, D] (post-RoPE keys); segment_ids: [B, S] (0 = empty or padding);
-  positions: [B, S], each slot's token position (a sliding window is taken on positions, so
-  the prompt's slots may be in any order, as a context-parallel prefill leaves them);
-  length: int32 scalar, the number of filled slots (the same for every row).
-
-  Every slot of every layer is kept, windowed layers too (no ring buffer of W slots).
-  """
-  k_NBSKD: jax.Array
-  v_NBSKD: jax.Array
-  segment_ids_BS: jax.Array
-  positions_BS: jax.Array
-  length: jax.Array
-
-
-def _cached_attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, positions_BT, layer_cache,
-                      window):
-  """Writes the new keys/values at [length, length+T) and attends over the cache.
-
-  A query at slot length+t sees filled slots up to its own in its own segment, and with a
-  `window` W (an int, or a traced one where 0 = full) only those at positions > its own − W.
-  Returns (out_BTHD, (k_BSKD, v_BSKD)) with the updated cache of this layer.
-  """
-  from longctx.attention.reference import masked_dense_attention
-  k_BSKD, v_BSKD, seg_BS, pos_BS, length = layer_cache
-  t = q_BTHD.shape[1]
-  k_BSKD = jax.lax.dynamic_update_slice(k_BSKD, k_BTKD.astype(k_BSKD.dtype), (0, length, 0, 0))
-  v_BSKD = jax.lax.dynamic_update_slice(v_BSKD, v_BTKD.astype(v_BSKD.dtype), (0, length, 0, 0))
-  slot_q_T = length + jnp.arange(t, dtype=jnp.int32)
-  slot_S = jnp.arange(k_BSKD.shape[1], dtype=jnp.int32)
-  mask_BTS = ((segment_ids_BT[:, :, None] == seg_BS[:, None, :])
-              & (segment_ids_BT[:, :, None] != 0)
-              & (slot_S[None, None, :] <= slot_q_T[None, :, None]))
-  if window is not None:
-    near_BTS = pos_BS[:, None, :] > positions_BT[:, :, None] - window
-    mask_BTS &= near_BTS if isinstance(window, int) else near_BTS | (window == 0)
-  out_BTHD, _ = masked_dense_attention(q_BTHD, k_BSKD, v_BSKD, mask_BTS)
-  return out_BTHD, (k_BSKD, v_BSKD)
-
-
 class Attention(nn.Module):
   """attention_fns: one function per entry of `config.windows`; `kind` (None or a traced
   int32) the layer's index into them."""
@@ -196,10 +151,11 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BLE, positions_BL, segment_ids_BL, kind=None, layer_cache=None):
-    """Self-attention; with `layer_cache` (k, v, segment ids, positions, length) it decodes
-    against it.
+    """Self-attention; with `layer_cache` (a `kv_cache.LayerCache`) it fills the cache
+    (prefill: attends with its function) or decodes against it.
 
-    Returns (out_BLE, (k, v)): this call's keys/values (post-RoPE), or the updated cache.
+    Returns (out_BLE, kv): this call's keys/values (post-RoPE), or in a prefill the cache's
+    filled stacks.
     """
     cfg = self.config
     bias = cfg.attention_bias
@@ -218,14 +174,15 @@ class Attention(nn.Module):
     k_BLKD = checkpoint_name(apply_rope(k_BLKD, positions_BL, cfg.rope,
                                         rotary_dim=cfg.rotary_dim), "qkv")
     v_BLKD = checkpoint_name(v_BLKD, "qkv")
-    if layer_cache is None:
+    if layer_cache is None or layer_cache.prefill:
       out_BLHD = _attend(self.attention_fns, kind, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL,
                          positions_BL)
       out_BLHD = checkpoint_name(out_BLHD, "attention")
-      kv = (k_BLKD, v_BLKD)
+      kv = ((k_BLKD, v_BLKD) if layer_cache is None
+            else layer_cache.fill(cfg.windows, kind, k_BLKD, v_BLKD))
     else:
-      out_BLHD, kv = _cached_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, positions_BL,
-                                       layer_cache, _window_of(cfg.windows, kind))
+      out_BLHD, kv = layer_cache.decode(cfg.windows, kind, q_BLHD, k_BLKD, v_BLKD,
+                                        segment_ids_BL, positions_BL)
     out_BLE = Projection(cfg, (cfg.hidden_size,), (-2, -1), ("heads", "head_dim", "embed"), bias,
                          name="o_proj")(out_BLHD.astype(cfg.compute_dtype))
     return out_BLE, kv
@@ -247,12 +204,14 @@ class Mlp(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """One pre-norm block. `emit_kv`: return this layer's keys/values (prefill) or updated cache.
+  """One pre-norm block. `emit_kv`: return the new keys/values (decoding) or the filled stacks
+  (prefill).
 
   token_shards: devices splitting each row's tokens (see Llama); the MLP runs over chunks of
   `config.mlp_chunk` tokens per device (model.chunking) when that tiles the length.
+  batch_inputs: (positions, segment ids, the layer's `kv_cache.LayerCache` or () without one).
   layer_inputs (scanned over the layers): "kind", the layer's index into attention_fns (only
-  with several kinds), and "kv", its cache's keys and values (only when decoding).
+  with several kinds).
   """
   config: ModelConfig
   attention_fns: tuple[AttentionFn, ...]
@@ -261,10 +220,10 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x_BLE, batch_inputs, layer_inputs=None):
-    positions_BL, segment_ids_BL, cache_extra = batch_inputs
+    positions_BL, segment_ids_BL, layer_cache = batch_inputs
     layer_inputs = layer_inputs or {}
-    layer_kv, kind = layer_inputs.get("kv"), layer_inputs.get("kind")
-    layer_cache = None if layer_kv is None else (*layer_kv, *cache_extra)
+    kind = layer_inputs.get("kind")
+    layer_cache = layer_cache or None  # () without a cache
     x_BLE = checkpoint_name(constrain(x_BLE, RESIDUAL_AXES), "layer_input")
     h_BLE = RMSNorm(self.config, name="input_layernorm")(x_BLE)
     attn_BLE, kv = Attention(self.config, self.attention_fns, name="self_attn")(
@@ -288,20 +247,56 @@ def _single_document(tokens_BL, positions_BL, segment_ids_BL):
   return positions_BL, segment_ids_BL
 
 
-def _layer_inputs(cfg: ModelConfig, kv_cache: KVCache | None, positions_BL):
-  """(the cache with the new tokens' positions written, the per-layer inputs scanned over the
-  layers ("kv" when decoding, "kind" with several kinds of layers), the cache's broadcast
-  extras (segment ids, positions, length))."""
-  layer_inputs, extra = {}, ()
+def _layer_inputs(cfg: ModelConfig, kv_cache: KVCache | None, positions_BL, segment_ids_BL,
+                  return_kv: bool, cache_slots: int | None):
+  """(the cache with the new tokens' positions written, the cache as the scan over layers takes
+  it (`kv_cache.ScanCache`; None without a cache), the per-layer inputs scanned over the layers
+  ("index", the layer's row in its kind's stack, with a cache; "kind" with several kinds))."""
+  scan = None
   if kv_cache is not None:
-    kv_cache = kv_cache._replace(positions_BS=jax.lax.dynamic_update_slice(
-        kv_cache.positions_BS, positions_BL.astype(jnp.int32), (0, kv_cache.length)))
-    extra = (kv_cache.segment_ids_BS, kv_cache.positions_BS, kv_cache.length)
-    layer_inputs["kv"] = (kv_cache.k_NBSKD, kv_cache.v_NBSKD)
+    kv_cache, scan = kv_lib.begin_decode(cfg, kv_cache, positions_BL, segment_ids_BL)
+  elif return_kv:
+    scan = kv_lib.begin_prefill(cfg, positions_BL, segment_ids_BL, cache_slots,
+                                cfg.compute_dtype)
+  layer_inputs = {} if scan is None else {"index": scan.index_N}
   kind_N = layer_kinds(cfg)
   if kind_N is not None:
     layer_inputs["kind"] = kind_N
-  return kv_cache, layer_inputs, extra
+  return kv_cache, scan, layer_inputs
+
+
+def _scan_body(layer, carry, batch_inputs, *scanned):
+  """One layer. carry: (x, a prefill's stacks, which the layers fill, else ()); batch_inputs:
+  (positions, segment ids, the cache's (stacks to read when decoding, else None; `Shared`) or
+  None); scanned: the layer's inputs, when there are any. Stacks the decoded tokens' k/v."""
+  x_BLE, filling = carry
+  positions_BL, segment_ids_BL, cache = batch_inputs
+  layer_inputs = scanned[0] if scanned else {}
+  layer_cache = ()
+  if cache is not None:
+    stacks, shared = cache
+    layer_cache = LayerCache(filling if stacks is None else stacks, layer_inputs["index"],
+                             shared)
+  x_BLE, kv = layer(x_BLE, (positions_BL, segment_ids_BL, layer_cache), layer_inputs)
+  if cache is not None and cache[0] is None:
+    return (x_BLE, kv), None
+  return (x_BLE, filling), kv
+
+
+def _run_layers(layer, x_BLE, positions_BL, segment_ids_BL, scan, layer_inputs):
+  """The scan over the layers (one module `layer`, its parameters stacked [N, ...]). A prefill
+  carries the cache's stacks (they differ in shape between kinds) and fills them; decoding
+  reads them and returns the new tokens' keys/values [N, B, T, K, D]. Returns (x, the filled
+  stacks or the new keys/values or None)."""
+  scan_args = (layer_inputs,) if layer_inputs else ()  # a uniform model scans nothing more
+  run = nn.scan(_scan_body, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(nn.broadcast, 0) if scan_args else nn.broadcast,
+                length=layer.config.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+  prefill = scan is not None and scan.prefill
+  cache = None if scan is None else (None if prefill else scan.stacks, scan.shared)
+  (x_BLE, filled), new_kv = run(layer, (x_BLE, scan.stacks if prefill else ()),
+                                (positions_BL, segment_ids_BL, cache), *scan_args)
+  return x_BLE, filled if prefill else new_kv
 
 
 class Llama(nn.Module):
@@ -325,14 +320,17 @@ class Llama(nn.Module):
   @nn.compact
   def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, *,
                kv_cache: KVCache | None = None, return_kv: bool = False,
-               return_hidden: bool = False, logits_at: int | None = None):
+               cache_slots: int | None = None, return_hidden: bool = False,
+               logits_at: int | None = None):
     """Logits [B, L, V] float32.
 
     logits_at: only the logits at that index, [B, 1, V] (a prefill needs the last position's:
       no [B, L, V] array is made).
     return_hidden: return the final normed hidden states [B, L, E] (compute dtype) instead of
       the logits, for a loss that applies the head itself (`head_weight`, train.loss).
-    return_kv: also return every layer's keys/values, ([N, B, L, K, D], same) — a prefill.
+    return_kv: also return the prompt's `KVCache` (a prefill): the full layers' keys/values in
+      L slots (length L), each windowed layer's ring of min(W, cache_slots) slots (None: W)
+      holding each row's latest real tokens (model.kv_cache).
     kv_cache: decode the tokens against the cache (their segment ids must already be written
       into `kv_cache.segment_ids_BS`; their positions are written here); returns (logits,
       cache with the new keys/values and positions).
@@ -349,14 +347,11 @@ class Llama(nn.Module):
     if cfg.remat is not RematPolicy.NONE:
       layer = nn.remat(DecoderLayer, policy=cfg.jax_remat_policy(), prevent_cse=False)
     decoding = kv_cache is not None
-    kv_cache, layer_inputs, extra = _layer_inputs(cfg, kv_cache, positions_BL)
-    scan_args = (layer_inputs,) if layer_inputs else ()  # a uniform model scans nothing more
-    x_BLE, kv = nn.scan(
-        layer, variable_axes={"params": 0}, split_rngs={"params": True},
-        in_axes=(nn.broadcast, 0) if scan_args else nn.broadcast, length=cfg.num_layers,
-        metadata_params={nn.PARTITION_NAME: "layers"},
-    )(cfg, attention_fns, emit_kv=decoding or return_kv, token_shards=self.token_shards,
-      name="layers")(x_BLE, (positions_BL, segment_ids_BL, extra), *scan_args)
+    kv_cache, scan, layer_inputs = _layer_inputs(cfg, kv_cache, positions_BL, segment_ids_BL,
+                                                 return_kv, cache_slots)
+    x_BLE, kv = _run_layers(
+        layer(cfg, attention_fns, emit_kv=scan is not None, token_shards=self.token_shards,
+              name="layers"), x_BLE, positions_BL, segment_ids_BL, scan, layer_inputs)
 
     x_BLE = RMSNorm(cfg, name="norm")(x_BLE)
     if logits_at is not None:
@@ -370,9 +365,11 @@ class Llama(nn.Module):
                               name="lm_head")(x_BLE)
     logits_BLV = logits_BLV.astype(jnp.float32)
     if decoding:
-      return logits_BLV, kv_cache._replace(k_NBSKD=kv[0], v_NBSKD=kv[1],
-                                           length=kv_cache.length + tokens_BL.shape[1])
-    return (logits_BLV, kv) if return_kv else logits_BLV
+      return logits_BLV, kv_lib.end_decode(cfg, kv_cache, scan, kv, positions_BL,
+                                           segment_ids_BL)
+    if return_kv:
+      return logits_BLV, kv_lib.end_prefill(cfg, scan, kv, positions_BL, segment_ids_BL)
+    return logits_BLV
 
 
 def head_weight(params, config: ModelConfig) -> tuple[jax.Array, bool]:
