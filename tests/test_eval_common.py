@@ -124,6 +124,26 @@ def test_eval_attention_memory_and_flags():
     common.EvalAttention("context_parallel", 2, "hybrid")
 
 
+def test_the_kv_cache_estimate_counts_w_ring_slots_for_windowed_layers():
+  """A full layer keeps P+T slots (split over a context-parallel prefill's devices), a
+  sliding-window layer a ring of min(W, P+T) slots (whole on every device)."""
+  sliding = TINY.replace(num_layers=6, sliding_window=64,
+                         layer_types=("sliding_attention",) * 5 + ("full_attention",))
+  per_slot = 2 * TINY.num_kv_heads * TINY.head_dim * 4  # k and v, float32
+
+  def cache(cfg, prompt_len, new_tokens, attention=None):
+    return common.estimate_bytes(cfg, 1, prompt_len, new_tokens, attention)["kv_cache"]
+  assert cache(sliding, 1000, 24) == per_slot * (1024 + 5 * 64)
+  assert cache(sliding, 40, 8) == per_slot * 6 * 48  # shorter than the window
+  ring = common.EvalAttention("context_parallel", seq=4)
+  assert cache(sliding, 1000, 24, ring) == per_slot * (1024 // 4 + 5 * 64)
+  assert cache(sliding.replace(sliding_window=None, layer_types=()), 1000, 24) == (
+      per_slot * 6 * 1024)
+  assert (common.longest_fitting(sliding, 1, 8, common.MemoryBudget(1 << 24))
+          > common.longest_fitting(sliding.replace(layer_types=("full_attention",) * 6), 1, 8,
+                                   common.MemoryBudget(1 << 24)))
+
+
 def test_eval_attention_old_spellings_still_work_with_a_note(capsys):
   """`--attention=blockwise` and `--attention=ulysses` (before the renamings) mean what they
   meant, and say the new spelling."""

@@ -9,11 +9,12 @@ The old spellings `--attention=blockwise` and `--attention=ring|all_gather|ulyss
 with a note naming the new ones.
 
 The limit on lengths: an evaluation at prompt length P with T new tokens and batch B holds the
-parameters, the KV cache (2 · layers · B · (P+T) · kv_heads · head_dim), the prefill's attention
+parameters, the KV cache (2 · B · kv_heads · head_dim · slots, where a full layer keeps P+T slots
+and a sliding-window layer min(W, P+T): model.kv_cache), the prefill's attention
 scores (B · heads · P · keys per tile, float32, scores and probabilities; P keys when dense) and
 the logits (B · P · vocab, float32, when scoring; B · vocab for a prefill, which computes only
-the last position's); under the ring everything but the parameters is
-split over the devices. `check_fits` compares that estimate with a `MemoryBudget` (by default
+the last position's); under the ring everything but the parameters and the windowed layers'
+rings (whole on every device) is split over the devices. `check_fits` compares that estimate with a `MemoryBudget` (by default
 90% of the accelerator's memory, or of the host's RAM on CPU) and, when it does not fit, says the
 longest length that would.
 """
@@ -30,6 +31,7 @@ from longctx.attention.spec import AttentionImpl, AttentionSpec, Tiles
 from longctx.attention.strategies import ONE_AXIS, Strategy
 from longctx.data.config import TokenizerKind
 from longctx.data.tokenizers import Tokenizer, make_tokenizer
+from longctx.model import kv_cache
 from longctx.model.config import ModelConfig
 
 _GIB = 1 << 30
@@ -236,13 +238,13 @@ def estimate_bytes(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: in
   slots, shards = prompt_len + new_tokens, attention.seq
   keys = attention.keys_per_query(prompt_len)
   per_device = {
-      "kv_cache": 2 * cfg.num_layers * batch * slots * cfg.num_kv_heads * cfg.head_dim * act,
       "attention_scores": 2 * batch * cfg.num_heads * prompt_len * keys * 4,
       # scoring (no new tokens) needs every position's logits; a prefill only the last one's
       "logits": batch * (prompt_len if new_tokens == 0 else 1) * cfg.vocab_size * 4,
       "activations": 4 * batch * prompt_len * max(cfg.hidden_size, cfg.intermediate_size) * act,
   }
   return {"params": 4 * cfg.num_params(),
+          "kv_cache": kv_cache.cache_bytes(cfg, batch, slots, act, shards),
           **{k: -(-v // shards) for k, v in per_device.items()}}
 
 
