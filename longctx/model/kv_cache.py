@@ -11,16 +11,23 @@ p + R ≥ p + W, which no later query of its row can see (R < W only when a row 
 than R tokens, and then nothing is overwritten). Rows are expected to hold one document each
 (unique positions), as generation makes them.
 
-The layers run in one scan (model.llama), so caches of different shapes travel as its carry:
-each layer gets `LayerCache` (every kind's stack, its row within its kind's stack, and what the
-scan broadcasts) and, in its kind's `lax.switch` branch, slices its row, attends, and writes the
-row back (XLA updates the stacks in place in the loop).
+The layers run in one scan (model.llama), and parts of different shapes cannot be one scanned
+input: each layer gets a `LayerCache` (every kind's (k, v) stack, its row in its kind's stack,
+and what the scan broadcasts). A prefill carries the stacks through the scan and each layer
+writes its row (`LayerCache.fill`: a scatter whose row is out of range, so dropped, for the
+other kinds); nothing reads them inside the loop, so XLA writes them in place. Decoding
+broadcasts them: each layer reads its row in its kind's `lax.switch` branch
+(`LayerCache.decode`), the scan stacks the new tokens' keys/values [N, B, T, K, D], and
+`end_decode` writes them after the scan. (A loop iteration that reads a carried buffer and
+updates it makes XLA copy the whole buffer, every layer of every step.)
 
-A prefill (`fill`) writes the prompt's keys/values: a full layer all L slots, a windowed layer
-only the R tokens of each row with the highest positions among its real ones (segment id != 0),
-scattered (in any slot order of the prompt) to slot position mod R. The whole prompt's keys of
-a windowed layer exist only as that layer's own [B, L, K, D] while it runs, which its attention
-needs anyway; no stack of them is kept.
+A prefill writes the prompt's keys/values: a full layer all L slots, a windowed layer only the
+R tokens of each row with the highest positions among its real ones (segment id != 0),
+scattered (in any slot order of the prompt) to slot position mod R. Under context parallelism
+each device scatters its chunk into a zero ring and one all-reduce (a sum: every slot gets one
+token) of R slots completes it, replicated on every device. The whole prompt's keys of a
+windowed layer exist only as that layer's own [B, L, K, D] (L/n per device) while it runs,
+which its attention needs anyway; no stack of them is kept.
 
 Legend: N layers of a kind, B batch, S full slots, R ring slots, T new tokens, K kv heads,
 D head dim, H query heads, L prompt length.
@@ -300,6 +307,14 @@ def begin_decode(config: ModelConfig, cache: KVCache, positions_BT,
   shared = Shared(cache.length, (cache.segment_ids_BS, cache.positions_BS), tuple(slots),
                   tuple(keys))
   return cache, ScanCache(tuple(stacks), shared, jnp.asarray(kind_rows(config)))
+
+
+def end(config: ModelConfig, cache: KVCache | None, scan: ScanCache, kv, positions_BT,
+        segment_ids_BT) -> KVCache:
+  """The cache after the scan over layers: `end_prefill` (cache None) or `end_decode`."""
+  if scan.prefill:
+    return end_prefill(config, scan, kv, positions_BT, segment_ids_BT)
+  return end_decode(config, cache, scan, kv, positions_BT, segment_ids_BT)
 
 
 def end_decode(config: ModelConfig, cache: KVCache, scan: ScanCache, new_kv, positions_BT,

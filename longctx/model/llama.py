@@ -346,7 +346,6 @@ class Llama(nn.Module):
     layer = DecoderLayer
     if cfg.remat is not RematPolicy.NONE:
       layer = nn.remat(DecoderLayer, policy=cfg.jax_remat_policy(), prevent_cse=False)
-    decoding = kv_cache is not None
     kv_cache, scan, layer_inputs = _layer_inputs(cfg, kv_cache, positions_BL, segment_ids_BL,
                                                  return_kv, cache_slots)
     x_BLE, kv = _run_layers(
@@ -364,12 +363,9 @@ class Llama(nn.Module):
       logits_BLV = Projection(cfg, (cfg.vocab_size,), (-1,), ("embed", "vocab"), False,
                               name="lm_head")(x_BLE)
     logits_BLV = logits_BLV.astype(jnp.float32)
-    if decoding:
-      return logits_BLV, kv_lib.end_decode(cfg, kv_cache, scan, kv, positions_BL,
-                                           segment_ids_BL)
-    if return_kv:
-      return logits_BLV, kv_lib.end_prefill(cfg, scan, kv, positions_BL, segment_ids_BL)
-    return logits_BLV
+    if scan is None:
+      return logits_BLV
+    return logits_BLV, kv_lib.end(cfg, kv_cache, scan, kv, positions_BL, segment_ids_BL)
 
 
 def head_weight(params, config: ModelConfig) -> tuple[jax.Array, bool]:
