@@ -78,6 +78,15 @@ FAMILIES = {
         original_max_position_embeddings=PHI3_ORIGINAL,
         rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
                          "short_factor": [1.0, 1.3, 2.0], "long_factor": [2.5, 7.0, 19.0]})),
+    # Gemma 3: a sliding layer (window 12, plain RoPE of base 10k) and a full one (linear
+    # scaling of base 1e6), q/k norm, the softmax scale of query_pre_attn_scalar 24 (not
+    # head_dim 16), GeGLU, (1 + w) norms around attention and the MLP, the scaled embedding.
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=12,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                            "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
 }
 # Phi-3-mini's own shape besides: full rotary, MHA, LongRoPE in the 4.x `rope_scaling` style.
 FAMILY_VARIANTS = {**FAMILIES, "phi3_mha": ("Phi3Config", "Phi3ForCausalLM", dict(

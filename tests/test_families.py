@@ -48,7 +48,7 @@ def _tokens(length, seed=0, batch=2):
 def test_logits_match_transformers(variant, length):
   name, hf_model, path = variant
   model = longctx.load_pretrained(str(path), progress=False)
-  assert model.config.family == FAMILY_VARIANTS[name][0][:-len("Config")].lower()
+  assert model.config.family == hf_model.config.model_type
   assert model.config.num_params() == sum(p.numel() for p in hf_model.parameters())
   tokens = _tokens(length, seed=length)
   want = _torch_logits(hf_model, tokens)
@@ -107,6 +107,7 @@ def test_the_round_trip_is_bit_exact_and_transformers_loads_the_export(variant, 
 # and q, v only (qkv_proj at rank 2r with zero rows for k).
 PEFT_CASES = {"qwen2": lora.LORA_TARGETS, "qwen3": ("q_proj", "k_proj", "v_proj", "o_proj"),
               "mistral": ("q_proj", "v_proj", "down_proj"), "phi3": lora.LORA_TARGETS,
+              "gemma3": ("q_proj", "v_proj", "gate_proj"),
               "phi3_qv": ("q_proj", "v_proj")}
 
 
@@ -169,7 +170,14 @@ REFUSED = {
     "soft-cap": ("qwen3", dict(final_logit_softcapping=30.0), "final_logit_softcapping=30.0"),
     "attention soft-cap": ("mistral", dict(attn_logit_softcapping=50.0),
                            "attn_logit_softcapping=50.0"),
-    "gelu": ("mistral", dict(hidden_act="gelu_pytorch_tanh"), "hidden_act='gelu_pytorch_tanh'"),
+    "relu": ("mistral", dict(hidden_act="relu"), "hidden_act='relu': the MLP gates with SiLU"),
+    "gemma3 bidirectional": ("gemma3", dict(use_bidirectional_attention=True),
+                             "use_bidirectional_attention=True"),
+    "gemma3 scaled local rope": (
+        "gemma3", dict(rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}),
+        "sliding layers' RoPE must be plain"),
     "unknown rope_type": ("qwen2", dict(rope_parameters={"rope_type": "mrope", "rope_theta": 1e6}),
                           "Unsupported rope_type 'mrope'"),
     "phi3 dynamic": ("phi3", dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0,
@@ -179,9 +187,9 @@ REFUSED = {
     "dropout": ("phi3", dict(resid_pdrop=0.1), "resid_pdrop=0.1"),
     "quantized": ("mistral", dict(quantization_config={"quant_method": "gptq"}),
                   "quantization_config="),
-    "unknown model_type": ("qwen2", dict(model_type="gemma3_text"),
-                           r"model_type 'gemma3_text' is not supported.*'mistral', 'phi3', "
-                           r"'qwen2', 'qwen3'"),
+    "unknown model_type": ("qwen2", dict(model_type="gemma2"),
+                           r"model_type 'gemma2' is not supported.*'gemma3_text', 'llama', "
+                           r"'mistral', 'phi3', 'qwen2', 'qwen3'"),
 }
 
 
@@ -190,6 +198,35 @@ def test_unimplemented_keys_are_refused_by_name_and_value(case):
   name, changes, message = REFUSED[case]
   with pytest.raises(ValueError, match=message):
     ModelConfig.from_hf(_config(name, **changes))
+
+
+def test_a_gemma3_config_of_the_4x_style_reads_its_two_ropes_and_its_pattern():
+  """Gemma 3 4B's config.json as released (4.x keys, shapes cut down): linear ×8 over base 1e6
+  on the full layers, base 10k on the sliding ones, every 6th layer full."""
+  hf = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+        "vocab_size": 320, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 8,
+        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 16,
+        "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-6, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+        "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0, "sliding_window": 1024,
+        "sliding_window_pattern": 6, "query_pre_attn_scalar": 256,
+        "final_logit_softcapping": None, "attn_logit_softcapping": None,
+        "cache_implementation": "hybrid", "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 2, "eos_token_id": [1, 106], "pad_token_id": 0}
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # every key read or bookkeeping
+    cfg = ModelConfig.from_hf(hf)
+  from longctx.model.rope import DefaultRope, LinearRope
+  assert cfg.rope == LinearRope(theta=1e6, factor=8.0)
+  assert cfg.layer_rope(1024) == DefaultRope(theta=1e4) and cfg.layer_rope(None) == cfg.rope
+  assert cfg.layer_windows == (1024,) * 5 + (None,) + (1024,) * 2
+  assert (cfg.query_pre_attn_scalar, cfg.eos_token_id, cfg.tie_word_embeddings) == (256, 1, True)
+  assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+  from longctx.model.rope import override
+  extended = cfg.replace(rope=override(cfg.rope, cfg.max_position_embeddings, {"factor": 32.0}))
+  assert extended.layer_rope(None).factor == 32.0 and extended.layer_rope(1024) == DefaultRope(1e4)
+  with pytest.raises(ValueError, match="Gemma3ForConditionalGeneration.*'gemma3_text'"):
+    ModelConfig.from_hf({**hf, "model_type": "gemma3"})
 
 
 def test_unread_keys_are_reported():
@@ -225,7 +262,9 @@ def test_export_refuses_what_the_family_cannot_hold():
     ModelConfig(family="phi3", rope=DynamicRope(1e4, 2.0, 64)).to_hf()
   with pytest.raises(ValueError, match="model_type 'gemma' is not supported"):
     ModelConfig(family="gemma")
-  assert families.families() == ["llama", "mistral", "phi3", "qwen2", "qwen3"]
+  with pytest.raises(ValueError, match="model.sandwich_norms=True: the llama family"):
+    ModelConfig(sandwich_norms=True).to_hf()
+  assert families.families() == ["gemma3_text", "llama", "mistral", "phi3", "qwen2", "qwen3"]
 
 
 def test_phi3_exports_other_static_scalings_as_equal_factor_longrope(tmp_path):

@@ -1,7 +1,7 @@
 """Sliding-window and local/global layers (ModelConfig.layer_types) against transformers
 (PyTorch CPU, float32, eager attention) on tiny random models built here: Mistral sliding every
 layer, Qwen2 with `use_sliding_window` and `max_window_layers` splitting its layers into full
-and sliding ones. Rows are several windows long: logits, greedy generation (one device and a
+and sliding ones, Gemma 3 with a RoPE per kind of layer. Rows are several windows long: logits, greedy generation (one device and a
 context-parallel prefill), the HF round trip, remat, two training steps under ring attention,
 and the errors for what cannot be."""
 import json
@@ -34,6 +34,10 @@ CASES = {
     "qwen2": ("qwen2", dict(num_hidden_layers=3, use_sliding_window=True,
                             sliding_window=WINDOW, max_window_layers=1),
               (None, WINDOW, WINDOW)),
+    # Gemma 3's pattern cut short: every 3rd layer full (the old `sliding_window_pattern` key),
+    # each kind with its own RoPE.
+    "gemma3": ("gemma3", dict(num_hidden_layers=3, sliding_window=WINDOW, layer_types=None,
+                              sliding_window_pattern=3), (WINDOW, WINDOW, None)),
 }
 
 

@@ -118,8 +118,10 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
         for norm in ("q_norm", "k_norm"):
           add(f"self_attn.{norm}", "weight", ("layers", "self_attn", norm, "scale"),
               (cfg.head_dim,), 0)
-    add("post_attention_layernorm", "weight", ("layers", "post_attention_layernorm", "scale"),
-        (e,), 0)
+    norms = ("post_attention_layernorm", "pre_feedforward_layernorm",
+             "post_feedforward_layernorm") if cfg.sandwich_norms else ("post_attention_layernorm",)
+    for norm in norms:
+      add(norm, "weight", ("layers", norm, "scale"), (e,), 0)
   specs.append(TensorSpec("model.norm.weight", ("norm", "scale"), None, (e,), 0))
   if not cfg.tie_word_embeddings:
     specs.append(TensorSpec("lm_head.weight", ("lm_head", "dense", "kernel"), None,

@@ -18,6 +18,17 @@ class LayerType(Name):
   SLIDING = "sliding_attention"  # the `sliding_window` keys up to the query (itself included)
 
 
+class Activation(Name):
+  """The gate's activation in the MLP down(act(gate(x)) · up(x)); values are transformers'
+  `hidden_act` names."""
+  SILU = "silu"                            # SwiGLU (Llama, Mistral, Qwen, Phi-3)
+  GELU_TANH = "gelu_pytorch_tanh"          # GeGLU with the tanh approximation (Gemma)
+
+  def fn(self):
+    return {Activation.SILU: jax.nn.silu,
+            Activation.GELU_TANH: lambda x: jax.nn.gelu(x, approximate=True)}[self]
+
+
 class RematPolicy(Name):
   """What each decoder layer keeps for the backward pass; the rest is recomputed."""
   NONE = "none"                      # keep everything (no remat)
@@ -76,6 +87,17 @@ class ModelConfig:
   rotates only the first int(head_dim · factor) features (Phi-4-mini's 0.75). `family` names
   the HF family (its config keys and weight names on export) and changes no value.
 
+  Gemma's decoder (the defaults are the Llama lineage's): `rms_norm_offset` 1.0 makes every
+  RMSNorm multiply by (1 + w), w stored as HF stores it and initialised to 0; `scale_embeddings`
+  multiplies the embedded tokens by √hidden_size (rounded to the compute dtype, as
+  transformers does); `sandwich_norms` adds norms on the outputs of attention and of the MLP
+  (`post_attention_layernorm` then normalises the attention output, and `pre_feedforward_` /
+  `post_feedforward_layernorm` wrap the MLP); `hidden_act` picks the MLP's gate activation;
+  `query_pre_attn_scalar` sets the softmax scale to its −½ power (None: head_dim's);
+  `local_rope_theta` gives sliding layers their own plain RoPE of that base (Gemma 3's 10k),
+  while `rope` stays the full layers' — the one that `model.rope` and `--rope` override, so a
+  context extension rescales the global layers only.
+
   Local / global attention: `layer_types` gives each layer's kind (LayerType); a sliding layer
   lets a query at index i see the keys at indices > i − `sliding_window` (transformers'
   `kv_idx > q_idx - sliding_window`), a full layer every earlier key. The empty tuple means
@@ -111,6 +133,12 @@ class ModelConfig:
   partial_rotary_factor: float = 1.0
   sliding_window: int | None = None
   layer_types: tuple[LayerType, ...] = ()
+  hidden_act: Activation = Activation.SILU
+  rms_norm_offset: float = 0.0
+  scale_embeddings: bool = False
+  sandwich_norms: bool = False
+  query_pre_attn_scalar: int | None = None
+  local_rope_theta: float | None = None
   family: str = "llama"
   bos_token_id: int | None = 1
   eos_token_id: int | None = 2
@@ -138,6 +166,11 @@ class ModelConfig:
     from longctx.model import families
     families.get(self.family)  # ValueError listing the registered families
     self._check_layer_types()
+    object.__setattr__(self, "hidden_act", Activation.parse(self.hidden_act, "hidden_act"))
+    for field in ("query_pre_attn_scalar", "local_rope_theta"):
+      value = getattr(self, field)
+      if value is not None and not value > 0:
+        raise ValueError(f"{field}: expected a positive number or None, found {value!r}")
     if self.dtype not in _DTYPES:
       raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, found {self.dtype!r}")
     if isinstance(self.lora_targets, str):
@@ -224,6 +257,13 @@ class ModelConfig:
     present = set(self.layer_windows)
     return ((None,) if None in present else ()) + tuple(sorted(present - {None}))
 
+  def layer_rope(self, window: int | None) -> RopeScaling:
+    """The RoPE of a layer with this window (None: full): `rope`, or for a sliding layer the
+    plain RoPE of base `local_rope_theta` when that is set."""
+    if window is None or self.local_rope_theta is None:
+      return self.rope
+    return DefaultRope(theta=float(self.local_rope_theta))
+
   @property
   def has_lora(self) -> bool:
     return self.lora_rank > 0
@@ -247,7 +287,7 @@ class ModelConfig:
     if self.qk_norm:
       attn += 2 * d
     mlp = 3 * h * i + (2 * i + h if self.mlp_bias else 0)
-    per_layer = attn + mlp + 2 * h
+    per_layer = attn + mlp + (4 if self.sandwich_norms else 2) * h
     head = 0 if self.tie_word_embeddings else self.vocab_size * h
     return self.num_layers * per_layer + self.vocab_size * h + head + h
 
@@ -256,6 +296,7 @@ class ModelConfig:
     d = dataclasses.asdict(self)
     d["rope"] = self.rope.to_dict()
     d["remat"] = self.remat.value
+    d["hidden_act"] = self.hidden_act.value
     d["layer_types"] = [t.value for t in self.layer_types]
     return d
 

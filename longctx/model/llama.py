@@ -1,5 +1,6 @@
-"""The decoder of every model family in flax.linen: RMSNorm, SwiGLU, GQA/MQA, RoPE (partial
-too), optional q/k norm and biases, scanned layers. What each family sets is a field of
+"""The decoder of every model family in flax.linen: RMSNorm (Gemma's 1 + w too, and its norms
+on the attention and MLP outputs), SwiGLU or GeGLU, GQA/MQA, RoPE (partial too, or one per kind
+of layer), optional q/k norm and biases, scanned layers. What each family sets is a field of
 ModelConfig (longctx.model.families).
 
 Parameters are float32 and carry logical axis names (`embed`, `vocab`, `heads`, `kv_heads`,
@@ -90,6 +91,19 @@ def _attend(fns, kind, *args):
   return jax.lax.switch(kind, fns, *args)
 
 
+def _rotate(cfg: ModelConfig, kind, q_BLHD, k_BLKD, positions_BL):
+  """RoPE on queries and keys with the layer's RoPE (`cfg.layer_rope` of its window): one
+  for every layer, or with `local_rope_theta` one per kind, picked by `lax.switch`."""
+  ropes = [cfg.layer_rope(w) for w in cfg.windows]
+
+  def rotate(rope):
+    return lambda q, k: tuple(apply_rope(x, positions_BL, rope, rotary_dim=cfg.rotary_dim)
+                              for x in (q, k))
+  if kind is None or len(set(ropes)) == 1:
+    return rotate(ropes[0])(q_BLHD, k_BLKD)
+  return jax.lax.switch(kind, [rotate(r) for r in ropes], q_BLHD, k_BLKD)
+
+
 def _init(config: ModelConfig, *names):
   return nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), names)
 
@@ -101,20 +115,26 @@ def _zeros(*names):
 class RMSNorm(nn.Module):
   """x / rms(x) · scale over the last axis, computed in float32 (as HF does), returned in the
   compute dtype. `axis_name`: the logical axis of the scale (the hidden size, or a head's
-  features for Qwen3's q/k norm)."""
+  features for the q/k norm). With `config.rms_norm_offset` (Gemma's 1.0) the factor is
+  (offset + scale), scale initialised to 1 − offset, and the product is taken in float32 before
+  the cast, as transformers' Gemma does (Llama casts first)."""
   config: ModelConfig
   axis_name: str = "embed"
 
   @nn.compact
   def __call__(self, x_BLE):
-    scale_E = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(),
-                                                               (self.axis_name,)),
+    offset = self.config.rms_norm_offset
+    scale_E = self.param("scale", nn.with_logical_partitioning(
+        nn.initializers.constant(1.0 - offset), (self.axis_name,)),
                          (x_BLE.shape[-1],), jnp.float32)
     x32_BLE = x_BLE.astype(jnp.float32)
     var_BL1 = jnp.mean(jnp.square(x32_BLE), axis=-1, keepdims=True)
     dtype = self.config.compute_dtype
-    normed_BLE = (x32_BLE * jax.lax.rsqrt(var_BL1 + self.config.rms_norm_eps)).astype(dtype)
-    return scale_E.astype(dtype).reshape((1,) * (x_BLE.ndim - 1) + (-1,)) * normed_BLE
+    normed_BLE = x32_BLE * jax.lax.rsqrt(var_BL1 + self.config.rms_norm_eps)
+    shape = (1,) * (x_BLE.ndim - 1) + (-1,)
+    if offset:
+      return (normed_BLE * (offset + scale_E).reshape(shape)).astype(dtype)
+    return scale_E.astype(dtype).reshape(shape) * normed_BLE.astype(dtype)
 
 
 class Projection(nn.Module):
@@ -166,13 +186,14 @@ class Attention(nn.Module):
                         ("embed", "kv_heads", "head_dim"), qkv_bias, name="k_proj")(x_BLE)
     v_BLKD = Projection(cfg, (cfg.num_kv_heads, cfg.head_dim), (-1,),
                         ("embed", "kv_heads", "head_dim"), qkv_bias, name="v_proj")(x_BLE)
-    if cfg.qk_norm:  # Qwen3: RMSNorm over each head's features, before RoPE
+    if cfg.qk_norm:  # Qwen3, Gemma 3: RMSNorm over each head's features, before RoPE
       q_BLHD = RMSNorm(cfg, "head_dim", name="q_norm")(q_BLHD)
       k_BLKD = RMSNorm(cfg, "head_dim", name="k_norm")(k_BLKD)
-    q_BLHD = checkpoint_name(apply_rope(q_BLHD, positions_BL, cfg.rope,
-                                        rotary_dim=cfg.rotary_dim), "qkv")
-    k_BLKD = checkpoint_name(apply_rope(k_BLKD, positions_BL, cfg.rope,
-                                        rotary_dim=cfg.rotary_dim), "qkv")
+    q_BLHD, k_BLKD = _rotate(cfg, kind, q_BLHD, k_BLKD, positions_BL)
+    if cfg.query_pre_attn_scalar is not None:  # the kernels scale by 1/√D: 1/√scalar instead
+      q_BLHD = q_BLHD * jnp.asarray((cfg.head_dim / cfg.query_pre_attn_scalar) ** 0.5,
+                                    q_BLHD.dtype)
+    q_BLHD, k_BLKD = checkpoint_name(q_BLHD, "qkv"), checkpoint_name(k_BLKD, "qkv")
     v_BLKD = checkpoint_name(v_BLKD, "qkv")
     if layer_cache is None or layer_cache.prefill:
       out_BLHD = _attend(self.attention_fns, kind, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL,
@@ -189,7 +210,8 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """SwiGLU: down(silu(gate(x)) · up(x))."""
+  """Gated: down(act(gate(x)) · up(x)), act = `config.hidden_act` (SiLU: SwiGLU; GELU-tanh:
+  Gemma's GeGLU)."""
   config: ModelConfig
 
   @nn.compact
@@ -197,10 +219,11 @@ class Mlp(nn.Module):
     cfg = self.config
     gate_BLM = Projection(cfg, (cfg.intermediate_size,), (-1,), ("embed", "mlp"), cfg.mlp_bias,
                           name="gate_proj")(x_BLE)
+    act = cfg.hidden_act.fn()
     up_BLM = Projection(cfg, (cfg.intermediate_size,), (-1,), ("embed", "mlp"), cfg.mlp_bias,
                         name="up_proj")(x_BLE)
     return Projection(cfg, (cfg.hidden_size,), (-1,), ("mlp", "embed"), cfg.mlp_bias,
-                      name="down_proj")(nn.silu(gate_BLM) * up_BLM)
+                      name="down_proj")(act(gate_BLM) * up_BLM)
 
 
 class DecoderLayer(nn.Module):
@@ -224,15 +247,21 @@ class DecoderLayer(nn.Module):
     layer_inputs = layer_inputs or {}
     kind = layer_inputs.get("kind")
     layer_cache = layer_cache or None  # () without a cache
+    cfg = self.config
     x_BLE = checkpoint_name(constrain(x_BLE, RESIDUAL_AXES), "layer_input")
-    h_BLE = RMSNorm(self.config, name="input_layernorm")(x_BLE)
-    attn_BLE, kv = Attention(self.config, self.attention_fns, name="self_attn")(
+    h_BLE = RMSNorm(cfg, name="input_layernorm")(x_BLE)
+    attn_BLE, kv = Attention(cfg, self.attention_fns, name="self_attn")(
         h_BLE, positions_BL, segment_ids_BL, kind, layer_cache)
+    if cfg.sandwich_norms:  # Gemma: the attention output normed before the residual add
+      attn_BLE = RMSNorm(cfg, name="post_attention_layernorm")(attn_BLE)
     x_BLE = constrain(x_BLE + attn_BLE, RESIDUAL_AXES)
-    h_BLE = checkpoint_name(RMSNorm(self.config, name="post_attention_layernorm")(x_BLE),
-                            "mlp_input")
-    mlp = Mlp(self.config, name="mlp")
-    x_BLE = x_BLE + apply_chunked(mlp, h_BLE, self.token_shards, self.config.mlp_chunk)
+    pre_mlp = "pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm"
+    h_BLE = checkpoint_name(RMSNorm(cfg, name=pre_mlp)(x_BLE), "mlp_input")
+    mlp = Mlp(cfg, name="mlp")
+    mlp_BLE = apply_chunked(mlp, h_BLE, self.token_shards, cfg.mlp_chunk)
+    if cfg.sandwich_norms:
+      mlp_BLE = RMSNorm(cfg, name="post_feedforward_layernorm")(mlp_BLE)
+    x_BLE = x_BLE + mlp_BLE
     return constrain(x_BLE, RESIDUAL_AXES), (kv if self.emit_kv else None)
 
 
@@ -342,6 +371,8 @@ class Llama(nn.Module):
     embedding_VE = self.param("embed_tokens", _init(cfg, "vocab", "embed"),
                               (cfg.vocab_size, cfg.hidden_size), jnp.float32)
     x_BLE = jnp.take(embedding_VE, tokens_BL, axis=0).astype(cfg.compute_dtype)
+    if cfg.scale_embeddings:  # Gemma: by √hidden rounded to the compute dtype, as transformers
+      x_BLE = x_BLE * jnp.asarray(cfg.hidden_size ** 0.5, cfg.compute_dtype)
 
     layer = DecoderLayer
     if cfg.remat is not RematPolicy.NONE:

@@ -31,7 +31,9 @@ ARCHITECTURE_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
     "head_dim", "rms_norm_eps", "max_position_embeddings", "rope", "tie_word_embeddings",
     "attention_bias", "mlp_bias", "qkv_bias", "qk_norm", "partial_rotary_factor",
-    "sliding_window", "layer_types", "family", "bos_token_id", "eos_token_id", "pad_token_id")
+    "sliding_window", "layer_types", "hidden_act", "rms_norm_offset", "scale_embeddings",
+    "sandwich_norms", "query_pre_attn_scalar", "local_rope_theta", "family", "bos_token_id",
+    "eos_token_id", "pad_token_id")
 def _rope_fields() -> dict[str, type]:
   """The keys of every RoPE scaling and their placeholder types (lists, e.g. LongRoPE's
   factors, are tuples there)."""

@@ -28,6 +28,7 @@ BOOKKEEPING = frozenset((
     "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
     "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
     "tf_legacy_loss", "use_bfloat16", "_attn_implementation_autoset", "initializer_range",
+    "cache_implementation",
 ))
 
 # Keys whose non-default values change the computation in ways longctx does not implement.
@@ -35,6 +36,12 @@ _ZERO_KEYS = ("attention_dropout", "resid_pdrop", "embd_pdrop", "hidden_dropout"
 _NULL_KEYS = ("attn_logit_softcapping", "final_logit_softcapping", "quantization_config")
 
 _MISSING = object()
+
+# ModelConfig fields in which Gemma's decoder differs from the Llama lineage's, with the
+# lineage's values: a family's HF class hard-codes these unless the family lists the field in
+# `Family.reads` (it reads it from its keys) or sets it in `Family.fixed`.
+LINEAGE = dict(rms_norm_offset=0.0, scale_embeddings=False, sandwich_norms=False,
+               query_pre_attn_scalar=None, local_rope_theta=None)
 
 
 class HfKeys:
@@ -84,6 +91,8 @@ class Family:
     Phi-3's {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj")}.
   read: (HfKeys, the shared fields) -> the family's fields (it may refuse keys).
   write: ModelConfig -> the family's own config.json keys.
+  reads: LINEAGE fields the family reads from its keys instead of hard-coding them.
+  activation_key: the config.json key of the MLP's activation (Gemma's `hidden_activation`).
   """
   model_type: str
   architecture: str
@@ -92,6 +101,12 @@ class Family:
   read: Callable[[HfKeys, dict], dict]
   write: Callable[[Any], dict]
   fused: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+  reads: tuple[str, ...] = ()
+  activation_key: str = "hidden_act"
+
+  def hard_coded(self) -> dict[str, Any]:
+    """The ModelConfig fields this family's HF class hard-codes, with their values."""
+    return {**{k: v for k, v in LINEAGE.items() if k not in self.reads}, **self.fixed}
 
   def hf_module(self, module: str) -> str:
     """The HF module holding longctx projection `module` ("self_attn.q_proj", or the fused
@@ -117,10 +132,17 @@ def families() -> list[str]:
   return sorted(_REGISTRY)
 
 
+# model_type -> what to do instead, for families close to a registered one
+_HINTS = {"gemma3": "this is Gemma3ForConditionalGeneration (vision and text); longctx reads "
+                    "the text decoder alone, model_type 'gemma3_text' (Gemma3ForCausalLM, as "
+                    "Gemma 3 1B ships): save its language model as Gemma3ForCausalLM first"}
+
+
 def get(model_type: str) -> Family:
   if model_type not in _REGISTRY:
-    raise ValueError(f"model_type {model_type!r} is not supported; longctx reads the families "
-                     f"{families()}")
+    hint = f" ({_HINTS[model_type]})" if model_type in _HINTS else ""
+    raise ValueError(f"model_type {model_type!r} is not supported{hint}; longctx reads the "
+                     f"families {families()}")
   return _REGISTRY[model_type]
 
 
@@ -142,7 +164,7 @@ def read_hf(hf: Mapping[str, Any]) -> HfReading:
   keys = HfKeys(hf, family)
   fields = _read_shared(keys)
   fields.update(family.read(keys, fields))
-  for name, value in family.fixed.items():
+  for name, value in family.hard_coded().items():
     if fields.setdefault(name, value) != value:
       keys.refuse(_HF_KEY.get(name, name), f"transformers' {family.architecture} has "
                   f"{name}={value!r}", fields[name])
@@ -183,7 +205,8 @@ def _read_shared(keys: HfKeys) -> dict:
   """The fields every family reads the same way."""
   heads = int(keys.require("num_attention_heads"))
   hidden = int(keys.require("hidden_size"))
-  keys.expect("hidden_act", ("silu",), "only SiLU gating (SwiGLU) is implemented")
+  act = keys.family.activation_key
+  keys.expect(act, ("silu", "gelu_pytorch_tanh"), "the MLP gates with SiLU or GELU-tanh only")
   for key in _ZERO_KEYS:
     if keys.get(key, 0.0) or 0.0:
       keys.refuse(key, "longctx trains without dropout")
@@ -204,14 +227,17 @@ def _read_shared(keys: HfKeys) -> dict:
       bos_token_id=keys.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos,
       pad_token_id=keys.get("pad_token_id"),
       initializer_range=float(keys.get("initializer_range", 0.02)),
-      family=keys.family.model_type)
+      hidden_act=keys.get(act), family=keys.family.model_type)
 
 
 def rope_params(keys: HfKeys) -> dict:
   """The RoPE parameters of a 4.x (`rope_scaling`, `rope_theta`) or 5.x (`rope_parameters`)
   config, with `rope_type` set."""
   params = dict(keys.get("rope_parameters", None) or keys.get("rope_scaling", None) or {})
-  params.setdefault("rope_theta", keys.get("rope_theta", 10_000.0))
+  if "full_attention" in params:  # one RoPE per layer kind (Gemma 3, 5.x): the full layers'
+    params = dict(params["full_attention"])
+  theta = keys.get("rope_theta")  # absent: the family's default (Gemma 3: 1e6), else 10k
+  params.setdefault("rope_theta", 10_000.0 if theta is None else theta)
   params["rope_type"] = params.get("rope_type", params.get("type", "default"))
   return params
 
@@ -231,7 +257,7 @@ def write_hf(cfg: Any, torch_dtype: str = "float32") -> dict[str, Any]:
   """The config.json dict of ModelConfig `cfg` in its family's format (transformers 4.x and 5.x
   read it into the same model). ValueError if the family's HF class cannot express a field."""
   family = get(cfg.family)
-  for name, value in family.fixed.items():
+  for name, value in family.hard_coded().items():
     if getattr(cfg, name) != value:
       raise ValueError(f"model.{name}={getattr(cfg, name)!r}: the {family.model_type} family's "
                        f"HF class ({family.architecture}) has {name}={value!r} and cannot hold "
@@ -241,7 +267,8 @@ def write_hf(cfg: Any, torch_dtype: str = "float32") -> dict[str, Any]:
       "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
       "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
       "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
-      "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps,
+      "head_dim": cfg.head_dim, family.activation_key: cfg.hidden_act.value,
+      "rms_norm_eps": cfg.rms_norm_eps,
       "initializer_range": cfg.initializer_range, **cfg.rope.to_hf(cfg.max_position_embeddings),
       "tie_word_embeddings": cfg.tie_word_embeddings, "attention_dropout": 0.0,
       **family.write(cfg),
@@ -250,5 +277,5 @@ def write_hf(cfg: Any, torch_dtype: str = "float32") -> dict[str, Any]:
   }
 
 
-__all__ = ["BOOKKEEPING", "Family", "HfKeys", "HfReading", "check_uniform_window", "families",
+__all__ = ["BOOKKEEPING", "LINEAGE", "Family", "HfKeys", "HfReading", "check_uniform_window", "families",
            "get", "read_hf", "read_rope", "register", "rope_params", "write_hf"]
