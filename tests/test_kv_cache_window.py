@@ -129,3 +129,18 @@ def test_the_memory_estimate_counts_what_the_cache_holds(model):
     held = sum(x.size * x.dtype.itemsize for x in arrays)
     assert common.estimate_bytes(module.config, b, p, new)["kv_cache"] == held, new
     assert all(r.k_NBRKD.shape[2] == min(WINDOW, p + new) for r in cache.rings)
+
+
+def test_ring_slots_keep_each_rows_latest_tokens_of_its_last_document():
+  from longctx.model.kv_cache import ring_slots
+  positions = jnp.asarray([[0, 0, 0, 1, 2, 3, 4, 5, 6],    # left-padded, 7 tokens
+                           [0, 0, 0, 0, 0, 0, 0, 1, 2],    # shorter than the ring
+                           [0, 1, 2, 3, 0, 1, 2, 3, 4]])   # packed: two documents
+  segments = jnp.asarray([[0, 0, 1, 1, 1, 1, 1, 1, 1],
+                          [0, 0, 0, 0, 0, 0, 1, 1, 1],
+                          [1, 1, 1, 1, 2, 2, 2, 2, 2]])
+  dropped = 5
+  assert ring_slots(positions, segments, 5).tolist() == [
+      [dropped, dropped, dropped, dropped, 2, 3, 4, 0, 1],
+      [dropped] * 6 + [0, 1, 2],
+      [dropped] * 4 + [0, 1, 2, 3, 4]]

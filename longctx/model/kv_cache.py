@@ -8,8 +8,8 @@ positions [B, R]: the token at position p lives at slot p mod R of its row (ever
 left-padded batch has its own slots), an empty slot has segment id 0. A query at position p
 sees the ring's tokens at positions > p − W; a token at p is overwritten only by one at
 p + R ≥ p + W, which no later query of its row can see (R < W only when a row never holds more
-than R tokens, and then nothing is overwritten). Rows are expected to hold one document each
-(unique positions), as generation makes them.
+than R tokens, and then nothing is overwritten). A row holds one document in its rings (unique
+positions), as generation makes them; of a packed row only the last document is kept.
 
 The layers run in one scan (model.llama), and parts of different shapes cannot be one scanned
 input: each layer gets a `LayerCache` (every kind's (k, v) stack, its row in its kind's stack,
@@ -172,8 +172,11 @@ def _scatter_set(ring_BR, slot_BT, x_BT):
 
 def ring_slots(positions_BT, segment_ids_BT, ring_size: int):
   """Each token's ring slot, position mod R, for a row's R real tokens of highest position;
-  R (out of range: not kept) for the others and for padding."""
-  real_BT = segment_ids_BT != 0
+  R (out of range: not kept) for the others and for padding. In a row of several documents
+  (packed: positions restart) only its last one's, the highest segment id, which decoding
+  would continue: two documents' tokens would share slots."""
+  last_B1 = jnp.max(segment_ids_BT, axis=1, keepdims=True)
+  real_BT = (segment_ids_BT == last_B1) & (segment_ids_BT != 0)
   latest_B1 = jnp.max(jnp.where(real_BT, positions_BT, -1), axis=1, keepdims=True)
   keep_BT = real_BT & (positions_BT > latest_B1 - ring_size)
   return jnp.where(keep_BT, positions_BT % ring_size, ring_size).astype(jnp.int32)
